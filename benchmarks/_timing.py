@@ -1,0 +1,93 @@
+"""Timing helpers shared by the benchmark scripts.
+
+Every figure is a median over repeats of a jitted call, after a warm-up call whose time is
+reported separately as the compile time. Ratios are only meaningful inside one run.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+
+def time_fn(fn: Callable, *args, repeats: int = 20, min_time: float = 0.2) -> dict:
+    """Time ``fn(*args)``: first call (compile + run), then the median of later calls.
+
+    Args:
+        fn: a callable, usually jitted; its outputs are blocked on.
+        *args: its arguments.
+        repeats: the minimum number of timed calls.
+        min_time: keep calling until this many seconds have been spent (at most 10× repeats).
+
+    Returns:
+        ``{"compile_s": float, "median_s": float, "min_s": float, "n": int}``.
+    """
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < repeats or (spent < min_time and len(times) < 10 * repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        spent += elapsed
+    return {
+        "compile_s": compile_s,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "n": len(times),
+    }
+
+
+def format_seconds(seconds: float) -> str:
+    """Human units: µs below 1 ms, ms below 1 s."""
+    if seconds != seconds:  # NaN
+        return "n/a"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Render dict rows as a markdown table (floats in seconds get human units when the
+    column name ends in ``_s``; other floats are shown with 3 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(key, value):
+        if isinstance(value, float):
+            return format_seconds(value) if key.endswith("_s") else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, row.get(k, "")) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_info() -> str:
+    """One line naming the CPU, core count, jax version and backend."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    x64 = jax.config.read("jax_enable_x64")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"backend {jax.default_backend()}, x64={x64}"
+    )
