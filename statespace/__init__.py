@@ -5,18 +5,12 @@ square-root form, missing data), exact discretisation of linear SDEs at irregula
 NumPyro distributions for NUTS and optax fitting loops.
 """
 
-from statespace import models
+from statespace import models, numpyro, transforms
 from statespace._continuous import ContinuousLinearSSM, discretize, predict
 from statespace._fit import FitResult, fit
-from statespace._kalman import (
-    FilterResult,
-    SmootherResult,
-    kalman_filter,
-    log_likelihood,
-    rts_smoother,
-    sample_posterior,
-)
+from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import LinearGaussianSSM
+from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
 
 __all__ = [
     "ContinuousLinearSSM",
@@ -29,7 +23,9 @@ __all__ = [
     "kalman_filter",
     "log_likelihood",
     "models",
+    "numpyro",
     "predict",
     "rts_smoother",
     "sample_posterior",
+    "transforms",
 ]
