@@ -5,7 +5,7 @@ square-root form, missing data), exact discretisation of linear SDEs at irregula
 NumPyro distributions for NUTS and optax fitting loops.
 """
 
-from statespace import models, numpyro, transforms
+from statespace import models, numpyro, testing, transforms
 from statespace._continuous import ContinuousLinearSSM, discretize, predict
 from statespace._fit import FitResult, fit
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
@@ -27,5 +27,6 @@ __all__ = [
     "predict",
     "rts_smoother",
     "sample_posterior",
+    "testing",
     "transforms",
 ]
