@@ -1,25 +1,72 @@
-"""Run benchmark areas: ``python -m benchmarks [area ...] [--quick]``."""
+"""Run the benchmarks and write ``benchmarks/RESULTS.md``.
+
+``python -m benchmarks`` runs every area in turn (each in this one process, one after the
+other, so nothing else competes for the cores), prints each area's table as it finishes,
+and writes all tables with the machine's description to ``benchmarks/RESULTS.md``.
+``python -m benchmarks lyap expm --quick`` runs a subset at tiny sizes (a smoke test; the
+results file is then written to ``--output`` only if given).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import importlib
+import io
+import pathlib
 import sys
 
-AREAS = ["lyap", "expm", "kron", "kalman", "continuous"]
+import jax
+
+from benchmarks._timing import machine_info
+
+AREAS = ["lyap", "expm", "kron", "kalman", "continuous", "parallel"]
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+
+
+class _Tee(io.TextIOBase):
+    """Write to the terminal and keep a copy."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text):
+        self.stream.write(text)
+        self.stream.flush()
+        return self.copy.write(text)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("areas", nargs="*", default=AREAS, help=f"subset of {AREAS}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--output", type=pathlib.Path, default=None, help="results file")
     args = parser.parse_args(argv)
+    unknown = [a for a in args.areas if a not in AREAS]
+    if unknown:
+        parser.error(f"unknown areas {unknown}; choose from {AREAS}")
+    jax.config.update("jax_enable_x64", True)
+    output = args.output or (None if args.quick else RESULTS)
+    sections = []
     for area in args.areas:
-        if area not in AREAS:
-            parser.error(f"unknown area {area!r}; choose from {AREAS}")
-        module = importlib.import_module(f"benchmarks.{area}")
         print(f"\n## {area}\n", flush=True)
-        module.main(["--quick"] if args.quick else [])
+        tee = _Tee(sys.stdout)
+        with contextlib.redirect_stdout(tee):
+            importlib.import_module(f"benchmarks.{area}").main(["--quick"] if args.quick else [])
+        sections.append(f"## {area}\n\n{tee.copy.getvalue().strip()}\n")
+    if output is not None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        header = (
+            "# Benchmark results\n\n"
+            f"Written by `python -m benchmarks` on {stamp}.\n\n"
+            f"Machine: {machine_info()}.\n\n"
+            "Every figure is a median of repeated jitted calls after a warm-up; each ratio "
+            "compares two figures taken in the same run. Compare ratios, not absolute times, "
+            "across machines.\n"
+        )
+        output.write_text(header + "\n" + "\n".join(sections))
+        print(f"\nwrote {output}")
     return 0
 
 
