@@ -1,13 +1,474 @@
-"""PLACEHOLDER (being written)."""
+"""Kalman filter (covariance and square-root form) with missing data and exact diffuse starts.
+
+The filter is a ``lax.scan`` over time whose step is an update (condition ``x[k]`` on ``y[k]``)
+followed by a prediction (``x[k+1]`` from ``x[k]``). The ``m x m`` innovation covariance is
+factored once per step (Cholesky, unrolled for small ``m``) and every solve is triangular; no
+inverse is formed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rules import tria
+from statespace._model import _BASE_RANK, _FIELDS, _TIME_PARAMS, LinearGaussianSSM, _split_axes
+
+# Matrices up to this size are factored / solved with unrolled scalar code that XLA fuses
+# into the scan step; larger ones go through LAPACK.
+_UNROLL_MAX = 8
+_LOG_2PI = math.log(2.0 * math.pi)
 
 
-class FilterResult:
-    pass
+class FilterResult(NamedTuple):
+    """Output of :func:`kalman_filter` (a NamedTuple, hence a pytree).
+
+    Attributes:
+        log_likelihood: scalar (or batch-shaped) ``log p(observed entries of y)``.
+        log_likelihoods: ``(T,)`` per-step terms ``log p(y[k] | y[0..k-1])``; they sum to
+            ``log_likelihood``. For diffuse models see :func:`kalman_filter`.
+        filtered_means: ``(T, n)``, ``E[x[k] | y[0..k]]``.
+        filtered_covs: ``(T, n, n)``, ``Cov[x[k] | y[0..k]]`` (full covariances in both forms).
+        predicted_means: ``(T, n)``, ``E[x[k] | y[0..k-1]]``; ``predicted_means[0] = m0``.
+        predicted_covs: ``(T, n, n)``, ``Cov[x[k] | y[0..k-1]]``; ``predicted_covs[0] = P0``.
+        filtered_chols: ``form="sqrt"`` only (else ``None``): lower Cholesky factors of
+            ``filtered_covs``.
+        predicted_chols: ``form="sqrt"`` only (else ``None``): lower factors of
+            ``predicted_covs``.
+
+    The filtered and predicted moments are all a Rauch-Tung-Striebel smoother needs:
+    ``G[k] = filtered_covs[k] F[k]^T predicted_covs[k+1]^{-1}``.
+    """
+
+    log_likelihood: jax.Array
+    log_likelihoods: jax.Array
+    filtered_means: jax.Array
+    filtered_covs: jax.Array
+    predicted_means: jax.Array
+    predicted_covs: jax.Array
+    filtered_chols: jax.Array | None = None
+    predicted_chols: jax.Array | None = None
 
 
-def kalman_filter(model, y, times=None, *, form="cov", parallel=False):
-    raise NotImplementedError
+# ------------------------------------------------------------------------------------------
+# Small dense linear algebra
+# ------------------------------------------------------------------------------------------
+def _cholesky(S):
+    """Lower Cholesky factor; NaN (never an exception) when ``S`` is not positive definite."""
+    m = S.shape[-1]
+    if m > _UNROLL_MAX:
+        return jnp.linalg.cholesky(S)
+    cols = [[None] * m for _ in range(m)]
+    for j in range(m):
+        acc = S[..., j, j]
+        for k in range(j):
+            acc = acc - cols[j][k] * cols[j][k]
+        ljj = jnp.sqrt(acc)
+        cols[j][j] = ljj
+        inv = 1.0 / ljj
+        for i in range(j + 1, m):
+            acc = S[..., i, j]
+            for k in range(j):
+                acc = acc - cols[i][k] * cols[j][k]
+            cols[i][j] = acc * inv
+    return _assemble_lower(cols, S)
+
+
+def _psd_cholesky(A):
+    """Lower factor ``L`` with ``L L^T = A`` for symmetric positive SEMI-definite ``A``.
+
+    A pivot that is zero (to rounding) gives a zero column, so singular noise covariances (a
+    state without noise) have a square root; a clearly negative pivot gives NaN. Used for the
+    square-root form's ``Q``, ``R`` and ``P0``; above ``_UNROLL_MAX`` it needs ``A`` positive
+    definite (LAPACK).
+    """
+    m = A.shape[-1]
+    if m > _UNROLL_MAX:
+        return jnp.linalg.cholesky(A)
+    diag = jnp.abs(jnp.diagonal(A, axis1=-2, axis2=-1))
+    tol = 8 * m * jnp.finfo(A.dtype).eps * jnp.max(diag, axis=-1)
+    cols = [[None] * m for _ in range(m)]
+    for j in range(m):
+        acc = A[..., j, j]
+        for k in range(j):
+            acc = acc - cols[j][k] * cols[j][k]
+        pos = acc > tol
+        root = jnp.sqrt(jnp.where(pos, acc, 1.0))
+        cols[j][j] = jnp.where(pos, root, jnp.where(acc < -tol, jnp.nan, 0.0))
+        inv = jnp.where(pos, 1.0 / root, 0.0)
+        for i in range(j + 1, m):
+            acc_ij = A[..., i, j]
+            for k in range(j):
+                acc_ij = acc_ij - cols[i][k] * cols[j][k]
+            cols[i][j] = acc_ij * inv
+    return _assemble_lower(cols, A)
+
+
+def _assemble_lower(cols, like):
+    m = len(cols)
+    zero = jnp.zeros_like(like[..., 0, 0])
+    rows = [jnp.stack([cols[i][j] if j <= i else zero for j in range(m)], axis=-1) for i in range(m)]
+    return jnp.stack(rows, axis=-2)
+
+
+def _solve_lower(L, B):
+    """``L^{-1} B`` for lower-triangular ``L (m, m)`` and ``B (m, k)`` (forward substitution)."""
+    m = L.shape[-1]
+    if m > _UNROLL_MAX:
+        return lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
+    rows = []
+    for i in range(m):
+        acc = B[i]
+        for j in range(i):
+            acc = acc - L[i, j] * rows[j]
+        rows.append(acc / L[i, i])
+    return jnp.stack(rows, axis=0)
+
+
+def _mm(A, B):
+    """``A @ B`` for small matrices as broadcast-multiply-sum, which XLA fuses into the step
+    (a ``dot`` is a separate kernel call per scan iteration); ``@`` for larger ones."""
+    if max(A.shape + B.shape) > _UNROLL_MAX:
+        return A @ B
+    if B.ndim == 1:
+        return jnp.sum(A * B[None, :], axis=1)
+    return jnp.sum(A[:, :, None] * B[None, :, :], axis=1)
+
+
+def _symmetrise(P):
+    return 0.5 * (P + jnp.swapaxes(P, -1, -2))
+
+
+# ------------------------------------------------------------------------------------------
+# Model plumbing
+# ------------------------------------------------------------------------------------------
+def _as_discrete(model, times):
+    """The discrete model to filter and an ``ok`` flag (``None`` for discrete models).
+
+    Continuous-time models are recognised by duck typing: an object with a method
+    ``_to_discrete(times)`` returning ``(LinearGaussianSSM, ok)``; the filter sets the
+    log-likelihood to ``-inf`` where ``ok`` is False.
+
+    Raises:
+        ValueError: ``times`` given for a discrete model, or missing for a continuous one.
+        TypeError: ``model`` is neither.
+    """
+    if hasattr(model, "_to_discrete"):
+        if times is None:
+            raise ValueError(f"{type(model).__name__} is a continuous-time model: pass times")
+        return model._to_discrete(times)
+    if times is not None:
+        raise ValueError("times is only meaningful for continuous-time models; got a discrete model")
+    if not isinstance(model, LinearGaussianSSM):
+        raise TypeError(f"expected a LinearGaussianSSM or continuous-time model; got {type(model)}")
+    return model, None
+
+
+def _check_observations(model: LinearGaussianSSM, y):
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.result_type(float))
+    m = model.obs_dim
+    if y.ndim < 2 or y.shape[-1] != m:
+        raise ValueError(f"y must have shape (..., T, m) with m = {m}; got y.shape = {y.shape} "
+                         f"for H.shape = {model.H.shape}")
+    T = model.num_timesteps
+    if T is not None and y.shape[-2] != T:
+        raise ValueError(f"y has {y.shape[-2]} time steps (y.shape = {y.shape}) but the "
+                         f"time-varying parameters have {T}")
+    dtype = jnp.result_type(model.F.dtype, y.dtype)
+    return y.astype(dtype)
+
+
+def _map_batch(fn, model: LinearGaussianSSM, y):
+    """Apply ``fn(single_model, single_y)`` over the broadcast batch axes of model and ``y``."""
+    batch = tuple(np.broadcast_shapes(model.batch_shape, y.shape[:-2]))
+    if not batch:
+        return fn(model, y)
+    size = int(np.prod(batch))
+    leaves, axes = {}, {}
+    for name in _FIELDS:
+        x = getattr(model, name)
+        nb = len(_split_axes(name, tuple(x.shape))[0])
+        if nb == 0:
+            leaves[name], axes[name] = x, None
+        else:
+            core = x.shape[nb:]
+            leaves[name] = jnp.broadcast_to(x, batch + core).reshape((size,) + core)
+            axes[name] = 0
+    y_flat = jnp.broadcast_to(y, batch + y.shape[-2:]).reshape((size,) + y.shape[-2:])
+    out = jax.vmap(lambda lv, yy: fn(model.replace(**lv), yy), in_axes=(axes, 0))(leaves, y_flat)
+    return jax.tree_util.tree_map(lambda a: a.reshape(batch + a.shape[1:]), out)
+
+
+def _steps_params(model: LinearGaussianSSM):
+    """Split parameters into constants and per-step (scanned) arrays."""
+    const, scanned = {}, {}
+    for name in _TIME_PARAMS:
+        x = getattr(model, name)
+        if x.ndim == _BASE_RANK[name]:
+            const[name] = x
+        elif x.shape[0] == 1:
+            const[name] = x[0]
+        else:
+            scanned[name] = x
+    return const, scanned
+
+
+# ------------------------------------------------------------------------------------------
+# The filter on one series
+# ------------------------------------------------------------------------------------------
+def _filter_single(model: LinearGaussianSSM, y, form: str, moments: bool):
+    n = model.state_dim
+    dtype = y.dtype
+    const, scanned = _steps_params(model)
+    const = {k: v.astype(dtype) for k, v in const.items()}
+    scanned = {k: v.astype(dtype) for k, v in scanned.items()}
+    m0 = model.m0.astype(dtype)
+    P0 = model.P0.astype(dtype)
+    sqrt = form == "sqrt"
+
+    mask = model.diffuse_mask
+    q = 0 if mask is None else int(mask.sum())
+    if q:
+        keep = jnp.asarray(~mask, dtype)
+        P0 = P0 * keep[:, None] * keep[None, :]
+        A0 = jnp.eye(n, dtype=dtype)[:, np.flatnonzero(mask)]
+    else:
+        A0 = jnp.zeros((n, 0), dtype)
+
+    factor_failed = jnp.zeros((), bool)
+    if sqrt:
+        if "Q" in scanned:
+            scanned["LQ"] = _psd_cholesky(scanned.pop("Q"))
+            Q_src, LQ_all = model.Q, scanned["LQ"]
+        else:
+            const["LQ"] = _psd_cholesky(const.pop("Q"))
+            Q_src, LQ_all = model.Q, const["LQ"]
+        L0 = _psd_cholesky(P0)
+        # A finite but indefinite Q or P0 has no square root: report -inf, like the cov form.
+        factor_failed = (jnp.isnan(LQ_all).any() & jnp.isfinite(Q_src).all()) | (
+            jnp.isnan(L0).any() & jnp.isfinite(P0).all()
+        )
+        cov0 = L0
+    else:
+        cov0 = P0
+
+    def param(name, xs):
+        return xs[name] if name in xs else const[name]
+
+    def step(carry, xs):
+        mean, cov, A, S_acc, s_acc, failed = carry
+        yk = xs["y"]
+        H, d, R = param("H", xs), param("d", xs), param("R", xs)
+        F, b = param("F", xs), param("b", xs)
+        observed = ~jnp.isnan(yk)
+        w = observed.astype(dtype)
+        Hm = H * w[:, None]
+        m = Hm.shape[0]
+        Rm = R * (w[:, None] * w[None, :]) + jnp.eye(m, dtype=dtype) * (1.0 - w)
+        v = jnp.where(observed, yk - _mm(H, mean) - d, 0.0)
+        if sqrt:
+            L_pred = cov
+            LR = _psd_cholesky(Rm)
+            top = jnp.concatenate([_mm(Hm, L_pred), LR], axis=1)
+            bottom = jnp.concatenate([L_pred, jnp.zeros((n, m), dtype)], axis=1)
+            T_ = tria(jnp.concatenate([top, bottom], axis=0))
+            L_S, G, cov_f = T_[:m, :m], T_[m:, :m], T_[m:, m:]
+            rhs = v[:, None] if not q else jnp.concatenate([v[:, None], _mm(Hm, A)], axis=1)
+            sol = _solve_lower(L_S, rhs)
+            e, E = sol[:, 0], sol[:, 1:]
+            mean_f = mean + _mm(G, e)
+            finite_in = jnp.isfinite(Rm).all() & jnp.isfinite(L_pred).all() & jnp.isfinite(H).all()
+            diag = jnp.diagonal(L_S)
+        else:
+            P = cov
+            HP = _mm(Hm, P)
+            S = _mm(HP, Hm.T) + Rm
+            L = _cholesky(S)
+            parts = [HP, v[:, None]] + ([_mm(Hm, A)] if q else [])
+            sol = _solve_lower(L, jnp.concatenate(parts, axis=1))
+            W, e, E = sol[:, :n], sol[:, n], sol[:, n + 1:]
+            G = W.T
+            mean_f = mean + _mm(G, e)
+            cov_f = P - _mm(G, W)
+            finite_in = jnp.isfinite(S).all()
+            diag = jnp.diagonal(L)
+        ok = jnp.all(jnp.abs(diag) > 0)
+        failed = failed | (finite_in & ~ok)
+        ll = -0.5 * (jnp.sum(e * e) + 2.0 * jnp.sum(jnp.log(jnp.abs(diag))) + jnp.sum(w) * _LOG_2PI)
+        A_f = A
+        if q:
+            A_f = A - _mm(G, E)
+            S_acc = S_acc + _mm(E.T, E)
+            s_acc = s_acc + _mm(E.T, e)
+        # predict x[k+1]
+        mean_next = _mm(F, mean_f) + b
+        A_next = _mm(F, A_f) if q else A
+        if sqrt:
+            cov_next = tria(jnp.concatenate([_mm(F, cov_f), param("LQ", xs)], axis=1))
+        else:
+            cov_next = _symmetrise(_mm(_mm(F, cov_f), F.T) + param("Q", xs))
+        out = (ll, failed)
+        if moments:
+            out = out + (mean_f, cov_f, mean, cov)
+            if q:
+                out = out + (A_f, A, S_acc, s_acc)
+        return (mean_next, cov_next, A_next, S_acc, s_acc, failed), out
+
+    carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
+    xs = dict(scanned, y=y)
+    (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
+    ll_raw, failed = out[0], out[1]
+    log_likelihoods = jnp.where(failed, -jnp.inf, ll_raw)
+    if q:
+        # Collapse the diffuse part (de Jong 1991; Durbin & Koopman 2012, section 5.7):
+        # log L_d = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S|.
+        L_d = jnp.linalg.cholesky(S_T)
+        u = lax.linalg.triangular_solve(L_d, s_T[:, None], left_side=True, lower=True)[:, 0]
+        correction = 0.5 * (u @ u) - jnp.sum(jnp.log(jnp.diagonal(L_d)))
+        log_likelihoods = log_likelihoods.at[-1].add(correction)
+    total = jnp.sum(log_likelihoods)
+    if not moments:
+        return total, log_likelihoods
+
+    mean_f, cov_f, mean_p, cov_p = out[2:6]
+    chol_f = chol_p = None
+    if sqrt:
+        chol_f, chol_p = cov_f, cov_p
+        cov_f = chol_f @ jnp.swapaxes(chol_f, -1, -2)
+        cov_p = chol_p @ jnp.swapaxes(chol_p, -1, -2)
+    if q:
+        A_f, A_p, S_f, s_f = out[6:10]
+        S_p = jnp.concatenate([jnp.zeros((1, q, q), dtype), S_f[:-1]])
+        s_p = jnp.concatenate([jnp.zeros((1, q), dtype), s_f[:-1]])
+        mean_f, cov_f = _collapse(mean_f, cov_f, A_f, S_f, s_f)
+        mean_p, cov_p = _collapse(mean_p, cov_p, A_p, S_p, s_p)
+    return FilterResult(total, log_likelihoods, mean_f, cov_f, mean_p, cov_p, chol_f, chol_p)
+
+
+def _collapse(means, covs, A, S, s):
+    """Moments of ``x = a + A delta + eps`` with ``delta | y ~ N(S^{-1} s, S^{-1})``."""
+    L = jnp.linalg.cholesky(S)
+    u = lax.linalg.triangular_solve(L, s[..., None], left_side=True, lower=True)
+    delta = lax.linalg.triangular_solve(L, u, left_side=True, lower=True, transpose_a=True)[..., 0]
+    B = lax.linalg.triangular_solve(L, jnp.swapaxes(A, -1, -2), left_side=True, lower=True)
+    means = means + jnp.einsum("tnq,tq->tn", A, delta)
+    covs = covs + jnp.swapaxes(B, -1, -2) @ B
+    return means, covs
+
+
+def _run(model, y, times, form, parallel, moments):
+    if form not in ("cov", "sqrt"):
+        raise ValueError(f"form must be 'cov' or 'sqrt'; got {form!r}")
+    if parallel:
+        raise NotImplementedError("parallel=True (associative-scan filter) is not implemented yet")
+    disc, ok = _as_discrete(model, times)
+    y = _check_observations(disc, y)
+    out = _map_batch(lambda mdl, yy: _filter_single(mdl, yy, form, moments), disc, y)
+    if ok is None:
+        return out
+    ok = jnp.asarray(ok)
+    if moments:
+        return out._replace(
+            log_likelihood=jnp.where(ok, out.log_likelihood, -jnp.inf),
+            log_likelihoods=jnp.where(ok[..., None], out.log_likelihoods, -jnp.inf),
+        )
+    total, per_step = out
+    return jnp.where(ok, total, -jnp.inf), jnp.where(ok[..., None], per_step, -jnp.inf)
+
+
+def kalman_filter(model, y, times=None, *, form: str = "cov", parallel: bool = False) -> FilterResult:
+    r"""Kalman filter: log-likelihood and filtered / one-step-predicted state moments.
+
+    Step ``k`` conditions the prediction of ``x[k]`` on ``y[k]`` and then predicts ``x[k+1]``:
+
+    .. math::
+
+        S_k = H P^-_k H^T + R,\ L_k L_k^T = S_k,\ W = L_k^{-1} H P^-_k,\
+        e = L_k^{-1}(y_k - H m^-_k - d),\\
+        m_k = m^-_k + W^T e,\ P_k = P^-_k - W^T W,\
+        \ell_k = -\tfrac12\,(e^T e + 2 \log|L_k| + m_k^{\rm obs} \log 2\pi),\\
+        m^-_{k+1} = F m_k + b,\ P^-_{k+1} = F P_k F^T + Q,
+
+    with ``m^-_0 = m0``, ``P^-_0 = P0`` (``y[0]`` observes ``x[0]``). ``form="sqrt"`` carries
+    lower Cholesky factors instead and updates them with ``rules.tria``: the update
+    triangularises ``[[H L^-, chol(R)], [L^-, 0]]`` and the prediction ``[F L, chol(Q)]``;
+    it gives the same numbers and stays accurate when ``P`` is badly conditioned. Both forms
+    return full covariances; the sqrt form also returns the factors.
+
+    Missing data: ``NaN`` entries of ``y`` (single entries or whole rows) are left out
+    exactly: their rows of ``H`` are zeroed, ``R`` gets unit variance on them and no
+    correlation with observed entries, their innovation is set to 0, and the ``log 2 pi``
+    count uses the observed entries only, so they contribute nothing. Shapes never change,
+    so ``vmap`` over series with different gaps works.
+
+    Exact diffuse initialisation (``model.diffuse``): the diffuse states get an unknown
+    fixed effect ``delta`` (``x[0] = m0 + A delta + eta``, ``eta ~ N(0, P_star)``); the filter
+    carries ``A`` through the recursions (augmented Kalman filter, de Jong 1991) and
+    accumulates ``S = sum E^T E``, ``s = sum E^T e`` with ``E = L^{-1} H A``. The diffuse
+    log-likelihood (Durbin & Koopman 2012, section 7.2.2,
+    ``lim_{kappa->inf} log L + q/2 log kappa``) is
+    ``sum_k ell_k + 1/2 s^T S^{-1} s - 1/2 log|S|``; the collapse term is added to the LAST
+    entry of ``log_likelihoods``. Filtered / predicted moments are collapsed with
+    ``delta | y[0..k] ~ N(S_k^{-1} s_k, S_k^{-1})``; they are NaN (or meaningless) while the
+    data do not yet identify the diffuse states (``S_k`` singular), e.g. ``predicted[0]``.
+
+    Robustness: NaN in a parameter gives a NaN log-likelihood; a finite but not positive
+    definite innovation covariance (or, in sqrt form, a ``Q``/``P0`` without a real square
+    root) gives ``-inf`` for that step and all later ones (never an exception under ``jit``).
+
+    Batches: model batch axes (see :class:`LinearGaussianSSM`) and leading axes of ``y``
+    broadcast; the filter is mapped over them and every output gets the batch shape in front.
+
+    Args:
+        model: a :class:`LinearGaussianSSM`, or a continuous-time model (anything with a
+            ``_to_discrete(times)`` method returning ``(LinearGaussianSSM, ok)``).
+        y: observations ``(..., T, m)``; ``NaN`` marks missing entries.
+        times: observation times ``(T,)``, only for continuous-time models.
+        form: ``"cov"`` (default) or ``"sqrt"``.
+        parallel: the associative-scan filter (not implemented yet).
+
+    Returns:
+        A :class:`FilterResult`.
+
+    Raises:
+        ValueError: bad shapes of ``y``, unknown ``form``, ``times`` given for a discrete model
+            or missing for a continuous one.
+        NotImplementedError: ``parallel=True``.
+
+    Example:
+        >>> result = kalman_filter(model, y)
+        >>> result.log_likelihood, result.filtered_means.shape
+    """
+    return _run(model, y, times, form, parallel, moments=True)
 
 
 def log_likelihood(model, y, times=None, **kwargs):
-    raise NotImplementedError
+    """Log-likelihood ``log p(y)`` of the observed entries of ``y`` (see :func:`kalman_filter`).
+
+    A leaner path than ``kalman_filter(...).log_likelihood``: the scan stores no moments.
+
+    Args:
+        model: a :class:`LinearGaussianSSM` or continuous-time model.
+        y: observations ``(..., T, m)``, NaN = missing.
+        times: observation times, continuous-time models only.
+        **kwargs: ``form="cov" | "sqrt"``, ``parallel``.
+
+    Returns:
+        The log-likelihood (scalar, or the batch shape).
+
+    Example:
+        >>> jax.grad(lambda F: log_likelihood(model.replace(F=F), y))(model.F)
+    """
+    unknown = set(kwargs) - {"form", "parallel"}
+    if unknown:
+        raise TypeError(f"log_likelihood got unexpected keyword arguments {sorted(unknown)}")
+    total, _ = _run(model, y, times, kwargs.get("form", "cov"), kwargs.get("parallel", False),
+                    moments=False)
+    return total

@@ -1,5 +1,325 @@
-"""PLACEHOLDER (being written)."""
+"""Discrete-time linear-Gaussian state-space model (a registered pytree)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rules import dlyap
+from rules._checks import as_float_array
+
+# Rank of one time step's value of each parameter ("base rank").
+_BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
+# Parameters that may carry a time axis (m0 and P0 describe x[0] only).
+_TIME_PARAMS = ("F", "Q", "H", "R", "b", "d")
+_FIELDS = ("F", "Q", "H", "R", "m0", "P0", "b", "d")
 
 
+def _split_axes(name: str, shape: tuple) -> tuple[tuple, int | None]:
+    """Split a parameter's leading axes into ``(batch_shape, time_length or None)``.
+
+    Rule: rank == base -> constant; rank == base + 1 -> a time axis; rank >= base + 2 -> batch
+    axes followed by a time axis (which may have length 1 to broadcast over time). ``m0`` and
+    ``P0`` never have a time axis: every extra leading axis of theirs is a batch axis.
+    """
+    extra = len(shape) - _BASE_RANK[name]
+    if name not in _TIME_PARAMS:
+        return tuple(shape[:extra]), None
+    if extra == 0:
+        return (), None
+    return tuple(shape[: extra - 1]), shape[extra - 1]
+
+
+@jax.tree_util.register_pytree_node_class
 class LinearGaussianSSM:
-    pass
+    r"""Linear-Gaussian state-space model in discrete time.
+
+    .. math::
+
+        x_{k+1} = F_k x_k + b_k + w_k,\quad w_k \sim N(0, Q_k);\qquad
+        y_k = H_k x_k + d_k + v_k,\quad v_k \sim N(0, R_k);\qquad x_0 \sim N(m_0, P_0).
+
+    ``y[0]`` observes ``x[0]`` directly: there is no prediction step before the first
+    observation.
+
+    Shapes (``n`` states, ``m`` observed series): ``F, Q, P0: (n, n)``, ``H: (m, n)``,
+    ``R: (m, m)``, ``m0, b: (n,)``, ``d: (m,)``.
+
+    Time-varying parameters: ``F, Q, H, R, b, d`` may carry ONE extra leading axis of length
+    ``T``, indexed by time: ``F[k], Q[k], b[k]`` map step ``k -> k+1`` (entry ``T-1`` is unused),
+    ``H[k], R[k], d[k]`` give ``y[k]``.
+
+    Batches of models: a parameter with two or more extra leading axes has shape
+    ``batch + (T_or_1,) + base``: leading batch axes, then a time axis that may have length 1
+    (the same value at every step). ``m0`` and ``P0`` have no time axis; any extra leading axes
+    of theirs are batch axes: ``batch + (n,)`` and ``batch + (n, n)``. Batch shapes of all
+    parameters (and of ``y`` in :func:`statespace.kalman_filter`) broadcast against each other,
+    and the filter maps over them. Example: 3 models with a shared ``H`` and their own ``F``:
+    ``F.shape == (3, 1, n, n)``, ``H.shape == (m, n)``, ``m0.shape == (3, n)``.
+
+    Exact diffuse initialisation (Durbin & Koopman 2012, ch. 5): ``diffuse=True`` (all states)
+    or a boolean mask of length ``n`` marks states whose initial distribution is improper flat:
+    ``P0 = P_star + kappa P_inf`` with ``P_inf = diag(mask)`` and ``kappa -> inf``. ``P_star`` is
+    ``P0`` with the rows and columns of the diffuse states zeroed (their ``m0`` entries are
+    irrelevant); the filter treats the limit exactly (see :func:`statespace.kalman_filter`).
+    The mask is static (part of the pytree's auxiliary data).
+
+    The object is a registered pytree with children ``(F, Q, H, R, m0, P0, b, d)`` and static
+    auxiliary data ``diffuse``; it can be passed through ``jit``, ``vmap`` and ``grad``.
+
+    Args:
+        F: transition matrix ``(n, n)`` (or time-varying / batched, see above).
+        Q: process-noise covariance ``(n, n)``.
+        H: observation matrix ``(m, n)``.
+        R: observation-noise covariance ``(m, m)``.
+        m0: initial mean ``(n,)``.
+        P0: initial covariance ``(n, n)``, or ``"stationary"``: ``P0 = dlyap(F, Q)``, the
+            stationary covariance (time-invariant ``F`` and ``Q`` with spectral radius < 1).
+        b: state offset ``(n,)``; default zeros.
+        d: observation offset ``(m,)``; default zeros.
+        diffuse: ``None``/``False``, ``True``, or a boolean sequence of length ``n``.
+
+    Raises:
+        ValueError: if shapes are inconsistent (the message names both shapes), if time-axis
+            lengths disagree, batch shapes do not broadcast, or ``P0="stationary"`` is asked for
+            time-varying ``F``/``Q``.
+        TypeError: for complex or non-numeric parameters.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from statespace import LinearGaussianSSM, log_likelihood
+        >>> model = LinearGaussianSSM(F=jnp.eye(2) * 0.9, Q=jnp.eye(2), H=jnp.ones((1, 2)),
+        ...                           R=jnp.eye(1), m0=jnp.zeros(2), P0="stationary")
+        >>> x, y = model.simulate(jax.random.key(0), 50)
+        >>> ll = log_likelihood(model, y)
+    """
+
+    def __init__(self, F, Q, H, R, m0, P0, *, b=None, d=None, diffuse=None):
+        F = as_float_array("F", F)
+        Q = as_float_array("Q", Q)
+        H = as_float_array("H", H)
+        R = as_float_array("R", R)
+        m0 = as_float_array("m0", m0)
+        stationary = isinstance(P0, str)
+        if stationary and P0 != "stationary":
+            raise ValueError(f"P0 must be an array or 'stationary'; got {P0!r}")
+        if not stationary:
+            P0 = as_float_array("P0", P0)
+        b = None if b is None else as_float_array("b", b)
+        d = None if d is None else as_float_array("d", d)
+        arrays = [a for a in (F, Q, H, R, m0, P0, b, d) if a is not None and not isinstance(a, str)]
+        dtype = jnp.result_type(*arrays)
+
+        if F.ndim < 2 or F.shape[-1] != F.shape[-2]:
+            raise ValueError(f"F must have shape (..., n, n); got F.shape = {F.shape}")
+        n = F.shape[-1]
+        if H.ndim < 2:
+            raise ValueError(f"H must have shape (..., m, n); got H.shape = {H.shape}")
+        m = H.shape[-2]
+
+        def need(name, x, core):
+            if x.ndim < len(core) or tuple(x.shape[x.ndim - len(core):]) != core:
+                ref = f"H.shape = {H.shape}" if name in ("R", "d") else f"F.shape = {F.shape}"
+                raise ValueError(
+                    f"{name} must have trailing shape {core} (n = {n}, m = {m}); "
+                    f"got {name}.shape = {x.shape} with {ref}"
+                )
+
+        need("H", H, (m, n))
+        need("Q", Q, (n, n))
+        need("R", R, (m, m))
+        need("m0", m0, (n,))
+        if b is not None:
+            need("b", b, (n,))
+        if d is not None:
+            need("d", d, (m,))
+
+        if stationary:
+            for name, x in (("F", F), ("Q", Q)):
+                _, t_len = _split_axes(name, x.shape)
+                if t_len not in (None, 1):
+                    raise ValueError(
+                        f"P0='stationary' needs time-invariant F and Q; got {name}.shape = {x.shape}"
+                    )
+            F_c = F if F.ndim == 2 else F[..., 0, :, :]
+            Q_c = Q if Q.ndim == 2 else Q[..., 0, :, :]
+            P0 = dlyap(F_c, Q_c)
+            P0 = 0.5 * (P0 + jnp.swapaxes(P0, -1, -2))
+        need("P0", P0, (n, n))
+
+        if b is None:
+            b = jnp.zeros((n,), dtype)
+        if d is None:
+            d = jnp.zeros((m,), dtype)
+
+        values = dict(F=F, Q=Q, H=H, R=R, m0=m0, P0=P0, b=b, d=d)
+        self._check_axes(values)
+        for name in _FIELDS:
+            setattr(self, name, jnp.asarray(values[name], dtype))
+        self.diffuse = _normalise_diffuse(diffuse, n)
+
+    # -- pytree ------------------------------------------------------------------------------
+    def tree_flatten(self):
+        return tuple(getattr(self, f) for f in _FIELDS), self.diffuse
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        for name, value in zip(_FIELDS, children):
+            setattr(obj, name, value)
+        obj.diffuse = aux
+        return obj
+
+    def replace(self, **changes) -> "LinearGaussianSSM":
+        """A copy with some fields replaced (no re-validation; use the constructor for that)."""
+        unknown = set(changes) - set(_FIELDS) - {"diffuse"}
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        children = tuple(changes.get(f, getattr(self, f)) for f in _FIELDS)
+        return self.tree_unflatten(changes.get("diffuse", self.diffuse), children)
+
+    # -- shape helpers -----------------------------------------------------------------------
+    @staticmethod
+    def _check_axes(values: dict) -> None:
+        batches, lengths = [], {}
+        for name, x in values.items():
+            batch, t_len = _split_axes(name, tuple(x.shape))
+            batches.append((name, batch, x.shape))
+            if t_len is not None and t_len != 1:
+                lengths[name] = (t_len, x.shape)
+        if len({t for t, _ in lengths.values()}) > 1:
+            described = ", ".join(f"{k}.shape = {s}" for k, (_, s) in lengths.items())
+            raise ValueError(f"time-axis lengths disagree: {described}")
+        shape: tuple = ()
+        for name, batch, full in batches:
+            try:
+                shape = np.broadcast_shapes(shape, batch)
+            except ValueError:
+                described = ", ".join(f"{k}.shape = {s}" for k, _, s in batches)
+                raise ValueError(
+                    f"batch axes of the parameters do not broadcast ({name}.shape = {full}): "
+                    f"{described}"
+                ) from None
+
+    @property
+    def state_dim(self) -> int:
+        """``n``."""
+        return self.F.shape[-1]
+
+    @property
+    def obs_dim(self) -> int:
+        """``m``."""
+        return self.H.shape[-2]
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Length of the time axis of the time-varying parameters (``None`` if none, or all 1)."""
+        for name in _TIME_PARAMS:
+            _, t_len = _split_axes(name, tuple(getattr(self, name).shape))
+            if t_len is not None and t_len != 1:
+                return t_len
+        return None
+
+    @property
+    def batch_shape(self) -> tuple:
+        """Broadcast batch shape of the parameters (``()`` for a single model)."""
+        shape: tuple = ()
+        for name in _FIELDS:
+            batch, _ = _split_axes(name, tuple(getattr(self, name).shape))
+            shape = np.broadcast_shapes(shape, batch)
+        return tuple(shape)
+
+    @property
+    def diffuse_mask(self):
+        """Boolean NumPy mask of diffuse states, or ``None``."""
+        return None if self.diffuse is None else np.asarray(self.diffuse, dtype=bool)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{f}={tuple(getattr(self, f).shape)}" for f in _FIELDS)
+        return f"LinearGaussianSSM({shapes}, diffuse={self.diffuse})"
+
+    # -- simulation --------------------------------------------------------------------------
+    def simulate(self, key, num_steps: int):
+        """Draw states and observations from the model.
+
+        Diffuse states start at their ``m0`` entries (an improper prior cannot be sampled).
+        Singular ``Q``, ``R`` or ``P0`` are allowed (a symmetric eigen-decomposition gives the
+        square roots).
+
+        Args:
+            key: a ``jax.random`` key.
+            num_steps: ``T``; must equal the model's time-axis length if it is time-varying.
+
+        Returns:
+            ``(states, observations)`` with shapes ``(T, n)`` and ``(T, m)``.
+
+        Raises:
+            ValueError: for a batched model (use ``jax.vmap``) or a ``num_steps`` that does not
+                match the time-varying parameters.
+
+        Example:
+            >>> x, y = model.simulate(jax.random.key(1), 100)
+        """
+        if self.batch_shape:
+            raise ValueError(
+                f"simulate needs a single model; this one has batch shape {self.batch_shape} "
+                "(use jax.vmap over the model)"
+            )
+        T = int(num_steps)
+        if self.num_timesteps is not None and self.num_timesteps != T:
+            raise ValueError(
+                f"num_steps = {T} does not match the time-varying parameters' length "
+                f"{self.num_timesteps}"
+            )
+        n, m = self.state_dim, self.obs_dim
+        seq = {name: _per_step(name, getattr(self, name), T) for name in _TIME_PARAMS}
+        P0 = self.P0
+        if self.diffuse is not None:
+            keep = jnp.asarray(~self.diffuse_mask, P0.dtype)
+            P0 = P0 * keep[:, None] * keep[None, :]
+        k0, kw, kv = jax.random.split(key, 3)
+        x0 = self.m0 + _psd_sqrt(P0) @ jax.random.normal(k0, (n,), P0.dtype)
+        zw = jax.random.normal(kw, (T, n), P0.dtype)
+        zv = jax.random.normal(kv, (T, m), P0.dtype)
+        Q_sqrt = _psd_sqrt(seq["Q"])
+        R_sqrt = _psd_sqrt(seq["R"])
+
+        def step(x, inputs):
+            F, Qs, b, H, Rs, d, w, v = inputs
+            y = H @ x + d + Rs @ v
+            return F @ x + b + Qs @ w, (x, y)
+
+        _, (states, obs) = jax.lax.scan(
+            step, x0, (seq["F"], Q_sqrt, seq["b"], seq["H"], R_sqrt, seq["d"], zw, zv)
+        )
+        return states, obs
+
+
+def _per_step(name: str, x, T: int):
+    """The parameter broadcast to a leading time axis of length ``T``."""
+    if x.ndim == _BASE_RANK[name]:
+        return jnp.broadcast_to(x, (T,) + x.shape)
+    return jnp.broadcast_to(x, (T,) + x.shape[1:])
+
+
+def _psd_sqrt(A):
+    """A square root ``S`` with ``S S^T = A`` for symmetric positive semi-definite ``A``."""
+    w, V = jnp.linalg.eigh(A)
+    return V * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
+
+
+def _normalise_diffuse(diffuse, n: int):
+    if diffuse is None or diffuse is False:
+        return None
+    if diffuse is True:
+        return (True,) * n
+    mask = np.asarray(diffuse)
+    if mask.dtype != bool or mask.shape != (n,):
+        raise ValueError(
+            f"diffuse must be None, True, or a boolean mask of shape ({n},); "
+            f"got {mask.dtype} array of shape {mask.shape}"
+        )
+    if not mask.any():
+        return None
+    return tuple(bool(v) for v in mask)

@@ -1,0 +1,129 @@
+"""Discrete Kalman filter vs dynamax ``lgssm_filter``: log-likelihood and its gradient.
+
+Run ``python -m benchmarks.kalman [--quick] [--sizes 4,2,1000 ...]``. Every figure is a median
+of jitted calls in this process (compile excluded and reported separately); the ratio column
+is dynamax time / our time, so > 1 means we are faster. The gradient is taken with respect to
+all model parameters (F, Q, H, R, m0, P0) in both libraries. float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._timing import machine_info, markdown_table, time_fn
+
+SIZES = [(2, 1, 1000), (4, 2, 1000), (8, 4, 1000), (4, 2, 10000)]
+QUICK_SIZES = [(2, 1, 100), (4, 2, 200)]
+
+
+def _problem(n, m, T, seed=0):
+    from statespace import LinearGaussianSSM
+
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n))
+    F = 0.9 * A / np.max(np.abs(np.linalg.eigvals(A)))
+    B = rng.standard_normal((n, n))
+    Q = B @ B.T / n + 0.1 * np.eye(n)
+    H = rng.standard_normal((m, n))
+    C = rng.standard_normal((m, m))
+    R = C @ C.T / m + 0.1 * np.eye(m)
+    params = dict(F=F, Q=Q, H=H, R=R, m0=rng.standard_normal(n), P0=np.eye(n))
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    model = LinearGaussianSSM(**params)
+    _, y = model.simulate(jax.random.key(seed), T)
+    return params, y
+
+
+def _ours(form):
+    from statespace import LinearGaussianSSM, log_likelihood
+
+    def loglik(params, y):
+        return log_likelihood(LinearGaussianSSM(**params), y, form=form)
+
+    return jax.jit(loglik), jax.jit(jax.grad(loglik))
+
+
+def _dynamax():
+    try:
+        from dynamax.linear_gaussian_ssm import lgssm_filter
+        from dynamax.linear_gaussian_ssm.inference import (
+            ParamsLGSSM,
+            ParamsLGSSMDynamics,
+            ParamsLGSSMEmissions,
+            ParamsLGSSMInitial,
+        )
+    except ImportError:
+        return None
+
+    def loglik(params, y):
+        n, m = params["F"].shape[0], params["H"].shape[0]
+        dx = ParamsLGSSM(
+            initial=ParamsLGSSMInitial(mean=params["m0"], cov=params["P0"]),
+            dynamics=ParamsLGSSMDynamics(
+                weights=params["F"], bias=jnp.zeros(n), input_weights=jnp.zeros((n, 0)),
+                cov=params["Q"]),
+            emissions=ParamsLGSSMEmissions(
+                weights=params["H"], bias=jnp.zeros(m), input_weights=jnp.zeros((m, 0)),
+                cov=params["R"]),
+        )
+        return lgssm_filter(dx, y).marginal_loglik
+
+    return jax.jit(loglik), jax.jit(jax.grad(loglik))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kalman", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
+    parser.add_argument("--sizes", nargs="*", default=None, help="n,m,T triples")
+    args = parser.parse_args(argv)
+    if not jax.config.read("jax_enable_x64"):
+        jax.config.update("jax_enable_x64", True)
+    sizes = QUICK_SIZES if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
+    repeats = 3 if args.quick else 20
+    min_time = 0.0 if args.quick else 0.3
+    print(machine_info())
+    ours = {form: _ours(form) for form in ("cov", "sqrt")}
+    peer = _dynamax()
+    if peer is None:
+        print("dynamax is not installed: peer columns are n/a (pip install dynamax)")
+    rows = []
+    for n, m, T in sizes:
+        params, y = _problem(n, m, T)
+        for what, idx in (("loglik", 0), ("grad", 1)):
+            t_cov = time_fn(ours["cov"][idx], params, y, repeats=repeats, min_time=min_time)
+            t_sqrt = time_fn(ours["sqrt"][idx], params, y, repeats=repeats, min_time=min_time)
+            row = {
+                "n,m,T": f"{n},{m},{T}",
+                "what": what,
+                "ours_cov_s": t_cov["median_s"],
+                "us_per_step": t_cov["median_s"] * 1e6 / T,
+                "ours_sqrt_s": t_sqrt["median_s"],
+                "sqrt/cov": t_sqrt["median_s"] / t_cov["median_s"],
+                "dynamax_s": float("nan"),
+                "dynamax/ours": float("nan"),
+                "compile_ours_s": t_cov["compile_s"],
+            }
+            if peer is not None:
+                t_peer = time_fn(peer[idx], params, y, repeats=repeats, min_time=min_time)
+                row["dynamax_s"] = t_peer["median_s"]
+                row["dynamax/ours"] = t_peer["median_s"] / t_cov["median_s"]
+                row["compile_dynamax_s"] = t_peer["compile_s"]
+                if idx == 0:
+                    a, b_ = float(ours["cov"][0](params, y)), float(peer[0](params, y))
+                    row["rel_diff"] = abs(a - b_) / abs(b_)
+            rows.append(row)
+    print(markdown_table(rows, [
+        "n,m,T", "what", "ours_cov_s", "us_per_step", "dynamax_s", "dynamax/ours",
+        "ours_sqrt_s", "sqrt/cov", "compile_ours_s", "rel_diff",
+    ]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
