@@ -1,9 +1,340 @@
-"""PLACEHOLDER (being written)."""
+"""Optax fitting loop and Hessian-based standard errors.
+
+``fit`` runs any ``optax.GradientTransformation`` (Adam, SGD, L-BFGS, chains) on a scalar
+loss for up to ``num_steps`` steps. The steps run inside jitted ``lax.scan`` chunks of
+``chunk_size`` steps; a Python loop over the chunks updates a progress bar and stops early
+once the loss settles (``tol``) or turns non-finite. One chunk program is compiled once and
+reused for every chunk (steps past ``num_steps`` are masked, not recompiled).
+
+``standard_errors`` / ``covariance`` give the Laplace (observed-information) approximation at
+an optimum: ``Cov ≈ H⁻¹`` with ``H = ∇² loss`` when ``loss`` is a negative log-likelihood or
+negative log-posterior. ``H`` is built forward-over-reverse (``jax.jacfwd(jax.grad(loss))``),
+so it runs through the forward-mode rules of ``rules`` applied to the reverse-mode gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+__all__ = ["FitResult", "fit", "standard_errors", "covariance"]
+
+_RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
+_STATUS_TEXT = {
+    _RUNNING: "reached num_steps",
+    _CONVERGED: "converged: loss change below tol",
+    _NONFINITE: "stopped: non-finite loss (params are the last ones with a finite loss)",
+}
 
 
+@dataclasses.dataclass(frozen=True)
 class FitResult:
-    pass
+    """Result of :func:`fit`.
+
+    Attributes:
+        params: fitted parameters (same pytree structure as the initial ``params``).
+        losses: ``np.ndarray`` of shape ``(num_steps,)``; ``losses[k]`` is the loss at the
+            parameters *before* step ``k`` (so ``losses[0]`` is the initial loss).
+        loss: the loss at ``params`` (a Python float).
+        num_steps: number of optimiser steps taken.
+        converged: ``True`` when the loss change fell below ``tol`` before ``num_steps``.
+        status: a short human-readable reason for stopping.
+        opt_state: the final optimiser state (to resume with another ``fit`` call).
+    """
+
+    params: Any
+    losses: np.ndarray
+    loss: float
+    num_steps: int
+    converged: bool
+    status: str
+    opt_state: Any = dataclasses.field(repr=False, default=None)
+    _loss_fn: Callable | None = dataclasses.field(repr=False, default=None)
+    _args: tuple = dataclasses.field(repr=False, default=())
+
+    def standard_errors(self, transform: Callable | None = None):
+        """Standard errors at ``self.params`` from the Hessian of the fitted loss.
+
+        Args:
+            transform: optional map ``params -> quantities``; if given, the delta-method
+                standard errors of ``transform(params)`` are returned.
+
+        Returns:
+            A pytree like ``params`` (or like ``transform(params)``) of standard errors.
+        """
+        if self._loss_fn is None:
+            raise ValueError("this FitResult carries no loss function")
+        return standard_errors(self._loss_fn, self.params, *self._args, transform=transform)
 
 
-def fit(loss, params, *, optimizer, num_steps, tol=None, progress=True):
-    raise NotImplementedError
+def _hessian_flat(loss: Callable, params, args):
+    flat, unravel = ravel_pytree(params)
+
+    def flat_loss(theta):
+        return loss(unravel(theta), *args)
+
+    # forward-over-reverse: one JVP of the reverse-mode gradient per parameter direction
+    hess = jax.jit(jax.jacfwd(jax.grad(flat_loss)))(flat)
+    return flat, unravel, hess
+
+
+def covariance(loss: Callable, params, *args, transform: Callable | None = None):
+    """Laplace covariance ``H⁻¹`` (or ``J H⁻¹ Jᵀ`` for ``transform``) at ``params``.
+
+    ``H = ∇² loss(params)`` is computed forward-over-reverse on the flattened parameters
+    (``jax.flatten_util.ravel_pytree`` order). With ``transform``, ``J = ∂ transform / ∂ params``
+    (delta method) and the covariance is of the flattened ``transform(params)``.
+
+    Args:
+        loss: scalar function ``loss(params, *args)``, a negative log-likelihood or
+            negative log-posterior (not an average over observations).
+        params: the optimum (any pytree of float arrays).
+        *args: extra arguments passed to ``loss``.
+        transform: optional function of ``params`` returning a pytree of arrays.
+
+    Returns:
+        ``(cov, unravel)``: a ``(p, p)`` array and the function that maps a flat vector of
+        length ``p`` back to the pytree structure of ``params`` (or of ``transform(params)``).
+        A Hessian that is not positive definite gives NaN entries rather than an error.
+
+    Example:
+        >>> cov, unravel = covariance(lambda p: jnp.sum((p - 1.0) ** 2 / 0.5), jnp.zeros(2))
+    """
+    flat, unravel, hess = _hessian_flat(loss, params, args)
+    chol = jnp.linalg.cholesky(hess)
+    eye = jnp.eye(flat.shape[0], dtype=hess.dtype)
+    cov = jax.scipy.linalg.cho_solve((chol, True), eye)
+    if transform is None:
+        return cov, unravel
+    out_flat, out_unravel = ravel_pytree(transform(params))
+
+    def flat_transform(theta):
+        return ravel_pytree(transform(unravel(theta)))[0]
+
+    jac = jax.jacfwd(flat_transform)(flat)
+    return jac @ cov @ jac.T, out_unravel
+
+
+def standard_errors(loss: Callable, params, *args, transform: Callable | None = None):
+    """Standard errors ``sqrt(diag(H⁻¹))`` at an optimum ``params`` of ``loss``.
+
+    ``loss`` must be a negative log-likelihood (or log-posterior) summed over the data, so
+    that its Hessian is the observed information. See :func:`covariance` for the details.
+
+    Args:
+        loss: scalar function ``loss(params, *args)``.
+        params: the optimum (any pytree of float arrays).
+        *args: extra arguments passed to ``loss``.
+        transform: optional map ``params -> quantities``; returns the delta-method standard
+            errors of ``transform(params)`` instead (e.g. of positive scales fitted on the log
+            scale).
+
+    Returns:
+        A pytree with the structure of ``params`` (or of ``transform(params)``). Entries are
+        NaN where the Hessian is not positive definite (not at a strict minimum).
+
+    Example:
+        >>> se = standard_errors(lambda p: 0.5 * jnp.sum(p**2 / 4.0), jnp.zeros(3))
+        >>> # se == [2., 2., 2.]
+    """
+    cov, unravel = covariance(loss, params, *args, transform=transform)
+    return unravel(jnp.sqrt(jnp.diagonal(cov)))
+
+
+def _value_and_grad_fn(loss, opt_state):
+    """``value_and_grad`` that reuses the value and gradient an optimiser keeps in its state.
+
+    L-BFGS (``optax.lbfgs``) and line-search chains store the value and gradient at the
+    accepted point; recomputing them would double the cost of every step.
+    """
+    try:
+        stored_value = optax.tree.get(opt_state, "value")
+        stored_grad = optax.tree.get(opt_state, "grad")
+    except (KeyError, ValueError):  # several candidates: do not guess which one is ours
+        stored_value = stored_grad = None
+    if stored_value is not None and stored_grad is not None:
+        from_state = optax.value_and_grad_from_state(loss)
+        return lambda params, state, *args: from_state(params, *args, state=state)
+    plain = jax.value_and_grad(loss)
+    return lambda params, state, *args: plain(params, *args)
+
+
+def fit(
+    loss: Callable,
+    params,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    tol: float | None = None,
+    progress: bool = True,
+    chunk_size: int = 50,
+    args: tuple = (),
+    opt_state=None,
+    description: str = "fit",
+) -> FitResult:
+    """Minimise ``loss(params, *args)`` with an optax optimiser.
+
+    The loop runs in jitted ``lax.scan`` chunks of ``chunk_size`` steps; between chunks a
+    ``tqdm`` progress bar shows the current loss. Each step evaluates the loss and gradient at
+    the current parameters, then applies the optimiser's update; the update receives
+    ``value=``, ``grad=`` and ``value_fn=`` so line-search methods work, and optimisers that
+    keep the value and gradient in their state (``optax.lbfgs``) have them reused through
+    ``optax.value_and_grad_from_state``. Plain ``GradientTransformation`` objects are wrapped
+    with ``optax.with_extra_args_support``.
+
+    Stopping: after ``num_steps`` steps; or when ``|loss_k - loss_{k-1}| <= tol`` (absolute
+    change between consecutive steps; ``tol=None`` disables it), which sets ``converged``; or
+    when the loss becomes non-finite, in which case ``params`` are the last parameters with a
+    finite loss and ``converged`` is ``False``.
+
+    Args:
+        loss: scalar function of ``(params, *args)``, differentiable in ``params``.
+        params: initial parameters, any pytree of float arrays.
+        optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``,
+            ``optax.lbfgs()``).
+        num_steps: maximum number of steps (>= 0).
+        tol: absolute loss-change tolerance for early stopping, or ``None``.
+        progress: show a ``tqdm`` progress bar on stderr.
+        chunk_size: steps per jitted chunk (the progress bar updates once per chunk).
+        args: extra arguments to ``loss``, passed as jit arguments (not baked in as constants).
+        opt_state: optimiser state to resume from (default ``optimizer.init(params)``).
+        description: label of the progress bar.
+
+    Returns:
+        :class:`FitResult` with ``params``, ``losses`` (loss before each step taken), ``loss``
+        (at the returned params), ``num_steps``, ``converged``, ``status``, ``opt_state``, and a
+        ``standard_errors()`` method (Hessian at the returned params).
+
+    Raises:
+        ValueError: ``num_steps < 0``, ``chunk_size < 1``, ``tol < 0``.
+        TypeError: ``optimizer`` is not an optax gradient transformation.
+
+    Example:
+        >>> import optax, jax.numpy as jnp
+        >>> res = fit(lambda p: jnp.sum((p - 3.0) ** 2), jnp.zeros(2),
+        ...           optimizer=optax.lbfgs(), num_steps=20, tol=1e-12, progress=False)
+        >>> # res.params ~ [3., 3.], res.converged is True
+    """
+    num_steps = int(num_steps)
+    chunk_size = int(chunk_size)
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0 or None, got {tol}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    optimizer = optax.with_extra_args_support(optimizer)
+    args = tuple(args)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    value_and_grad = _value_and_grad_fn(loss, opt_state)
+    check_tol = tol is not None
+    tol_value = 0.0 if tol is None else float(tol)
+
+    def where(pred, a, b):
+        return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+    def one_step(carry, step_index, args):
+        params, state, prev_params, prev_loss, status, taken = carry
+
+        def active(_):
+            value, grad = value_and_grad(params, state, *args)
+            finite = jnp.isfinite(value)
+
+            def value_fn(p):
+                return loss(p, *args)
+
+            updates, new_state = optimizer.update(
+                grad, state, params, value=value, grad=grad, value_fn=value_fn
+            )
+            new_params = optax.apply_updates(params, updates)
+            small = jnp.abs(value - prev_loss) <= tol_value
+            settled = finite & jnp.asarray(check_tol) & small & (taken > 0)
+            new_status = jnp.where(
+                finite, jnp.where(settled, _CONVERGED, _RUNNING), _NONFINITE
+            ).astype(status.dtype)
+            # on convergence keep the parameters the last loss was evaluated at; on a
+            # non-finite loss go back to the previous (finite) ones
+            out_params = where(
+                settled, params, where(finite, new_params, prev_params)
+            )
+            out_state = where(finite & ~settled, new_state, state)
+            out_prev = where(finite, params, prev_params)
+            out_loss = jnp.where(finite, value, prev_loss)
+            return (
+                (out_params, out_state, out_prev, out_loss, new_status, taken + 1),
+                value,
+            )
+
+        def idle(_):
+            return carry, jnp.full((), jnp.nan, dtype=prev_loss.dtype)
+
+        run = (status == _RUNNING) & (step_index < num_steps)
+        return jax.lax.cond(run, active, idle, None)
+
+    @jax.jit
+    def run_chunk(carry, start, args):
+        steps = start + jnp.arange(chunk_size)
+        return jax.lax.scan(lambda c, i: one_step(c, i, args), carry, steps)
+
+    loss_dtype = jnp.result_type(float)
+    carry = (
+        params,
+        opt_state,
+        params,
+        jnp.asarray(jnp.inf, dtype=loss_dtype),
+        jnp.asarray(_RUNNING, dtype=jnp.int32),
+        jnp.asarray(0, dtype=jnp.int32),
+    )
+    bar = None
+    if progress and num_steps > 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_steps, desc=description, leave=True, dynamic_ncols=True)
+    losses = []
+    taken = 0
+    status = _RUNNING
+    try:
+        for start in range(0, num_steps, chunk_size):
+            carry, chunk_losses = run_chunk(carry, jnp.asarray(start, jnp.int32), args)
+            new_taken = int(carry[5])
+            chunk_losses = np.asarray(chunk_losses)[: new_taken - taken]
+            losses.append(chunk_losses)
+            if bar is not None:
+                bar.update(new_taken - taken)
+                finite = chunk_losses[np.isfinite(chunk_losses)]
+                if finite.size:
+                    bar.set_postfix(loss=f"{finite[-1]:.6g}")
+            taken = new_taken
+            status = int(carry[4])
+            if status != _RUNNING:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    params_out, state_out = carry[0], carry[1]
+    final_loss = float(jax.jit(loss)(params_out, *args))
+    losses_arr = np.concatenate(losses) if losses else np.zeros((0,), dtype=np.float64)
+    return FitResult(
+        params=params_out,
+        losses=losses_arr,
+        loss=final_loss,
+        num_steps=taken,
+        converged=status == _CONVERGED,
+        status=_STATUS_TEXT[status],
+        opt_state=state_out,
+        _loss_fn=loss,
+        _args=args,
+    )
