@@ -1,1 +1,349 @@
-"""PLACEHOLDER (being written): NumPyro distributions."""
+"""NumPyro distributions whose density is a Kalman-filter log-likelihood.
+
+``LinearGaussianStateSpace`` is the marginal distribution of the observations ``y (T, m)`` of a
+linear-Gaussian state-space model, with the latent states integrated out exactly by the Kalman
+filter. NUTS then samples only the model parameters (a handful) instead of ``T · n`` latent
+states, which removes the funnel geometry that makes latent-state HMC slow.
+
+Example (continuous-time Ornstein–Uhlenbeck process observed at irregular times)::
+
+    import numpyro, numpyro.distributions as dist
+    import statespace
+    from statespace.numpyro import LinearGaussianStateSpace
+
+    def model(times, y=None):
+        theta = numpyro.sample("theta", dist.LogNormal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        noise = numpyro.sample("noise", dist.HalfNormal(1.0))
+        ssm = statespace.ContinuousLinearSSM(
+            A=-theta * jnp.eye(1), Q=2 * theta * sigma**2 * jnp.eye(1),
+            H=jnp.eye(1), R=noise**2 * jnp.eye(1))
+        numpyro.sample("y", LinearGaussianStateSpace(ssm, times), obs=y)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import constraints
+from numpyro.distributions.distribution import Distribution
+from numpyro.util import not_jax_tracer
+
+__all__ = ["LinearGaussianStateSpace"]
+
+# base ranks of the parameters of the two model classes (one time step, one model)
+_DISCRETE_BASE = {"F": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
+_DISCRETE_TIME = ("F", "Q", "H", "R", "b", "d")
+
+
+def _is_discrete(model) -> bool:
+    from statespace._model import LinearGaussianSSM
+
+    return isinstance(model, LinearGaussianSSM)
+
+
+def _model_batch_shape(model) -> tuple:
+    shape = getattr(model, "batch_shape", ())
+    return tuple(shape() if callable(shape) else shape)
+
+
+def _broadcast_model(model, batch_shape: tuple):
+    """The model with every parameter given the full leading ``batch_shape`` (for ``vmap``).
+
+    After this, ``jax.vmap`` with ``in_axes=0`` over every leaf (``len(batch_shape)`` times)
+    yields single models. Discrete models keep a time axis (length ``T`` or 1) on their
+    time-indexed parameters, as ``LinearGaussianSSM`` documents for batches.
+    """
+    if not batch_shape:
+        return model
+    if _is_discrete(model):
+        from statespace._model import _split_axes
+
+        changes = {}
+        for name, base in _DISCRETE_BASE.items():
+            x = getattr(model, name)
+            batch, t_len = _split_axes(name, tuple(x.shape))
+            core = x.shape[len(batch):]
+            if name in _DISCRETE_TIME and t_len is None:
+                core = (1,) + core
+            changes[name] = jnp.broadcast_to(x.reshape(batch + core), batch_shape + core)
+        return model.replace(**changes)
+    # continuous-time model: every parameter array is batch + base shape
+    if hasattr(model, "broadcast_batch"):
+        return model.broadcast_batch(batch_shape)
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    ranks = getattr(model, "_base_ranks", None)
+    if ranks is None:
+        raise TypeError(
+            f"cannot broadcast the batch axes of a {type(model).__name__}; pass a single model"
+        )
+    out = [
+        jnp.broadcast_to(x, batch_shape + x.shape[x.ndim - r:]) for x, r in zip(leaves, ranks)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _vmap_batch(fn, batch_ndim: int):
+    """``fn(model, times, *xs)`` mapped over ``batch_ndim`` leading axes of every argument."""
+    for _ in range(batch_ndim):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _psd_check(name, x, tol=1e-8):
+    x = np.asarray(x)
+    if x.size == 0:
+        return
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"LinearGaussianStateSpace got a non-finite {name} parameter")
+    asym = np.max(np.abs(x - np.swapaxes(x, -1, -2)))
+    scale = max(1.0, float(np.max(np.abs(x))))
+    if asym > 1e-8 * scale:
+        raise ValueError(f"LinearGaussianStateSpace got a non-symmetric {name} (max |{name} - {name}ᵀ| = {asym:.3g})")
+    w = np.linalg.eigvalsh(0.5 * (x + np.swapaxes(x, -1, -2)))
+    if np.min(w) < -tol * scale:
+        raise ValueError(
+            f"LinearGaussianStateSpace got an indefinite {name} (smallest eigenvalue {np.min(w):.3g})"
+        )
+
+
+class LinearGaussianStateSpace(Distribution):
+    r"""Distribution of the observations of a linear-Gaussian state-space model.
+
+    ``log_prob(y)`` is the Kalman-filter log-likelihood ``log p(y[0], …, y[T-1])`` with the
+    states integrated out (``statespace.log_likelihood``); ``NaN`` entries of ``y`` are missing
+    and contribute nothing (whole rows and single entries both work). Sampling simulates
+    states and observations.
+
+    Shapes:
+
+    - ``event_shape = (T, m)``: ``T`` is ``times.shape[-1]`` for a continuous-time model;
+      for a discrete model it is ``num_steps``, or the length of the model's time-varying
+      parameters when ``num_steps`` is omitted.
+    - ``batch_shape``: the model's batch shape (its extra leading parameter axes, e.g.
+      ``LinearGaussianSSM.batch_shape``) broadcast with the leading axes of ``times``
+      (``times`` of shape ``batch + (T,)`` gives each batch member its own time grid, e.g.
+      the subjects of a panel padded to a common ``T`` with NaN observations).
+    - ``log_prob(value)`` takes ``value`` of shape ``sample_shape + batch_shape + (T, m)``
+      (leading axes broadcast) and returns ``sample_shape + batch_shape``; batches are handled
+      with ``jax.vmap``, never a Python loop.
+
+    ``support`` is ``constraints.real_matrix``; with ``validate_args=True`` the parameters are
+    checked at construction (symmetric positive semi-definite ``Q``, ``R``, ``P0``; finite
+    parameters; non-decreasing ``times``) and ``log_prob`` returns ``-inf`` with a warning for
+    values with infinite entries (NaN is allowed: it means missing).
+
+    Args:
+        model: a ``statespace.LinearGaussianSSM`` or ``statespace.ContinuousLinearSSM``.
+        times: observation times ``(T,)`` or ``batch + (T,)``, non-decreasing; required for
+            continuous-time models, not accepted for discrete ones (as in
+            ``statespace.log_likelihood``).
+        form: ``"cov"`` (covariance filter) or ``"sqrt"`` (square-root filter).
+        parallel: use the parallel-in-time (associative scan) filter.
+        num_steps: ``T`` for a discrete model without ``times``.
+        validate_args: NumPyro argument validation (see above).
+
+    Raises:
+        ValueError: no way to know ``T``; ``times`` missing (continuous) or given (discrete) or
+            of the wrong rank; batch shapes that do not broadcast; invalid parameters when
+            validating.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, statespace
+        >>> from statespace.numpyro import LinearGaussianStateSpace
+        >>> ssm = statespace.LinearGaussianSSM(F=0.9 * jnp.eye(1), Q=jnp.eye(1), H=jnp.eye(1),
+        ...                                    R=jnp.eye(1), m0=jnp.zeros(1), P0=jnp.eye(1))
+        >>> d = LinearGaussianStateSpace(ssm, num_steps=100)
+        >>> y = d.sample(jax.random.key(0))          # (100, 1)
+        >>> lp = d.log_prob(y)                          # scalar
+    """
+
+    arg_constraints = {}
+    support = constraints.real_matrix
+    reparametrized_params = []
+    pytree_data_fields = ("model", "times")
+    pytree_aux_fields = ("form", "parallel", "num_steps")
+
+    def __init__(
+        self,
+        model,
+        times=None,
+        *,
+        form: str = "cov",
+        parallel: bool = False,
+        num_steps: int | None = None,
+        validate_args: bool | None = None,
+    ):
+        if form not in ("cov", "sqrt"):
+            raise ValueError(f"form must be 'cov' or 'sqrt'; got {form!r}")
+        self.model = model
+        self.form = form
+        self.parallel = bool(parallel)
+        discrete = _is_discrete(model)
+        if times is not None and discrete:
+            raise ValueError(
+                "times is only meaningful for continuous-time models; for a discrete model "
+                "pass num_steps=T"
+            )
+        if times is not None:
+            times = jnp.asarray(times)
+            if not jnp.issubdtype(times.dtype, jnp.floating):
+                times = times.astype(jnp.result_type(float))
+            if times.ndim < 1:
+                raise ValueError(f"times must have shape (..., T); got times.shape = {times.shape}")
+            T = times.shape[-1]
+            if num_steps is not None and int(num_steps) != T:
+                raise ValueError(f"num_steps = {num_steps} but times.shape = {times.shape}")
+            time_batch = tuple(times.shape[:-1])
+        else:
+            if not discrete:
+                raise ValueError(
+                    f"{type(model).__name__} needs observation times: pass times of shape (T,)"
+                )
+            T = num_steps if num_steps is not None else getattr(model, "num_timesteps", None)
+            if T is None:
+                raise ValueError(
+                    "the number of time steps is unknown: pass num_steps=T (or times) for a "
+                    "time-invariant discrete model"
+                )
+            T = int(T)
+            if getattr(model, "num_timesteps", None) not in (None, T):
+                raise ValueError(
+                    f"num_steps = {T} does not match the model's time-varying length "
+                    f"{model.num_timesteps}"
+                )
+            time_batch = ()
+        self.times = times
+        self.num_steps = T
+        m = int(model.H.shape[-2])
+        try:
+            batch_shape = tuple(np.broadcast_shapes(_model_batch_shape(model), time_batch))
+        except ValueError:
+            raise ValueError(
+                f"batch shape of the model {_model_batch_shape(model)} does not broadcast with "
+                f"times.shape = {times.shape}"
+            ) from None
+        super().__init__(batch_shape=batch_shape, event_shape=(T, m), validate_args=validate_args)
+
+    # -- validation --------------------------------------------------------------------------
+    def validate_args(self, strict: bool = True) -> None:
+        """Check the model's covariances and times (concrete values only).
+
+        Raises:
+            ValueError: a non-finite parameter, a covariance that is not symmetric positive
+                semi-definite, or decreasing ``times``.
+            RuntimeError: ``strict`` and called on traced values inside ``jit``.
+        """
+        leaves = jax.tree_util.tree_leaves(self.model)
+        if self.times is not None:
+            leaves.append(self.times)
+        if any(not not_jax_tracer(x) for x in leaves):
+            if strict:
+                raise RuntimeError("Cannot validate arguments inside jitted code.")
+            return
+        for name in ("Q", "R", "P0"):
+            value = getattr(self.model, name, None)
+            if value is not None and not isinstance(value, str):
+                _psd_check(name, value)
+        for x in leaves:
+            if not np.all(np.isfinite(np.asarray(x))):
+                raise ValueError("LinearGaussianStateSpace got a non-finite model parameter")
+        if self.times is not None and np.any(np.diff(np.asarray(self.times), axis=-1) < 0):
+            raise ValueError("LinearGaussianStateSpace got decreasing times")
+
+    def _validate_sample(self, value):
+        # NaN marks a missing entry and is part of the support; +-inf is not
+        mask = jnp.all(~jnp.isinf(value), axis=(-2, -1))
+        if not_jax_tracer(mask) and not np.all(mask):
+            import warnings
+
+            warnings.warn(
+                "Out-of-support values provided to log prob method. "
+                "The value argument should be within the support.",
+                stacklevel=2,
+            )
+        return mask
+
+    # -- batching helpers --------------------------------------------------------------------
+    def _batched_inputs(self):
+        """Model and times broadcast to ``batch_shape`` (times ``None`` stays ``None``)."""
+        batch = self.batch_shape
+        model = _broadcast_model(self.model, batch)
+        times = self.times
+        if times is not None:
+            times = jnp.broadcast_to(times, batch + times.shape[-1:])
+        return model, times
+
+    def _single_log_prob(self, model, times, y):
+        from statespace._kalman import log_likelihood
+
+        kwargs = {"form": self.form}
+        if self.parallel:
+            kwargs["parallel"] = True
+        return log_likelihood(model, y, times, **kwargs)
+
+    # -- density -----------------------------------------------------------------------------
+    def log_prob(self, value):
+        """Kalman log-likelihood of ``value`` (``sample_shape + batch_shape + (T, m)``).
+
+        Returns:
+            Array of shape ``sample_shape + batch_shape``.
+        """
+        value = jnp.asarray(value)
+        if value.ndim < 2 or tuple(value.shape[-2:]) != self.event_shape:
+            raise ValueError(
+                f"value must have trailing shape event_shape = {self.event_shape}; "
+                f"got value.shape = {value.shape}"
+            )
+        batch = self.batch_shape
+        lead = tuple(np.broadcast_shapes(value.shape[:-2], batch))
+        value = jnp.broadcast_to(value, lead + self.event_shape)
+        sample_shape = lead[: len(lead) - len(batch)]
+        num = math.prod(sample_shape)
+        flat = value.reshape((num,) + batch + self.event_shape)
+        model, times = self._batched_inputs()
+
+        def per_member(model, times, y):
+            return self._single_log_prob(model, times, y)
+
+        if times is None:
+            fn = _vmap_batch(lambda mdl, y: per_member(mdl, None, y), len(batch))
+            lp = jax.vmap(fn, in_axes=(None, 0))(model, flat)
+        else:
+            fn = _vmap_batch(per_member, len(batch))
+            lp = jax.vmap(fn, in_axes=(None, None, 0))(model, times, flat)
+        lp = lp.reshape(sample_shape + batch)
+        if self._validate_args:
+            lp = jnp.where(self._validate_sample(value), lp, -jnp.inf)
+        return lp
+
+    # -- sampling ----------------------------------------------------------------------------
+    def _single_sample(self, key, model, times):
+        """States ``(T, n)`` and observations ``(T, m)`` of one unbatched model."""
+        if not _is_discrete(model):
+            # exact discretisation at the observation times (F[k], Q[k] map t_k -> t_{k+1})
+            model, _ = model._to_discrete(times)
+        return model.simulate(key, self.num_steps)
+
+    def sample_with_intermediates(self, key, sample_shape=()):
+        """Observations and ``[states]``: shapes ``sample_shape + batch_shape + (T, m)`` / ``(T, n)``."""
+        sample_shape = tuple(sample_shape)
+        batch = self.batch_shape
+        num = math.prod(sample_shape + batch)
+        keys = jax.random.split(key, num)
+        keys = keys.reshape((math.prod(sample_shape),) + batch + keys.shape[1:])
+        model, times = self._batched_inputs()
+
+        fn = _vmap_batch(self._single_sample, len(batch))
+        states, obs = jax.vmap(fn, in_axes=(0, None, None))(keys, model, times)
+        n = states.shape[-1]
+        states = states.reshape(sample_shape + batch + (self.num_steps, n))
+        obs = obs.reshape(sample_shape + batch + self.event_shape)
+        return obs, [states]
+
+    def sample(self, key, sample_shape=()):
+        """Simulated observations of shape ``sample_shape + batch_shape + (T, m)``."""
+        return self.sample_with_intermediates(key, sample_shape)[0]
