@@ -1,0 +1,195 @@
+"""Parallel-in-time (associative-scan) filter and smoother against the dense oracle and the
+sequential filter/smoother: values, missing data, offsets, time-varying parameters, float32,
+gradients, failures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from statespace._model import LinearGaussianSSM
+from statespace._parallel import parallel_filter, parallel_smoother
+from tests.statespace import dense_oracle as oracle
+
+FORMS = ("cov", "sqrt")
+
+# name -> (n, m, T, time_varying, offsets, missing fraction, missing rows)
+CASES = {
+    "basic": (2, 1, 9, False, False, 0.0, ()),
+    "offsets_missing": (3, 2, 11, False, True, 0.25, (0, 4)),
+    "time_varying": (3, 2, 10, True, True, 0.2, (2, 9)),
+    "more_obs_than_states": (2, 3, 8, ("H", "R", "d"), True, 0.3, (5,)),
+}
+
+
+def _case(name, seed=0):
+    n, m, T, tv, offsets, missing, rows = CASES[name]
+    rng = np.random.default_rng(seed)
+    params = oracle.random_model(rng, n, m, T=T, time_varying=tv, offsets=offsets)
+    y = oracle.random_observations(rng, params, T, missing=missing, missing_rows=rows)
+    return params, y
+
+
+def _rel(a, b):
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-300)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_filter_and_smoother_match_dense_oracle(case, form):
+    params, y = _case(case)
+    model = LinearGaussianSSM(**params)
+    out = jax.jit(lambda mdl, obs: parallel_filter(mdl, obs, form=form))(model, y)
+    assert _rel(out.log_likelihood, oracle.dense_log_likelihood(params, y)) < 1e-9
+    np.testing.assert_allclose(out.log_likelihoods.sum(), out.log_likelihood, rtol=1e-12)
+    fm, fP = oracle.dense_filtered(params, y)
+    pm, pP = oracle.dense_predicted(params, y)
+    np.testing.assert_allclose(out.filtered_means, fm, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(out.filtered_covs, fP, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(out.predicted_means, pm, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(out.predicted_covs, pP, atol=1e-8, rtol=0)
+
+    smoothed = jax.jit(lambda mdl, obs, f: parallel_smoother(mdl, obs, f, form=form))(model, y, out)
+    sm, sP, sC = oracle.dense_smoothed(params, y)
+    np.testing.assert_allclose(smoothed.smoothed_means, sm, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(smoothed.smoothed_covs, sP, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(smoothed.smoothed_cross_covs, sC, atol=1e-8, rtol=0)
+    # Exactly symmetric covariances.
+    for covs in (out.filtered_covs, out.predicted_covs, smoothed.smoothed_covs):
+        np.testing.assert_array_equal(covs, np.swapaxes(covs, -1, -2))
+
+
+def _sequential_or_skip():
+    from statespace import _kalman
+
+    if not hasattr(_kalman, "_filter_single"):
+        pytest.skip("the sequential filter has not landed yet")
+    return _kalman.kalman_filter
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_matches_sequential_filter_and_smoother(form):
+    kalman_filter = _sequential_or_skip()
+    from statespace._smoother import rts_smoother
+
+    params, y = _case("time_varying", seed=3)
+    model = LinearGaussianSSM(**params)
+    seq = kalman_filter(model, y, form=form)
+    par = parallel_filter(model, y, form=form)
+    assert _rel(par.log_likelihood, seq.log_likelihood) < 1e-9
+    np.testing.assert_allclose(par.log_likelihoods, seq.log_likelihoods, atol=1e-9, rtol=0)
+    for name in ("filtered_means", "filtered_covs", "predicted_means", "predicted_covs"):
+        np.testing.assert_allclose(getattr(par, name), getattr(seq, name), atol=1e-8, rtol=0)
+    seq_s = rts_smoother(model, y, form=form)
+    par_s = parallel_smoother(model, y, par, form=form)
+    for name in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
+        np.testing.assert_allclose(getattr(par_s, name), getattr(seq_s, name), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_float32_on_well_conditioned_model(form):
+    rng = np.random.default_rng(7)
+    n, m, T = 3, 2, 64
+    params = oracle.random_model(rng, n, m, offsets=True)
+    y = oracle.random_observations(rng, params, T, missing=0.1)
+    model32 = LinearGaussianSSM(**{k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
+    out = parallel_filter(model32, jnp.asarray(y, jnp.float32), form=form)
+    assert out.filtered_means.dtype == jnp.float32
+    ll = oracle.dense_log_likelihood(params, y)
+    assert _rel(out.log_likelihood, ll) < 1e-3
+    fm, fP = oracle.dense_filtered(params, y)
+    np.testing.assert_allclose(out.filtered_means, fm, atol=1e-3 * np.abs(fm).max())
+    np.testing.assert_allclose(out.filtered_covs, fP, atol=1e-3 * np.abs(fP).max())
+    smoothed = parallel_smoother(model32, jnp.asarray(y, jnp.float32), out, form=form)
+    sm, sP, _ = oracle.dense_smoothed(params, y)
+    np.testing.assert_allclose(smoothed.smoothed_means, sm, atol=1e-3 * np.abs(sm).max())
+    np.testing.assert_allclose(smoothed.smoothed_covs, sP, atol=1e-3 * np.abs(sP).max())
+    # Covariances stay positive definite.
+    assert np.all(np.linalg.eigvalsh(np.asarray(smoothed.smoothed_covs, np.float64)) > 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gradients_through_parallel_path(form):
+    params, y = _case("offsets_missing", seed=5)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    y = jnp.asarray(y)
+
+    def loglik(F, H, Q_half, R_half, b):
+        model = LinearGaussianSSM(F=F, Q=Q_half @ Q_half.T + 0.1 * jnp.eye(3), H=H,
+                                  R=R_half @ R_half.T + 0.1 * jnp.eye(2),
+                                  m0=params["m0"], P0=params["P0"], b=b, d=params["d"])
+        return parallel_filter(model, y, form=form).log_likelihood
+
+    args = (params["F"], params["H"], jnp.linalg.cholesky(params["Q"]),
+            jnp.linalg.cholesky(params["R"]), params["b"])
+    check_grads(loglik, args, order=1, modes=("rev",))
+
+    def smoothed_summary(F, H):
+        model = LinearGaussianSSM(**dict(params, F=F, H=H))
+        s = parallel_smoother(model, y, form=form)
+        return jnp.sum(s.smoothed_means ** 2) + jnp.sum(s.smoothed_covs)
+
+    check_grads(smoothed_summary, (params["F"], params["H"]), order=1, modes=("rev",))
+
+
+def test_gradient_matches_sequential():
+    kalman_filter = _sequential_or_skip()
+    params, y = _case("time_varying", seed=2)
+
+    def ll(F, parallel):
+        model = LinearGaussianSSM(**dict(params, F=F))
+        if parallel:
+            return parallel_filter(model, y).log_likelihood
+        return kalman_filter(model, y).log_likelihood
+
+    F = jnp.asarray(params["F"])
+    np.testing.assert_allclose(jax.grad(ll)(F, True), jax.grad(ll)(F, False), rtol=1e-8, atol=1e-10)
+
+
+def test_all_missing_and_single_step():
+    params, _ = _case("basic")
+    model = LinearGaussianSSM(**params)
+    y = np.full((6, 1), np.nan)
+    out = parallel_filter(model, y)
+    assert float(out.log_likelihood) == 0.0
+    pm, pP = oracle.dense_predicted(params, y)
+    np.testing.assert_allclose(out.predicted_covs, pP, atol=1e-10)
+    y1 = np.array([[0.7]])
+    one = parallel_filter(model, y1)
+    assert _rel(one.log_likelihood, oracle.dense_log_likelihood(params, y1)) < 1e-12
+    s = parallel_smoother(model, y1, one)
+    assert s.smoothed_cross_covs.shape == (0, 2, 2)
+    np.testing.assert_allclose(s.smoothed_means, one.filtered_means)
+
+
+def test_vmap_over_series_with_different_gaps():
+    params, y = _case("offsets_missing", seed=4)
+    model = LinearGaussianSSM(**params)
+    ys = np.stack([y, np.where(np.arange(len(y))[:, None] % 3 == 0, np.nan, y)])
+    lls = jax.jit(jax.vmap(lambda obs: parallel_filter(model, obs, moments=False)[0]))(ys)
+    for k in range(2):
+        assert _rel(lls[k], oracle.dense_log_likelihood(params, ys[k])) < 1e-9
+
+
+def test_not_positive_definite_gives_minus_inf():
+    params, y = _case("basic")
+    params = dict(params, R=-np.eye(1) * 10.0)
+    out = parallel_filter(LinearGaussianSSM(**params), y)
+    assert float(out.log_likelihood) == -np.inf
+    assert np.all(np.asarray(out.log_likelihoods) == -np.inf)
+
+
+def test_input_errors():
+    params, y = _case("basic")
+    model = LinearGaussianSSM(**params)
+    with pytest.raises(ValueError, match="y.shape"):
+        parallel_filter(model, y[:, None])
+    with pytest.raises(ValueError, match="form"):
+        parallel_filter(model, y, form="info")
+    with pytest.raises(ValueError, match="F.shape"):
+        parallel_filter(LinearGaussianSSM(**dict(params, F=np.stack([params["F"]] * 4))), y)
+    with pytest.raises(NotImplementedError, match="diffuse"):
+        parallel_filter(LinearGaussianSSM(**params, diffuse=True), y)
