@@ -74,12 +74,30 @@ def _check_form(form):
 
 
 def _discrete_model(model, times):
-    """The discrete-time model the filter runs on (continuous models discretised at ``times``)."""
-    if times is None and hasattr(model, "F"):
-        return model
+    """``(discrete_model, ok)``: continuous-time models are discretised exactly at ``times``
+    (``ok`` False where that failed; ``None`` for discrete models), as the filter does."""
     from statespace._kalman import _as_discrete
 
     return _as_discrete(model, times)
+
+
+def _with_ok(result, ok):
+    """Mark the log-likelihood ``-inf`` where the discretisation failed (as the filter does)."""
+    if ok is None:
+        return result
+    ok = jnp.asarray(ok)
+    return result._replace(log_likelihood=jnp.where(ok, result.log_likelihood, -jnp.inf))
+
+
+def _run_filter(model, y, form, parallel):
+    from statespace._kalman import kalman_filter
+
+    if parallel:
+        try:
+            return kalman_filter(model, y, form=form, parallel=True)
+        except NotImplementedError:
+            pass  # no parallel filter yet: the sequential one feeds the parallel backward pass
+    return kalman_filter(model, y, form=form)
 
 
 _FIELDS = ("F", "Q", "H", "R", "m0", "P0", "b", "d")
@@ -201,6 +219,49 @@ def _rts_backward_sqrt(filtered_means, filtered_chols, predicted_means, F, chol_
     return means, _sym(chols @ _mT(chols)), cross
 
 
+# --------------------------------------------------------------------------------------------
+# Parallel-in-time RTS (Särkkä & García-Fernández 2021, "Temporal parallelization of Bayesian
+# smoothers", section IV-B). The backward recursion is an affine map per step,
+#   m_{k|T} = G_k m_{k+1|T} + g_k,      g_k = m_{k|k} - G_k m_{k+1|k},
+#   P_{k|T} = G_k P_{k+1|T} G_k^T + L_k, L_k = P_{k|k} - G_k P_{k+1|k} G_k^T (Joseph form),
+# with the last element (0, m_{T-1|T-1}, P_{T-1|T-1}). Composition is associative:
+#   (E_i, g_i, L_i) o (E_j, g_j, L_j) = (E_i E_j, E_i g_j + g_i, E_i L_j E_i^T + L_i),
+# so lax.associative_scan(reverse=True) yields every smoothed moment in O(log T) depth.
+# --------------------------------------------------------------------------------------------
+def _rts_parallel(filtered_means, filtered_covs, predicted_means, predicted_covs, F, Q):
+    T, n = filtered_means.shape
+    eye = jnp.eye(n, dtype=filtered_covs.dtype)
+
+    def element(mf, Pf, mp, Pp, Fk, Qk):
+        chol_p = jnp.linalg.cholesky(_sym(Pp))
+        G = _mT(jax.scipy.linalg.cho_solve((chol_p, True), Fk @ Pf))
+        I_GF = eye - G @ Fk
+        L = I_GF @ Pf @ _mT(I_GF) + G @ Qk @ _mT(G)
+        return G, mf - G @ mp, _sym(L)
+
+    E, g, L = jax.vmap(element)(
+        filtered_means[:-1], filtered_covs[:-1], predicted_means[1:], predicted_covs[1:],
+        F[:-1], Q[:-1],
+    )
+    E = jnp.concatenate([E, jnp.zeros_like(E[:1])], axis=0)
+    g = jnp.concatenate([g, filtered_means[-1:]], axis=0)
+    L = jnp.concatenate([L, _sym(filtered_covs[-1:])], axis=0)
+
+    def compose(later, earlier):
+        # reverse scan: ``later`` already covers the steps after ``earlier``.
+        E_l, g_l, L_l = later
+        E_e, g_e, L_e = earlier
+        return (
+            E_e @ E_l,
+            jnp.einsum("...ij,...j->...i", E_e, g_l) + g_e,
+            _sym(E_e @ L_l @ _mT(E_e) + L_e),
+        )
+
+    _, means, covs = lax.associative_scan(compose, (E, g, L), reverse=True)
+    cross = covs[1:] @ _mT(E[:-1])
+    return means, covs, cross
+
+
 def _filtered_chols(result):
     for name in ("filtered_chols", "filtered_cov_chols", "filtered_sqrt_covs"):
         value = getattr(result, name, None)
@@ -234,9 +295,12 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
         y: ``(T, m)`` observations, NaN = missing.
         times: ``(T,)`` observation times for continuous-time models.
         form: ``"cov"`` (covariance filter and backward pass) or ``"sqrt"`` (square-root filter
-            and a square-root backward pass through ``rules.tria``; same numbers, needs ``Q[k]``
-            positive definite for its Cholesky factor).
-        parallel: parallel-in-time smoother; not implemented yet.
+            and a square-root backward pass through ``rules.tria``; same numbers; ``Q`` may be
+            singular, the predicted covariances must be positive definite as in ``"cov"``).
+        parallel: run the filter with ``parallel=True`` and the smoother as a parallel-in-time
+            associative scan (Särkkä & García-Fernández 2021): O(log T) depth, for GPU/TPU;
+            slower than the sequential pass on CPU. The backward elements are in covariance
+            form for both ``form`` values.
 
     Returns:
         SmootherResult with ``smoothed_means (T, n)``, ``smoothed_covs (T, n, n)``,
@@ -245,7 +309,6 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
 
     Raises:
         ValueError: for an unknown ``form`` or badly shaped ``y``/parameters.
-        NotImplementedError: for ``parallel=True``.
 
     Example:
         >>> import jax.numpy as jnp, statespace
@@ -258,28 +321,31 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
         ((3, 1), (2, 1, 1))
     """
     _check_form(form)
-    if parallel:
-        raise NotImplementedError("rts_smoother(parallel=True) is not implemented yet")
-    model = _discrete_model(model, times)
+    model, ok = _discrete_model(model, times)
     batch = _batch_shape(model, y)
-    return _map_over_batch(lambda mdl, obs: _rts_single(mdl, obs, form), model, y, batch)
+    out = _map_over_batch(
+        lambda mdl, obs: _rts_single(mdl, obs, form, bool(parallel)), model, y, batch
+    )
+    return _with_ok(out, ok)
 
 
-def _rts_single(model, y, form):
-    from statespace._kalman import kalman_filter
-
+def _rts_single(model, y, form, parallel):
     T = y.shape[0]
-    result = kalman_filter(model, y, form=form)
+    result = _run_filter(model, y, form, parallel)
     F = _per_step(model.F, T, 2, "F")
     Q = _per_step(model.Q, T, 2, "Q")
     fm, fP = result.filtered_means, result.filtered_covs
     pm, pP = result.predicted_means, result.predicted_covs
     if T == 1:
         means, covs, cross = fm, _sym(fP), jnp.zeros((0,) + fP.shape[1:], fP.dtype)
+    elif parallel:
+        means, covs, cross = _rts_parallel(fm, fP, pm, pP, F, Q)
     elif form == "cov":
         means, covs, cross = _rts_backward_cov(fm, fP, pm, pP, F, Q)
     else:
-        chol_Q = jnp.linalg.cholesky(_sym(Q))
+        from statespace._kalman import _psd_cholesky
+
+        chol_Q = _psd_cholesky(_sym(Q))
         means, covs, cross = _rts_backward_sqrt(fm, _filtered_chols(result), pm, F, chol_Q)
     return SmootherResult(
         smoothed_means=means,
@@ -371,7 +437,7 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
     num_samples = int(num_samples)
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0; got {num_samples}")
-    model = _discrete_model(model, times)
+    model, _ = _discrete_model(model, times)
     y = jnp.asarray(y)
     batch = _batch_shape(model, y)
     if not batch:
@@ -383,10 +449,8 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
 
 
 def _ffbs_single(key, model, y, num_samples, form):
-    from statespace._kalman import kalman_filter
-
     T = y.shape[0]
-    result = kalman_filter(model, y, form=form)
+    result = _run_filter(model, y, form, False)
     F = _per_step(model.F, T, 2, "F")
     Q = _per_step(model.Q, T, 2, "Q")
     return _ffbs(key, result.filtered_means, result.filtered_covs, result.predicted_means,

@@ -101,3 +101,176 @@ def test_backward_sampling_matches_dense_oracle(name):
     xs = _smoother._ffbs(jax.random.key(3), fm, fP, pm, pP, F, Q, 4000)
     assert xs.shape == (4000, T, p["m0"].shape[0])
     _check_samples(xs, *dense_smoothed(p, y))
+
+
+@pytest.mark.parametrize("name", ["missing", "time_varying"])
+def test_parallel_backward_pass_matches_dense_oracle(name):
+    p, y = _case(name, seed=2)
+    T = y.shape[0]
+    fm, fP = map(jnp.asarray, dense_filtered(p, y))
+    pm, pP = map(jnp.asarray, dense_predicted(p, y))
+    F, Q = _per_step(p, "F", T), _per_step(p, "Q", T)
+    got = _smoother._rts_parallel(fm, fP, pm, pP, F, Q)
+    _assert_moments(got, dense_smoothed(p, y))
+    _assert_symmetric(got[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: filter + smoother / sampler
+# ---------------------------------------------------------------------------------------------
+def _model(p):
+    return statespace.LinearGaussianSSM(**p)
+
+
+@pytest.mark.parametrize(
+    "name, form",
+    [(name, "cov") for name in CASES] + [(name, "sqrt") for name in ("missing", "time_varying")],
+)
+def test_rts_smoother_matches_dense_oracle(name, form):
+    p, y = _case(name, seed=4)
+    out = statespace.rts_smoother(_model(p), y, form=form)
+    assert isinstance(out, statespace.SmootherResult)
+    means, covs, cross = dense_smoothed(p, y)
+    _assert_moments((out.smoothed_means, out.smoothed_covs, out.smoothed_cross_covs), (means, covs, cross))
+    _assert_symmetric(out.smoothed_covs)
+    _assert_moments((out.filtered_means, out.filtered_covs), dense_filtered(p, y))
+    from tests.statespace.dense_oracle import dense_log_likelihood
+
+    np.testing.assert_allclose(out.log_likelihood, dense_log_likelihood(p, y), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["missing", "time_varying"])
+def test_parallel_smoother_matches_sequential(name):
+    p, y = _case(name, seed=5)
+    seq = statespace.rts_smoother(_model(p), y)
+    par = statespace.rts_smoother(_model(p), y, parallel=True)
+    for a, b in zip(seq, par):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-11)
+
+
+def test_single_step_and_bad_form():
+    p, y = _case("missing", seed=6)
+    out = statespace.rts_smoother(_model(p), y[:1])
+    assert out.smoothed_cross_covs.shape == (0, 3, 3)
+    means, covs = dense_filtered(p, y[:1])
+    _assert_moments((out.smoothed_means, out.smoothed_covs), (means, covs))
+    xs = statespace.sample_posterior(jax.random.key(0), _model(p), y[:1], 3)
+    assert xs.shape == (3, 1, 3) and np.all(np.isfinite(xs))
+    with pytest.raises(ValueError, match="form"):
+        statespace.rts_smoother(_model(p), y, form="chol")
+    with pytest.raises(ValueError, match="form"):
+        statespace.sample_posterior(jax.random.key(0), _model(p), y, 2, form="chol")
+
+
+@pytest.mark.parametrize("form", ["cov", "sqrt"])
+def test_posterior_samples_match_smoothed_moments(form):
+    p, y = _case("time_varying", seed=7)
+    xs = jax.jit(
+        lambda key, model, obs: statespace.sample_posterior(key, model, obs, 4000, form=form)
+    )(jax.random.key(11), _model(p), jnp.asarray(y))
+    assert xs.shape == (4000,) + (y.shape[0], p["m0"].shape[0])
+    _check_samples(xs, *dense_smoothed(p, y))
+
+
+def _local_linear_trend(T, q=0.3, r=0.5, level_noise=0.0):
+    p = dict(
+        F=np.array([[1.0, 1.0], [0.0, 1.0]]),
+        Q=np.diag([level_noise, q]),
+        H=np.array([[1.0, 0.0]]),
+        R=np.array([[r]]),
+        m0=np.array([0.5, -0.2]),
+        P0=np.diag([2.0, 1.0]),
+    )
+    rng = np.random.default_rng(9)
+    y = random_observations(rng, p, T, missing=0.0, missing_rows=(3, 4))
+    return p, y
+
+
+@pytest.mark.parametrize("form", ["cov", "sqrt"])
+def test_singular_Q_smoother_and_sampler(form):
+    # Local linear trend: Q = diag(0, q) (the level has no own noise).
+    p, y = _local_linear_trend(12)
+    out = statespace.rts_smoother(_model(p), y, form=form)
+    want = dense_smoothed(p, y)
+    _assert_moments((out.smoothed_means, out.smoothed_covs, out.smoothed_cross_covs), want)
+    xs = statespace.sample_posterior(jax.random.key(2), _model(p), y, 4000, form=form)
+    _check_samples(xs, *want)
+
+
+def test_sampler_with_deterministic_dynamics():
+    # Q = 0: given x[0] every path is fixed, so each sample obeys x[k+1] = F x[k] + b exactly
+    # (a jitter-based sampler would not), and x[0] still follows the smoothed law.
+    p, y = _local_linear_trend(8, q=0.0)
+    p["b"] = np.array([0.1, 0.05])
+    xs = np.asarray(statespace.sample_posterior(jax.random.key(5), _model(p), y, 4000))
+    assert np.all(np.isfinite(xs))
+    resid = xs[:, 1:] - (xs[:, :-1] @ p["F"].T + p["b"])
+    assert np.max(np.abs(resid)) < 1e-9
+    _check_samples(xs, *dense_smoothed(p, y))
+
+
+def test_sampler_with_known_initial_component():
+    # P0 singular (first state known exactly) and Q singular: P_{k|k} and P_{k+1|k} can be
+    # singular; the pseudo-inverse gain and PSD square roots keep the sampler exact.
+    p, y = _local_linear_trend(6, q=0.2)
+    p["P0"] = np.diag([0.0, 1.0])
+    xs = np.asarray(statespace.sample_posterior(jax.random.key(6), _model(p), y, 4000))
+    assert np.all(np.isfinite(xs))
+    np.testing.assert_allclose(xs[:, 0, 0], p["m0"][0], atol=1e-10)
+    _check_samples(xs, *dense_smoothed(p, y))
+
+
+def test_vmap_over_series_with_different_gaps():
+    p, _ = _case("offsets", seed=8)
+    rng = np.random.default_rng(12)
+    ys = np.stack([
+        random_observations(rng, p, 6, missing=0.0),
+        random_observations(rng, p, 6, missing=0.4, missing_rows=(1,)),
+        random_observations(rng, p, 6, missing=0.0, missing_rows=(0, 4, 5)),
+    ])
+    model = _model(p)
+
+    @jax.jit
+    def run(model, ys, keys):
+        mapped = jax.vmap(lambda obs: statespace.rts_smoother(model, obs))(ys)
+        batched = statespace.rts_smoother(model, ys)  # batch axes of y are mapped over too
+        samples = jax.vmap(lambda k, obs: statespace.sample_posterior(k, model, obs, 3))(keys, ys)
+        return mapped, batched, samples
+
+    out, batched, xs = run(model, jnp.asarray(ys), jax.random.split(jax.random.key(0), 3))
+    for i, y in enumerate(ys):
+        want = dense_smoothed(p, y)
+        got = (out.smoothed_means[i], out.smoothed_covs[i], out.smoothed_cross_covs[i])
+        _assert_moments(got, want)
+        got = (batched.smoothed_means[i], batched.smoothed_covs[i], batched.smoothed_cross_covs[i])
+        _assert_moments(got, want)
+    assert xs.shape == (3, 3, 6, 2) and np.all(np.isfinite(xs))
+
+
+def _sym_param(A):
+    return 0.5 * (A + A.T)
+
+
+@pytest.mark.parametrize("form", ["cov", "sqrt"])
+def test_gradients_of_smoothed_functional(form):
+    rng = np.random.default_rng(13)
+    T = 4
+    p = random_model(rng, 2, 1, T, offsets=True)
+    y = random_observations(rng, p, T, missing_rows=(1,))
+    w_mean = rng.standard_normal((T, 2))
+    w_cov = rng.standard_normal((T, 2, 2))
+    w_cross = rng.standard_normal((T - 1, 2, 2))
+
+    def functional(F, Q, H, R, m0, P0, b, d):
+        model = statespace.LinearGaussianSSM(
+            F, _sym_param(Q), H, _sym_param(R), m0, _sym_param(P0), b=b, d=d
+        )
+        out = statespace.rts_smoother(model, y, form=form)
+        return (
+            jnp.sum(w_mean * out.smoothed_means)
+            + jnp.sum(w_cov * out.smoothed_covs)
+            + jnp.sum(w_cross * out.smoothed_cross_covs)
+        )
+
+    args = tuple(jnp.asarray(p[k]) for k in ("F", "Q", "H", "R", "m0", "P0", "b", "d"))
+    check_grads(jax.jit(functional), args, order=1, modes=("rev",))
