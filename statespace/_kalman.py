@@ -99,7 +99,7 @@ def _psd_cholesky(A):
             acc = acc - cols[j][k] * cols[j][k]
         pos = acc > tol
         root = jnp.sqrt(jnp.where(pos, acc, 1.0))
-        cols[j][j] = jnp.where(pos, root, jnp.where(acc < -tol, jnp.nan, 0.0))
+        cols[j][j] = jnp.where(pos, root, jnp.where(acc >= -tol, 0.0, jnp.nan))  # NaN stays NaN
         inv = jnp.where(pos, 1.0 / root, 0.0)
         for i in range(j + 1, m):
             acc_ij = A[..., i, j]
