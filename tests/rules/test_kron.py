@@ -149,6 +149,14 @@ def test_seed_example_structural_gradient():
     gA, gB = jax.grad(lambda A, B: 0.5 * jnp.sum((kron(A, B) @ x - y[:, 0]) ** 2), (0, 1))(A, B)
     np.testing.assert_allclose(gA, Ybar @ B @ Xm.T, atol=1e-12)
     np.testing.assert_allclose(gB, Ybar.T @ A @ Xm, atol=1e-12)
+    # README: structural = natural contracted with the other factor; <Ā, A> = <B̄, B> = <G, K>.
+    G = jax.grad(lambda K: 0.5 * jnp.sum((K @ X - y) ** 2))(jnp.kron(A, B))
+    gA, gB = jax.grad(loss, (0, 1))(A, B, X)
+    G4 = np.asarray(G).reshape(4, 5, 3, 2)  # G[(i,j),(k,l)]
+    np.testing.assert_allclose(gA, np.einsum("ijkl,jl->ik", G4, B), atol=1e-12)
+    np.testing.assert_allclose(gB, np.einsum("ijkl,ik->jl", G4, A), atol=1e-12)
+    inner = float(jnp.vdot(G, jnp.kron(A, B)))
+    np.testing.assert_allclose([jnp.vdot(gA, A), jnp.vdot(gB, B)], [inner, inner], rtol=1e-12)
 
 
 def test_grad_of_kronecker_argument_is_kronecker_of_factor_grads():
