@@ -96,7 +96,9 @@ def _run_filter(model, y, form, parallel):
         try:
             return kalman_filter(model, y, form=form, parallel=True)
         except NotImplementedError:
-            pass  # no parallel filter yet: the sequential one feeds the parallel backward pass
+            from statespace._parallel import parallel_filter
+
+            return parallel_filter(model, y, form=form)
     return kalman_filter(model, y, form=form)
 
 
@@ -219,49 +221,6 @@ def _rts_backward_sqrt(filtered_means, filtered_chols, predicted_means, F, chol_
     return means, _sym(chols @ _mT(chols)), cross
 
 
-# --------------------------------------------------------------------------------------------
-# Parallel-in-time RTS (Särkkä & García-Fernández 2021, "Temporal parallelization of Bayesian
-# smoothers", section IV-B). The backward recursion is an affine map per step,
-#   m_{k|T} = G_k m_{k+1|T} + g_k,      g_k = m_{k|k} - G_k m_{k+1|k},
-#   P_{k|T} = G_k P_{k+1|T} G_k^T + L_k, L_k = P_{k|k} - G_k P_{k+1|k} G_k^T (Joseph form),
-# with the last element (0, m_{T-1|T-1}, P_{T-1|T-1}). Composition is associative:
-#   (E_i, g_i, L_i) o (E_j, g_j, L_j) = (E_i E_j, E_i g_j + g_i, E_i L_j E_i^T + L_i),
-# so lax.associative_scan(reverse=True) yields every smoothed moment in O(log T) depth.
-# --------------------------------------------------------------------------------------------
-def _rts_parallel(filtered_means, filtered_covs, predicted_means, predicted_covs, F, Q):
-    T, n = filtered_means.shape
-    eye = jnp.eye(n, dtype=filtered_covs.dtype)
-
-    def element(mf, Pf, mp, Pp, Fk, Qk):
-        chol_p = jnp.linalg.cholesky(_sym(Pp))
-        G = _mT(jax.scipy.linalg.cho_solve((chol_p, True), Fk @ Pf))
-        I_GF = eye - G @ Fk
-        L = I_GF @ Pf @ _mT(I_GF) + G @ Qk @ _mT(G)
-        return G, mf - G @ mp, _sym(L)
-
-    E, g, L = jax.vmap(element)(
-        filtered_means[:-1], filtered_covs[:-1], predicted_means[1:], predicted_covs[1:],
-        F[:-1], Q[:-1],
-    )
-    E = jnp.concatenate([E, jnp.zeros_like(E[:1])], axis=0)
-    g = jnp.concatenate([g, filtered_means[-1:]], axis=0)
-    L = jnp.concatenate([L, _sym(filtered_covs[-1:])], axis=0)
-
-    def compose(later, earlier):
-        # reverse scan: ``later`` already covers the steps after ``earlier``.
-        E_l, g_l, L_l = later
-        E_e, g_e, L_e = earlier
-        return (
-            E_e @ E_l,
-            jnp.einsum("...ij,...j->...i", E_e, g_l) + g_e,
-            _sym(E_e @ L_l @ _mT(E_e) + L_e),
-        )
-
-    _, means, covs = lax.associative_scan(compose, (E, g, L), reverse=True)
-    cross = covs[1:] @ _mT(E[:-1])
-    return means, covs, cross
-
-
 def _filtered_chols(result):
     for name in ("filtered_chols", "filtered_cov_chols", "filtered_sqrt_covs"):
         value = getattr(result, name, None)
@@ -297,10 +256,9 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
         form: ``"cov"`` (covariance filter and backward pass) or ``"sqrt"`` (square-root filter
             and a square-root backward pass through ``rules.tria``; same numbers; ``Q`` may be
             singular, the predicted covariances must be positive definite as in ``"cov"``).
-        parallel: run the filter with ``parallel=True`` and the smoother as a parallel-in-time
-            associative scan (Särkkä & García-Fernández 2021): O(log T) depth, for GPU/TPU;
-            slower than the sequential pass on CPU. The backward elements are in covariance
-            form for both ``form`` values.
+        parallel: parallel-in-time filter and smoother (associative scans, Särkkä &
+            García-Fernández 2021, ``statespace._parallel``): O(log T) depth, for GPU/TPU;
+            slower than the sequential passes on CPU. No exact diffuse initialisation.
 
     Returns:
         SmootherResult with ``smoothed_means (T, n)``, ``smoothed_covs (T, n, n)``,
@@ -339,7 +297,9 @@ def _rts_single(model, y, form, parallel):
     if T == 1:
         means, covs, cross = fm, _sym(fP), jnp.zeros((0,) + fP.shape[1:], fP.dtype)
     elif parallel:
-        means, covs, cross = _rts_parallel(fm, fP, pm, pP, F, Q)
+        from statespace._parallel import parallel_smoother
+
+        means, covs, cross = parallel_smoother(model, y, result, form=form)
     elif form == "cov":
         means, covs, cross = _rts_backward_cov(fm, fP, pm, pP, F, Q)
     else:
