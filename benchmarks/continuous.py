@@ -1,0 +1,163 @@
+"""Continuous-time log-likelihood and gradient: ours vs the naive JAX route, same process.
+
+The naive peer (what users write today, DESIGN §5): Van Loan's ``2n x 2n`` block exponential
+``expm([[−A, Q], [0, Aᵀ]] dt)`` per interval through ``vmap(jax.scipy.linalg.expm)``, the
+stationary ``P0`` from the dense ``n² x n²`` Kronecker solve, and a ``lax.scan`` covariance
+Kalman filter differentiated by autodiff. Ours: ``statespace.log_likelihood`` on a
+``ContinuousLinearSSM`` at the same irregular times. Also our discrete-time gradient at the
+same sizes (time-invariant ``F``, ``Q``), the cost the continuous-time model should approach.
+
+Run: ``python -m benchmarks.continuous [--quick]``. Ratios are only meaningful inside one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._timing import machine_info, markdown_table, time_fn
+
+SIZES = [(2, 1, 1000), (4, 2, 1000), (8, 4, 1000), (4, 2, 10000)]
+QUICK_SIZES = [(2, 1, 100), (4, 2, 200)]
+
+
+def make_problem(n: int, m: int, T: int, seed: int = 0):
+    """A stable drift (negative-definite symmetric part), PD diffusion, irregular times."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, n)) / np.sqrt(n)
+    Y = rng.normal(size=(n, n)) / np.sqrt(n)
+    A = X - X.T - (Y @ Y.T + 0.5 * np.eye(n))
+    Z = rng.normal(size=(n, n)) / np.sqrt(n)
+    Q = Z @ Z.T + 0.1 * np.eye(n)
+    H = rng.normal(size=(m, n))
+    R = 0.1 * np.eye(m)
+    times = np.cumsum(rng.exponential(0.5, size=T))
+    y = rng.normal(size=(T, m))
+    return {k: jnp.asarray(v) for k, v in dict(A=A, Q=Q, H=H, R=R, times=times, y=y).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive peer
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_log_likelihood(A, Q, H, R, times, y):
+    n = A.shape[0]
+    dt = jnp.diff(times)
+
+    def van_loan(h):
+        M = jnp.block([[-A, Q], [jnp.zeros_like(A), A.T]]) * h
+        E = jax.scipy.linalg.expm(M)
+        F = E[n:, n:].T
+        return F, F @ E[:n, n:]
+
+    F, Qd = jax.vmap(van_loan)(dt)
+    eye = jnp.eye(n, dtype=A.dtype)
+    P0 = jnp.linalg.solve(jnp.kron(A, eye) + jnp.kron(eye, A), -Q.reshape(-1)).reshape(n, n)
+    m0 = jnp.zeros(n, A.dtype)
+
+    def update(m, P, yk):
+        S = H @ P @ H.T + R
+        L = jnp.linalg.cholesky(S)
+        e = yk - H @ m
+        K = jax.scipy.linalg.cho_solve((L, True), H @ P).T
+        ll = -0.5 * (e @ jax.scipy.linalg.cho_solve((L, True), e)) - jnp.sum(jnp.log(jnp.diag(L)))
+        ll = ll - 0.5 * yk.shape[0] * jnp.log(2 * jnp.pi)
+        return m + K @ e, P - K @ S @ K.T, ll
+
+    m, P, ll0 = update(m0, P0, y[0])
+
+    def step(carry, inputs):
+        m, P = carry
+        Fk, Qk, yk = inputs
+        m, P = Fk @ m, Fk @ P @ Fk.T + Qk
+        m, P, ll = update(m, P, yk)
+        return (m, P), ll
+
+    _, lls = jax.lax.scan(step, (m, P), (F, Qd, y[1:]))
+    return ll0 + jnp.sum(lls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours
+# ---------------------------------------------------------------------------------------------
+
+
+def ours_log_likelihood(A, Q, H, R, times, y):
+    import statespace
+
+    return statespace.log_likelihood(statespace.ContinuousLinearSSM(A, Q, H, R), y, times)
+
+
+def ours_discrete_log_likelihood(F, Q, H, R, m0, P0, y):
+    import statespace
+
+    return statespace.log_likelihood(statespace.LinearGaussianSSM(F, Q, H, R, m0, P0), y)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.continuous", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
+    args = parser.parse_args(argv)
+    if not args.float32:
+        jax.config.update("jax_enable_x64", True)
+    import statespace
+
+    print(machine_info())
+    repeats = 3 if args.quick else 20
+    rows = []
+    for n, m, T in QUICK_SIZES if args.quick else SIZES:
+        p = make_problem(n, m, T)
+        args_c = (p["A"], p["Q"], p["H"], p["R"], p["times"], p["y"])
+        diff = (0, 1, 2, 3)
+        naive_ll = jax.jit(naive_log_likelihood)
+        naive_grad = jax.jit(jax.grad(naive_log_likelihood, argnums=diff))
+        ours_ll = jax.jit(ours_log_likelihood)
+        ours_grad = jax.jit(jax.grad(ours_log_likelihood, argnums=diff))
+
+        # The discrete model at the same size: the continuous model discretised at dt = 0.5.
+        F, Qd = statespace.discretize(statespace.ContinuousLinearSSM(p["A"], p["Q"], p["H"], p["R"]), 0.5)[:2]
+        m0 = jnp.zeros(n, F.dtype)
+        P0 = statespace.ContinuousLinearSSM(p["A"], p["Q"], p["H"], p["R"]).initial()[1]
+        args_d = (F, Qd, p["H"], p["R"], m0, P0, p["y"])
+        disc_grad = jax.jit(jax.grad(ours_discrete_log_likelihood, argnums=diff))
+
+        v_naive, v_ours = float(naive_ll(*args_c)), float(ours_ll(*args_c))
+        g_naive, g_ours = naive_grad(*args_c), ours_grad(*args_c)
+        grad_err = max(
+            float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-300)) for a, b in zip(g_naive, g_ours)
+        )
+        t_nl = time_fn(naive_ll, *args_c, repeats=repeats)
+        t_ol = time_fn(ours_ll, *args_c, repeats=repeats)
+        t_ng = time_fn(naive_grad, *args_c, repeats=repeats)
+        t_og = time_fn(ours_grad, *args_c, repeats=repeats)
+        t_dg = time_fn(disc_grad, *args_d, repeats=repeats)
+        rows.append(
+            {
+                "n,m,T": f"{n},{m},{T}",
+                "naive_ll_s": t_nl["median_s"],
+                "ours_ll_s": t_ol["median_s"],
+                "ll_speedup": t_nl["median_s"] / t_ol["median_s"],
+                "naive_grad_s": t_ng["median_s"],
+                "ours_grad_s": t_og["median_s"],
+                "grad_speedup": t_ng["median_s"] / t_og["median_s"],
+                "disc_grad_s": t_dg["median_s"],
+                "cont/disc_grad": t_og["median_s"] / t_dg["median_s"],
+                "ll_rel_diff": abs(v_naive - v_ours) / abs(v_naive),
+                "grad_rel_diff": grad_err,
+                "compile_ours_grad_s": t_og["compile_s"],
+                "compile_naive_grad_s": t_ng["compile_s"],
+            }
+        )
+        print(markdown_table(rows[-1:]), flush=True)
+    print()
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
