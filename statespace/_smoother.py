@@ -248,6 +248,11 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
     batch axes in front of every output. Everything jits, vmaps (e.g. over series with different
     NaN gaps) and differentiates (forward and reverse).
 
+    Exact diffuse starts (``model.diffuse``): the backward pass is exact from the first step
+    whose filtered moments are proper (the data identify the diffuse states) to the end;
+    earlier steps, where the filter's moments are NaN, stay NaN (a diffuse smoother in the
+    sense of Durbin & Koopman 2012, section 5.3, is not implemented).
+
     Args:
         model: a ``LinearGaussianSSM`` or a continuous-time model (then ``times`` is required and
             the model is discretised exactly at ``times``).

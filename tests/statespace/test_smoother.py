@@ -309,3 +309,17 @@ def test_continuous_model_at_irregular_times():
     xs = np.asarray(xs)
     # equal times are the same state: every sample repeats it exactly
     np.testing.assert_allclose(xs[:, 2], xs[:, 1], atol=1e-12)
+
+
+def test_diffuse_model_smoothed_once_identified():
+    # Exact diffuse start (local linear trend, both states diffuse): from the first step whose
+    # filtered moments are proper (here k = 1) the backward pass is exact; it equals the limit of
+    # the dense oracle with P0 = kappa I as kappa grows (error O(1/kappa)).
+    p, y = _local_linear_trend(7, level_noise=0.1)
+    out = _smooth(statespace.LinearGaussianSSM(**p, diffuse=True), y)
+    got = (out.smoothed_means[1:], out.smoothed_covs[1:], out.smoothed_cross_covs[1:])
+    errors = []
+    for kappa in (1e4, 1e6):
+        want = dense_smoothed(dict(p, P0=kappa * np.eye(2)), y)
+        errors.append(max(np.max(np.abs(np.asarray(g) - w[1:])) for g, w in zip(got, want)))
+    assert errors[1] < 1e-6 and errors[1] < 0.05 * errors[0]
