@@ -323,3 +323,25 @@ def test_diffuse_model_smoothed_once_identified():
         want = dense_smoothed(dict(p, P0=kappa * np.eye(2)), y)
         errors.append(max(np.max(np.abs(np.asarray(g) - w[1:])) for g, w in zip(got, want)))
     assert errors[1] < 1e-6 and errors[1] < 0.05 * errors[0]
+
+
+def test_batched_model_parameters():
+    # Three models sharing Q, R, P0 with their own F (batch axis, time axis of length 1),
+    # time-varying H (batch, T) and m0; the smoother maps over the batch like the filter.
+    rng = np.random.default_rng(14)
+    T = 5
+    ps = [random_model(rng, 2, 1, T, time_varying=("H",)) for _ in range(3)]
+    shared = {k: ps[0][k] for k in ("Q", "R", "P0")}
+    y = random_observations(rng, ps[0], T, missing=0.2)
+    model = statespace.LinearGaussianSSM(
+        F=np.stack([p["F"] for p in ps])[:, None], H=np.stack([p["H"] for p in ps]),
+        m0=np.stack([p["m0"] for p in ps]), **shared,
+    )
+    out = _smooth(model, y)
+    assert out.smoothed_means.shape == (3, T, 2) and out.log_likelihood.shape == (3,)
+    for i, p in enumerate(ps):
+        want = dense_smoothed(dict(p, **shared), y)
+        _assert_moments([a[i] for a in out[:3]], want)
+    xs = _sample(jax.random.key(0), model, y, num_samples=4)
+    assert xs.shape == (3, 4, T, 2)
+    assert not np.allclose(xs[0], xs[1])  # each batch member gets its own key
