@@ -21,6 +21,9 @@ import numpy as np
 from jax import lax
 
 from rules import tria
+from statespace._kalman import _as_discrete, _psd_cholesky, kalman_filter
+from statespace._model import _FIELDS, _per_step, _psd_sqrt, _split_axes
+from statespace._parallel import parallel_filter, parallel_smoother
 
 _FORMS = ("cov", "sqrt")
 
@@ -55,19 +58,6 @@ def _mT(A):
     return jnp.swapaxes(A, -1, -2)
 
 
-def _per_step(value, T: int, base_rank: int, name: str):
-    """``value`` with a leading axis of length ``T`` (broadcast when time-invariant or length 1)."""
-    value = jnp.asarray(value)
-    if value.ndim == base_rank:
-        return jnp.broadcast_to(value, (T,) + value.shape)
-    if value.ndim == base_rank + 1 and value.shape[0] in (1, T):
-        return jnp.broadcast_to(value, (T,) + value.shape[1:])
-    raise ValueError(
-        f"{name} must be constant or carry a time axis of length T = {T} (or 1) after its batch "
-        f"axes; got {name}.shape = {value.shape} for one model"
-    )
-
-
 def _check_form(form):
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}; got {form!r}")
@@ -76,8 +66,6 @@ def _check_form(form):
 def _discrete_model(model, times):
     """``(discrete_model, ok)``: continuous-time models are discretised exactly at ``times``
     (``ok`` False where that failed; ``None`` for discrete models), as the filter does."""
-    from statespace._kalman import _as_discrete
-
     return _as_discrete(model, times)
 
 
@@ -90,24 +78,15 @@ def _with_ok(result, ok):
 
 
 def _run_filter(model, y, form, parallel):
-    from statespace._kalman import kalman_filter
-
     if parallel:
         try:
             return kalman_filter(model, y, form=form, parallel=True)
         except NotImplementedError:
-            from statespace._parallel import parallel_filter
-
             return parallel_filter(model, y, form=form)
     return kalman_filter(model, y, form=form)
 
 
-_FIELDS = ("F", "Q", "H", "R", "m0", "P0", "b", "d")
-
-
 def _leaf_batch_shapes(model) -> dict:
-    from statespace._model import _split_axes
-
     return {name: _split_axes(name, tuple(jnp.shape(getattr(model, name))))[0] for name in _FIELDS}
 
 
@@ -295,21 +274,17 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
 def _rts_single(model, y, form, parallel):
     T = y.shape[0]
     result = _run_filter(model, y, form, parallel)
-    F = _per_step(model.F, T, 2, "F")
-    Q = _per_step(model.Q, T, 2, "Q")
+    F = _per_step("F", model.F, T)
+    Q = _per_step("Q", model.Q, T)
     fm, fP = result.filtered_means, result.filtered_covs
     pm, pP = result.predicted_means, result.predicted_covs
     if T == 1:
         means, covs, cross = fm, _sym(fP), jnp.zeros((0,) + fP.shape[1:], fP.dtype)
     elif parallel:
-        from statespace._parallel import parallel_smoother
-
         means, covs, cross = parallel_smoother(model, y, result, form=form)
     elif form == "cov":
         means, covs, cross = _rts_backward_cov(fm, fP, pm, pP, F, Q)
     else:
-        from statespace._kalman import _psd_cholesky
-
         chol_Q = _psd_cholesky(_sym(Q))
         means, covs, cross = _rts_backward_sqrt(fm, _filtered_chols(result), pm, F, chol_Q)
     return SmootherResult(
@@ -333,11 +308,6 @@ def _rts_single(model, y, form, parallel):
 #   A = [(I - G F) P_{k|k}^{1/2}, G Q^{1/2}] (Joseph form), PSD square roots by eigh with
 #   eigenvalues clipped at 0, so the noise is A z with z ~ N(0, I_{2n}).
 # --------------------------------------------------------------------------------------------
-def _psd_sqrt(P):
-    w, V = jnp.linalg.eigh(_sym(P))
-    return V * jnp.sqrt(jnp.clip(w, 0.0, None))[..., None, :]
-
-
 def _psd_pinv(P):
     w, V = jnp.linalg.eigh(_sym(P))
     n = P.shape[-1]
@@ -416,8 +386,8 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
 def _ffbs_single(key, model, y, num_samples, form):
     T = y.shape[0]
     result = _run_filter(model, y, form, False)
-    F = _per_step(model.F, T, 2, "F")
-    Q = _per_step(model.Q, T, 2, "Q")
+    F = _per_step("F", model.F, T)
+    Q = _per_step("Q", model.Q, T)
     return _ffbs(key, result.filtered_means, result.filtered_covs, result.predicted_means,
                  result.predicted_covs, F, Q, num_samples)
 

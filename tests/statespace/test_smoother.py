@@ -16,6 +16,7 @@ from jax.test_util import check_grads
 
 import statespace
 from statespace import _smoother
+from statespace._model import _per_step as _per_step_model
 from tests.statespace.dense_oracle import (
     dense_filtered,
     dense_predicted,
@@ -42,7 +43,7 @@ def _case(name, seed=0):
 
 
 def _per_step(p, name, T):
-    return _smoother._per_step(jnp.asarray(p[name]), T, 2, name)
+    return _per_step_model(name, jnp.asarray(p[name]), T)
 
 
 def _assert_moments(got, want, rtol=1e-9, atol=1e-10):
