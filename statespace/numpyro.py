@@ -45,9 +45,41 @@ def _is_discrete(model) -> bool:
     return isinstance(model, LinearGaussianSSM)
 
 
+# continuous-time models: base rank of each parameter and whether it may carry a time axis
+_CONTINUOUS_BASE = {"A": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
+_CONTINUOUS_TIME = ("H", "R", "d")
+
+
 def _model_batch_shape(model) -> tuple:
-    shape = getattr(model, "batch_shape", ())
-    return tuple(shape() if callable(shape) else shape)
+    """Batch shape of a model: ``LinearGaussianSSM.batch_shape``, or ``A.shape[:-2]``.
+
+    ``ContinuousLinearSSM`` itself takes a single ``(n, n)`` drift; a batch of them is what
+    ``jax.vmap`` returns from a function that builds one model (every parameter then carries
+    the batch axes in front). Its batch shape is that of ``A``.
+    """
+    if _is_discrete(model):
+        return tuple(model.batch_shape)
+    A = getattr(model, "A", None)
+    if A is None:
+        raise TypeError(
+            f"expected a LinearGaussianSSM or ContinuousLinearSSM; got {type(model).__name__}"
+        )
+    return tuple(A.shape[:-2])
+
+
+def _continuous_leaf_is_batched(name, x, batch_shape) -> bool:
+    """Whether parameter ``name`` of a (possibly vmap-batched) continuous model has batch axes.
+
+    A parameter is batched when it has ``len(batch_shape)`` axes more than a single model's
+    (``base`` rank, or ``base + 1`` for a time-varying ``H``, ``R``, ``d``) and they equal
+    ``batch_shape``; with one batch axis a ``(B, m, n)`` ``H`` therefore counts as batched, not
+    time-varying (give time-varying parameters of batched models their batch axes explicitly).
+    """
+    k, base = len(batch_shape), _CONTINUOUS_BASE[name]
+    if not k:
+        return False
+    ranks = (base, base + 1) if name in _CONTINUOUS_TIME else (base,)
+    return any(x.ndim == r + k for r in ranks) and tuple(x.shape[:k]) == tuple(batch_shape)
 
 
 def _broadcast_model(model, batch_shape: tuple):
@@ -71,19 +103,21 @@ def _broadcast_model(model, batch_shape: tuple):
                 core = (1,) + core
             changes[name] = jnp.broadcast_to(x.reshape(batch + core), batch_shape + core)
         return model.replace(**changes)
-    # continuous-time model: every parameter array is batch + base shape
-    if hasattr(model, "broadcast_batch"):
-        return model.broadcast_batch(batch_shape)
-    leaves, treedef = jax.tree_util.tree_flatten(model)
-    ranks = getattr(model, "_base_ranks", None)
-    if ranks is None:
-        raise TypeError(
-            f"cannot broadcast the batch axes of a {type(model).__name__}; pass a single model"
-        )
-    out = [
-        jnp.broadcast_to(x, batch_shape + x.shape[x.ndim - r:]) for x, r in zip(leaves, ranks)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    # continuous-time model (a pytree with children A, Q, H, R, m0, P0, b, d; None allowed)
+    own_batch = _model_batch_shape(model)
+    children = []
+    for name in _CONTINUOUS_BASE:
+        x = getattr(model, name)
+        if x is not None:
+            x = jnp.asarray(x)
+            if _continuous_leaf_is_batched(name, x, own_batch):
+                core = x.shape[len(own_batch):]
+                x = x.reshape((1,) * (len(batch_shape) - len(own_batch)) + x.shape)
+            else:
+                core = x.shape
+            x = jnp.broadcast_to(x, batch_shape + core)
+        children.append(x)
+    return type(model).tree_unflatten(model.diffuse, tuple(children))
 
 
 def _vmap_batch(fn, batch_ndim: int):

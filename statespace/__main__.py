@@ -1,0 +1,42 @@
+"""Command line: ``python -m statespace demo`` (also the console script ``statespace``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``statespace`` argument parser (one sub-command per job)."""
+    from statespace import _demo
+
+    parser = argparse.ArgumentParser(
+        prog="statespace",
+        description="Continuous- and discrete-time linear-Gaussian state-space models in JAX.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    demo = commands.add_parser(
+        "demo",
+        help="fit a continuous-time model to the weekly Mauna Loa CO2 series "
+             "(maximum likelihood, NUTS, forecast figure)",
+        description=_demo.__doc__.split("\n\n")[0] + " Fits trend + yearly quasi-periodic "
+        "component + noise by maximum likelihood (with standard errors), runs a short NUTS "
+        "chain, and writes a PNG of the data, smoothed mean, 95% band and a forecast.",
+    )
+    _demo.add_arguments(demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from statespace import _demo
+
+        return _demo.run(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects others
+
+
+if __name__ == "__main__":
+    sys.exit(main())
