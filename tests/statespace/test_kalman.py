@@ -40,11 +40,18 @@ CASES = {
     "missing_rows": dict(missing=0.2, rows=(0, 3), time_varying=("H", "R", "F"), offsets=True),
     "m1": dict(n=2, m=1, missing=0.3),
     "wide_m": dict(n=2, m=4, missing=0.2, offsets=True),
+    # above _UNROLL_MAX: LAPACK Cholesky / triangular solves and plain matmuls
+    "large": dict(n=9, m=9, T=4, missing=0.2, offsets=True),
 }
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("case", list(CASES))
+# Every case in covariance form; the square-root form (slower to compile) on the richest ones.
+_DENSITY_RUNS = [(c, "cov") for c in CASES] + [
+    (c, "sqrt") for c in ("time_varying", "missing_rows", "wide_m", "m1", "large")
+]
+
+
+@pytest.mark.parametrize("case, form", _DENSITY_RUNS)
 def test_log_likelihood_equals_dense_density(case, form):
     p, y = _case(seed=list(CASES).index(case), **CASES[case])
     model = LinearGaussianSSM(**p)
@@ -342,8 +349,9 @@ def _dense_diffuse_log_likelihood(p, y, mask):
 DIFFUSE_MASKS = {"one": [True, False, False], "two": [True, False, True], "all": [True] * 3}
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("which", list(DIFFUSE_MASKS))
+@pytest.mark.parametrize(
+    "which, form", [(w, "cov") for w in DIFFUSE_MASKS] + [("two", "sqrt"), ("all", "sqrt")]
+)
 def test_diffuse_log_likelihood_exact(which, form):
     mask = np.array(DIFFUSE_MASKS[which])
     p, y = _case(n=3, m=2, T=7, seed=13, offsets=True, missing=0.2, time_varying=("H",))
