@@ -1,0 +1,351 @@
+"""Tests for rules.lyap (A X + X Aᵀ + Q = 0) and rules.dlyap (A X Aᵀ − X + Q = 0).
+
+References: SciPy's solvers (note SciPy's continuous convention A X + X Aᴴ = Q, so it is given
+−Q), the dense n²×n² Kronecker solve, and the adjoint formulas of DESIGN §3.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg as sl
+from jax.test_util import check_grads
+
+from rules import dlyap, lyap
+
+LYAP_METHODS = ["schur", "sign"]
+DLYAP_METHODS = ["schur", "doubling"]
+SIZES = [1, 2, 5, 16, 64]
+
+
+# ----------------------------------------------------------------------------- matrices
+
+
+def _block_diagonal(real, imag):
+    """Real block-diagonal matrix with eigenvalues real ± i imag (1×1 blocks where imag = 0)."""
+    n = len(real)
+    D = np.zeros((n, n))
+    i = 0
+    while i < n:
+        if i + 1 < n and imag[i] != 0:
+            D[i : i + 2, i : i + 2] = [[real[i], imag[i]], [-imag[i], real[i]]]
+            i += 2
+        else:
+            D[i, i] = real[i]
+            i += 1
+    return D
+
+
+def random_stable(n, seed, *, discrete=False):
+    """Non-normal A = V D V⁻¹ whose decay rates span three decades (1e-3 … 1), with complex
+    pairs; continuous: Re λ ∈ −[1e-3, 1]; discrete: 1 − |λ| ∈ 0.9·[1e-3, 1]."""
+    rng = np.random.default_rng(seed)
+    rates = np.logspace(-3, 0, n)
+    rng.shuffle(rates)
+    imag = np.where(rng.random(n) < 0.5, rng.uniform(0.1, 1.0, n), 0.0)
+    if discrete:
+        radius, angle = 1 - 0.9 * rates, np.pi * 0.9 * imag
+        D = _block_diagonal(radius * np.cos(angle), radius * np.sin(angle))
+    else:
+        D = _block_diagonal(-rates, imag)
+    V = np.eye(n) + 0.5 * rng.standard_normal((n, n)) / np.sqrt(n)
+    return V @ D @ np.linalg.inv(V)
+
+
+def well_conditioned(n, seed, *, discrete=False):
+    """A small non-normal, comfortably stable A for finite-difference derivative checks."""
+    N = np.random.default_rng(seed + 2000).standard_normal((n, n))
+    if discrete:
+        return 0.6 * N / np.linalg.norm(N, 2)
+    return -1.5 * np.eye(n) + 0.4 * N
+
+
+def random_spd(n, seed):
+    G = np.random.default_rng(seed + 1000).standard_normal((n, n))
+    return G @ G.T / n + np.eye(n)
+
+
+def kron_lyap(A, Q):
+    n = A.shape[0]
+    eye = np.eye(n)
+    return np.linalg.solve(np.kron(A, eye) + np.kron(eye, A), -Q.ravel()).reshape(n, n)
+
+
+def kron_dlyap(A, Q):
+    n = A.shape[0]
+    return np.linalg.solve(np.eye(n * n) - np.kron(A, A), Q.ravel()).reshape(n, n)
+
+
+def rel_err(X, ref):
+    X = np.asarray(X, np.float64)
+    return np.linalg.norm(X - ref) / np.linalg.norm(ref)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("method", LYAP_METHODS)
+def test_lyap_matches_scipy_float64(n, method):
+    A, Q = random_stable(n, n), random_spd(n, n)
+    X = lyap(A, Q, method=method)
+    assert X.dtype == jnp.float64
+    assert rel_err(X, sl.solve_continuous_lyapunov(A, -Q)) <= 1e-12
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("method", DLYAP_METHODS)
+def test_dlyap_matches_scipy_float64(n, method):
+    A, Q = random_stable(n, n, discrete=True), random_spd(n, n)
+    X = dlyap(A, Q, method=method)
+    assert X.dtype == jnp.float64
+    assert rel_err(X, sl.solve_discrete_lyapunov(A, Q)) <= 1e-12
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize(
+    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+)
+def test_float32_matches_scipy(func, method, n):
+    discrete = func is dlyap
+    A = random_stable(n, n, discrete=discrete).astype(np.float32)
+    Q = random_spd(n, n).astype(np.float32)
+    X = func(A, Q, method=method)
+    assert X.dtype == jnp.float32
+    # reference: SciPy in float64 on the same (float32-rounded) inputs
+    A64, Q64 = A.astype(np.float64), Q.astype(np.float64)
+    if discrete:
+        ref = sl.solve_discrete_lyapunov(A64, Q64)
+    else:
+        ref = sl.solve_continuous_lyapunov(A64, -Q64)
+    assert rel_err(X, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+@pytest.mark.parametrize(
+    "func,method,oracle",
+    [(lyap, m, kron_lyap) for m in LYAP_METHODS] + [(dlyap, m, kron_dlyap) for m in DLYAP_METHODS],
+)
+def test_matches_kronecker_solve_nonsymmetric_q(func, method, oracle, n):
+    A = random_stable(n, 10 + n, discrete=func is dlyap)
+    Q = np.random.default_rng(n).standard_normal((n, n))  # not symmetric
+    X = func(A, Q, method=method)
+    assert rel_err(X, oracle(A, Q)) <= 1e-12
+
+
+@pytest.mark.parametrize("func", [lyap, dlyap])
+def test_schur_solves_non_stable_equations(func):
+    # a unique solution exists without stability (λᵢ + λⱼ ≠ 0, resp. λᵢ λⱼ ≠ 1)
+    rng = np.random.default_rng(3)
+    if func is lyap:
+        A = np.diag([-1.0, 0.5, 2.0]) + 0.3 * np.triu(rng.standard_normal((3, 3)), 1)
+        ref = kron_lyap
+    else:
+        A = np.diag([0.5, 1.5, -2.0]) + 0.3 * np.triu(rng.standard_normal((3, 3)), 1)
+        ref = kron_dlyap
+    Q = random_spd(3, 0)
+    assert rel_err(func(A, Q, method="schur"), ref(A, Q)) <= 1e-12
+
+
+def test_sign_method_handles_anti_stable_a():
+    A = -random_stable(4, 7)
+    Q = random_spd(4, 7)
+    assert rel_err(lyap(A, Q, method="sign"), kron_lyap(A, Q)) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+)
+def test_symmetric_q_gives_exactly_symmetric_x(func, method):
+    A = random_stable(16, 2, discrete=func is dlyap)
+    X = np.asarray(func(A, random_spd(16, 2), method=method))
+    np.testing.assert_array_equal(X, X.T)
+    assert np.all(np.linalg.eigvalsh(X) > 0)  # a covariance for Q ≻ 0 and stable A
+
+
+def test_auto_picks_schur_on_cpu():
+    assert jax.default_backend() == "cpu"
+    A, Q = random_stable(5, 1), random_spd(5, 1)
+    np.testing.assert_array_equal(lyap(A, Q), lyap(A, Q, method="schur"))
+    Ad = random_stable(5, 1, discrete=True)
+    np.testing.assert_array_equal(dlyap(Ad, Q), dlyap(Ad, Q, method="schur"))
+
+
+# ----------------------------------------------------------------------------- batching, jit
+
+
+@pytest.mark.parametrize(
+    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+)
+def test_batch_dims_broadcast_jit_and_vmap(func, method):
+    discrete = func is dlyap
+    A = np.stack([random_stable(3, s, discrete=discrete) for s in range(6)]).reshape(2, 3, 3, 3)
+    Q = np.stack([random_spd(3, s) for s in range(3)])  # (3, 3, 3) broadcasts against (2, 3)
+    solve = jax.jit(lambda a, q: func(a, q, method=method))
+    X = solve(A, Q)
+    assert X.shape == (2, 3, 3, 3)
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(X[i, j], func(A[i, j], Q[j], method=method), rtol=1e-10)
+    X_vmap = jax.vmap(jax.vmap(solve, in_axes=(0, 0)), in_axes=(0, None))(A, Q)
+    np.testing.assert_allclose(X_vmap, X, rtol=1e-10)
+
+
+def test_dtype_promotion_and_integer_input():
+    A = np.array([[-2, 1], [0, -3]])
+    X = lyap(A.astype(np.float32), np.eye(2))
+    assert X.dtype == jnp.float64
+    np.testing.assert_allclose(lyap(A, np.eye(2, dtype=int)), kron_lyap(A.astype(float), np.eye(2)))
+
+
+# ----------------------------------------------------------------------------- derivatives
+
+
+@pytest.mark.parametrize(
+    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+)
+def test_check_grads_second_order_jit(func, method):
+    A = well_conditioned(3, 4, discrete=func is dlyap)
+    Q = np.random.default_rng(4).standard_normal((3, 3))
+    check_grads(jax.jit(lambda a, q: func(a, q, method=method)), (A, Q), order=2,
+                modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize(
+    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+)
+def test_check_grads_second_order_vmap(func, method):
+    discrete = func is dlyap
+    A = np.stack([well_conditioned(3, s, discrete=discrete) for s in (5, 6)])
+    Q = np.stack([random_spd(3, s) for s in (5, 6)])
+    check_grads(jax.jit(jax.vmap(lambda a, q: func(a, q, method=method))), (A, Q), order=2,
+                modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize(
+    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+)
+def test_reverse_mode_matches_adjoint_formulas(func, method):
+    # DESIGN §3: S = lyap(Aᵀ, X̄), Q̄ = S, Ā = S Xᵀ + Sᵀ X;  dlyap: Ā = S A Xᵀ + Sᵀ A X.
+    discrete = func is dlyap
+    A = random_stable(5, 8, discrete=discrete)
+    Q = np.random.default_rng(8).standard_normal((5, 5))
+    Xbar = np.random.default_rng(9).standard_normal((5, 5))
+    X, vjp = jax.vjp(lambda a, q: func(a, q, method=method), A, Q)
+    A_bar, Q_bar = vjp(jnp.asarray(Xbar))
+    X = np.asarray(X)
+    if discrete:
+        S = kron_dlyap(A.T, Xbar)
+        A_ref = S @ A @ X.T + S.T @ A @ X
+    else:
+        S = kron_lyap(A.T, Xbar)
+        A_ref = S @ X.T + S.T @ X
+    np.testing.assert_allclose(Q_bar, S, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(A_bar, A_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_matches_kronecker_derivative():
+    A, Q = random_stable(4, 11), random_spd(4, 11)
+    rng = np.random.default_rng(12)
+    dA, dQ = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+    for method in LYAP_METHODS:
+        X, dX = jax.jvp(lambda a, q: lyap(a, q, method=method), (A, Q), (dA, dQ))
+        ref = kron_lyap(A, dQ + dA @ np.asarray(X) + np.asarray(X) @ dA.T)
+        np.testing.assert_allclose(dX, ref, rtol=1e-10, atol=1e-12)
+
+
+def _count_primitive(jaxpr, name):
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+            count += _count_primitive(sub, name)
+        for param in eqn.params.values():
+            for value in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name)
+                elif hasattr(value, "eqns"):
+                    count += _count_primitive(value, name)
+    return count
+
+
+@pytest.mark.parametrize("func", [lyap, dlyap])
+def test_schur_factorisation_computed_once_for_all_derivatives(func):
+    # Every tangent and cotangent (and second-order ones) reuses the forward Schur factors.
+    A = random_stable(3, 1, discrete=func is dlyap)
+    Q = random_spd(3, 1)
+
+    def loss(a, q):
+        return jnp.sum(func(a, q, method="schur") ** 2)
+
+    for transformed in (jax.grad(loss, argnums=(0, 1)), jax.hessian(loss)):
+        jaxpr = jax.make_jaxpr(transformed)(A, Q).jaxpr
+        assert _count_primitive(jaxpr, "schur") == 1
+
+
+def test_sign_iteration_run_once_for_gradient():
+    A, Q = random_stable(3, 2), random_spd(3, 2)
+    grad = jax.grad(lambda a, q: jnp.sum(lyap(a, q, method="sign") ** 2), argnums=(0, 1))
+    assert _count_primitive(jax.make_jaxpr(grad)(A, Q).jaxpr, "lu") == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("func", [lyap, dlyap])
+def test_bad_shapes_raise_value_error_naming_shapes(func):
+    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+        func(np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"\(3, 3\).*\(2, 2\)"):
+        func(np.zeros((3, 3)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        func(np.zeros(3), np.zeros(3))
+    with pytest.raises(ValueError, match=r"\(2, 3, 3\).*\(4, 3, 3\)"):
+        func(np.zeros((2, 3, 3)), np.zeros((4, 3, 3)))
+    with pytest.raises(ValueError, match="method"):
+        func(np.eye(2), np.eye(2), method="kronecker")
+    with pytest.raises(TypeError):
+        func(np.eye(2) * 1j, np.eye(2))
+
+
+@pytest.mark.parametrize("method", LYAP_METHODS)
+def test_lyap_singular_a_gives_nan(method):
+    A = np.array([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, -2.0]])  # eigenvalue 0
+    assert np.all(np.isnan(lyap(A, np.eye(3), method=method)))
+    A_zero_block = np.array([[0.0, 1.0], [0.0, 0.0]])
+    assert np.all(np.isnan(lyap(A_zero_block, np.eye(2), method=method)))
+
+
+def test_lyap_sign_needs_one_half_plane():
+    A = np.diag([-1.0, 2.0, -3.0])  # λᵢ + λⱼ ≠ 0: unique solution, but sign(A) ≠ ±I
+    Q = random_spd(3, 3)
+    assert np.all(np.isnan(lyap(A, Q, method="sign")))
+    assert rel_err(lyap(A, Q, method="schur"), kron_lyap(A, Q)) <= 1e-12
+
+
+@pytest.mark.parametrize("method", LYAP_METHODS)
+def test_lyap_eigenvalues_summing_to_zero_give_nan(method):
+    A = np.array([[0.0, 1.0], [-1.0, 0.0]])  # ±i: λ₁ + λ₂ = 0
+    assert np.all(np.isnan(lyap(A, np.eye(2), method=method)))
+
+
+def test_dlyap_doubling_nan_when_not_contractive():
+    Q = np.eye(2)
+    for A in (np.diag([0.5, 1.5]), np.diag([1.0, 0.5]), np.array([[0.0, 1.0], [-1.0, 0.0]])):
+        assert np.all(np.isnan(dlyap(A, Q, method="doubling")))
+
+
+@pytest.mark.parametrize("method", DLYAP_METHODS)
+def test_dlyap_unit_circle_pairs_give_nan(method):
+    c, s = np.cos(0.3), np.sin(0.3)
+    A = np.array([[c, s], [-s, c]])  # |λ| = 1: λ λ̄ = 1, no unique solution
+    assert np.all(np.isnan(dlyap(A, np.eye(2), method=method)))
+    assert np.all(np.isnan(dlyap(np.diag([1.0, 0.3]), np.eye(2), method=method)))
+
+
+def test_nan_under_jit_and_vmap_is_per_matrix():
+    A = np.stack([np.diag([-1.0, -2.0]), np.diag([0.0, -2.0])])
+    for method in LYAP_METHODS:
+        X = jax.jit(jax.vmap(lambda a: lyap(a, jnp.eye(2), method=method)))(A)
+        assert np.all(np.isfinite(X[0])) and np.all(np.isnan(X[1]))
