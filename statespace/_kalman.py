@@ -227,10 +227,13 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments: bool):
     n = model.state_dim
     dtype = y.dtype
     const, scanned = _steps_params(model)
-    const = {k: v.astype(dtype) for k, v in const.items()}
-    scanned = {k: v.astype(dtype) for k, v in scanned.items()}
+    # Covariances enter through their symmetric part (exact no-op for symmetric input), so
+    # gradients with respect to Q, R and P0 are symmetric matrices.
+    sym = lambda k, v: _symmetrise(v) if k in ("Q", "R") else v  # noqa: E731
+    const = {k: sym(k, v.astype(dtype)) for k, v in const.items()}
+    scanned = {k: sym(k, v.astype(dtype)) for k, v in scanned.items()}
     m0 = model.m0.astype(dtype)
-    P0 = model.P0.astype(dtype)
+    P0 = _symmetrise(model.P0.astype(dtype))
     sqrt = form == "sqrt"
 
     mask = model.diffuse_mask

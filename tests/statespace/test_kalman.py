@@ -293,6 +293,16 @@ def test_check_grads_every_parameter(form):
     check_grads(jax.jit(loglik), (params,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_covariance_gradients_are_symmetric(form):
+    p, y = _case(n=3, m=2, T=5, seed=17, missing=0.2)
+    grads = jax.jit(jax.grad(lambda mdl: LL(mdl, y, form=form)))(LinearGaussianSSM(**p))
+    for name in ("Q", "R", "P0"):
+        g = np.asarray(getattr(grads, name))
+        np.testing.assert_allclose(g, g.T, rtol=1e-12, atol=1e-14, err_msg=name)
+        assert np.max(np.abs(g)) > 0
+
+
 def test_check_grads_time_varying():
     p, y = _case(n=2, m=1, T=4, seed=10, time_varying=True, offsets=True, missing=0.2)
     params = {k: jnp.asarray(p[k]) for k in ("F", "H", "b", "d", "m0")}
