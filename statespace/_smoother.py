@@ -141,27 +141,26 @@ def _rts_backward_cov(filtered_means, filtered_covs, predicted_means, predicted_
     T, n = filtered_means.shape
     eye = jnp.eye(n, dtype=filtered_covs.dtype)
 
+    # The gains and the Joseph-form conditional covariances depend only on the filter's output,
+    # not on the backward carry: compute them for all k at once (batched Cholesky and solves),
+    # leaving the sequential scan a few fused matmuls per step.
+    def gain_terms(Pf, Pp, Fk, Qk):
+        chol_p = jnp.linalg.cholesky(_sym(Pp))
+        G = _mT(jax.scipy.linalg.cho_solve((chol_p, True), Fk @ Pf))  # G^T = P_{k+1|k}^{-1} F P
+        I_GF = eye - G @ Fk
+        return G, _sym(I_GF @ Pf @ _mT(I_GF) + G @ Qk @ _mT(G))
+
+    G, C = jax.vmap(gain_terms)(filtered_covs[:-1], predicted_covs[1:], F[:-1], Q[:-1])
+
     def step(carry, inputs):
         m_next, P_next = carry
-        mf, Pf, mp, Pp, Fk, Qk = inputs
-        chol_p = jnp.linalg.cholesky(_sym(Pp))
-        # G^T = P_{k+1|k}^{-1} F P_{k|k}
-        G = _mT(jax.scipy.linalg.cho_solve((chol_p, True), Fk @ Pf))
-        m = mf + G @ (m_next - mp)
-        I_GF = eye - G @ Fk
-        P = I_GF @ Pf @ _mT(I_GF) + G @ (Qk + P_next) @ _mT(G)
-        cross = P_next @ _mT(G)
-        return (m, _sym(P)), (m, _sym(P), cross)
+        mf, mp, Gk, Ck = inputs
+        m = mf + Gk @ (m_next - mp)
+        P = _sym(Ck + Gk @ P_next @ _mT(Gk))
+        return (m, P), (m, P, P_next @ _mT(Gk))
 
     last = (filtered_means[-1], _sym(filtered_covs[-1]))
-    inputs = (
-        filtered_means[:-1],
-        filtered_covs[:-1],
-        predicted_means[1:],
-        predicted_covs[1:],
-        F[:-1],
-        Q[:-1],
-    )
+    inputs = (filtered_means[:-1], predicted_means[1:], G, C)
     _, (means, covs, cross) = lax.scan(step, last, inputs, reverse=True)
     means = jnp.concatenate([means, last[0][None]], axis=0)
     covs = jnp.concatenate([covs, last[1][None]], axis=0)
@@ -178,22 +177,26 @@ def _rts_backward_cov(filtered_means, filtered_covs, predicted_means, predicted_
 def _rts_backward_sqrt(filtered_means, filtered_chols, predicted_means, F, chol_Q):
     T, n = filtered_means.shape
 
-    def step(carry, inputs):
-        m_next, L_next = carry
-        mf, Lf, mp, Fk, Sk = inputs
-        zeros = jnp.zeros_like(Lf)
-        block = jnp.block([[Fk @ Lf, Sk], [Lf, zeros]])
+    # The first triangularisation uses only the filter's output: batched over k, outside the scan.
+    def gain_terms(Lf, Fk, Sk):
+        block = jnp.block([[Fk @ Lf, Sk], [Lf, jnp.zeros_like(Lf)]])
         L = tria(block)
         L_p, Z, L_c = L[:n, :n], L[n:, :n], L[n:, n:]
         G = _mT(jax.scipy.linalg.solve_triangular(L_p, _mT(Z), lower=True, trans="T"))
-        m = mf + G @ (m_next - mp)
-        L_s = tria(jnp.concatenate([L_c, G @ L_next], axis=1))
-        P_next = L_next @ _mT(L_next)
-        cross = P_next @ _mT(G)
+        return G, L_c
+
+    G, L_c = jax.vmap(gain_terms)(filtered_chols[:-1], F[:-1], chol_Q[:-1])
+
+    def step(carry, inputs):
+        m_next, L_next = carry
+        mf, mp, Gk, Lck = inputs
+        m = mf + Gk @ (m_next - mp)
+        L_s = tria(jnp.concatenate([Lck, Gk @ L_next], axis=1))
+        cross = L_next @ (_mT(L_next) @ _mT(Gk))
         return (m, L_s), (m, L_s, cross)
 
     last = (filtered_means[-1], filtered_chols[-1])
-    inputs = (filtered_means[:-1], filtered_chols[:-1], predicted_means[1:], F[:-1], chol_Q[:-1])
+    inputs = (filtered_means[:-1], predicted_means[1:], G, L_c)
     _, (means, chols, cross) = lax.scan(step, last, inputs, reverse=True)
     means = jnp.concatenate([means, last[0][None]], axis=0)
     chols = jnp.concatenate([chols, last[1][None]], axis=0)
