@@ -16,6 +16,10 @@ from tests.statespace import dense_oracle as oracle
 
 FORMS = ("cov", "sqrt")
 
+# Shared jitted entry points: tests with equal shapes reuse one compilation.
+_filter = jax.jit(parallel_filter, static_argnames=("form", "moments"))
+_smoother = jax.jit(parallel_smoother, static_argnames=("form",))
+
 # name -> (n, m, T, time_varying, offsets, missing fraction, missing rows)
 CASES = {
     "basic": (2, 1, 9, False, False, 0.0, ()),
@@ -37,12 +41,17 @@ def _rel(a, b):
     return abs(float(a) - float(b)) / max(abs(float(b)), 1e-300)
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("case", sorted(CASES))
+# The square-root form is slower to compile (rules.tria): it runs on the case that covers
+# missing entries and rows, offsets and time-varying parameters; m > n is covered by the
+# float32 test.
+@pytest.mark.parametrize(
+    "case, form",
+    [(c, "cov") for c in sorted(CASES)] + [("time_varying", "sqrt")],
+)
 def test_filter_and_smoother_match_dense_oracle(case, form):
     params, y = _case(case)
     model = LinearGaussianSSM(**params)
-    out = jax.jit(lambda mdl, obs: parallel_filter(mdl, obs, form=form))(model, y)
+    out = _filter(model, y, form=form)
     assert _rel(out.log_likelihood, oracle.dense_log_likelihood(params, y)) < 1e-9
     np.testing.assert_allclose(out.log_likelihoods.sum(), out.log_likelihood, rtol=1e-12)
     fm, fP = oracle.dense_filtered(params, y)
@@ -52,7 +61,7 @@ def test_filter_and_smoother_match_dense_oracle(case, form):
     np.testing.assert_allclose(out.predicted_means, pm, atol=1e-8, rtol=0)
     np.testing.assert_allclose(out.predicted_covs, pP, atol=1e-8, rtol=0)
 
-    smoothed = jax.jit(lambda mdl, obs, f: parallel_smoother(mdl, obs, f, form=form))(model, y, out)
+    smoothed = _smoother(model, y, out, form=form)
     sm, sP, sC = oracle.dense_smoothed(params, y)
     np.testing.assert_allclose(smoothed.smoothed_means, sm, atol=1e-8, rtol=0)
     np.testing.assert_allclose(smoothed.smoothed_covs, sP, atol=1e-8, rtol=0)
@@ -77,14 +86,14 @@ def test_matches_sequential_filter_and_smoother(form):
 
     params, y = _case("time_varying", seed=3)
     model = LinearGaussianSSM(**params)
-    seq = kalman_filter(model, y, form=form)
-    par = parallel_filter(model, y, form=form)
+    seq = jax.jit(lambda mdl: kalman_filter(mdl, y, form=form))(model)
+    par = _filter(model, y, form=form)
     assert _rel(par.log_likelihood, seq.log_likelihood) < 1e-9
     np.testing.assert_allclose(par.log_likelihoods, seq.log_likelihoods, atol=1e-9, rtol=0)
     for name in ("filtered_means", "filtered_covs", "predicted_means", "predicted_covs"):
         np.testing.assert_allclose(getattr(par, name), getattr(seq, name), atol=1e-8, rtol=0)
-    seq_s = rts_smoother(model, y, form=form)
-    par_s = parallel_smoother(model, y, par, form=form)
+    seq_s = jax.jit(lambda mdl: rts_smoother(mdl, y, form=form))(model)
+    par_s = _smoother(model, y, par, form=form)
     for name in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
         np.testing.assert_allclose(getattr(par_s, name), getattr(seq_s, name), atol=1e-8, rtol=0)
 
@@ -92,18 +101,19 @@ def test_matches_sequential_filter_and_smoother(form):
 @pytest.mark.parametrize("form", FORMS)
 def test_float32_on_well_conditioned_model(form):
     rng = np.random.default_rng(7)
-    n, m, T = 3, 2, 64
+    n, m, T = (3, 2, 32) if form == "cov" else (2, 3, 16)
     params = oracle.random_model(rng, n, m, offsets=True)
     y = oracle.random_observations(rng, params, T, missing=0.1)
     model32 = LinearGaussianSSM(**{k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
-    out = parallel_filter(model32, jnp.asarray(y, jnp.float32), form=form)
+    y32 = jnp.asarray(y, jnp.float32)
+    out = _filter(model32, y32, form=form)
     assert out.filtered_means.dtype == jnp.float32
     ll = oracle.dense_log_likelihood(params, y)
     assert _rel(out.log_likelihood, ll) < 1e-3
     fm, fP = oracle.dense_filtered(params, y)
     np.testing.assert_allclose(out.filtered_means, fm, atol=1e-3 * np.abs(fm).max())
     np.testing.assert_allclose(out.filtered_covs, fP, atol=1e-3 * np.abs(fP).max())
-    smoothed = parallel_smoother(model32, jnp.asarray(y, jnp.float32), out, form=form)
+    smoothed = _smoother(model32, y32, out, form=form)
     sm, sP, _ = oracle.dense_smoothed(params, y)
     np.testing.assert_allclose(smoothed.smoothed_means, sm, atol=1e-3 * np.abs(sm).max())
     np.testing.assert_allclose(smoothed.smoothed_covs, sP, atol=1e-3 * np.abs(sP).max())
@@ -113,26 +123,26 @@ def test_float32_on_well_conditioned_model(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_gradients_through_parallel_path(form):
-    params, y = _case("offsets_missing", seed=5)
+    # One scalar mixing the log-likelihood and the smoothed moments, so one reverse pass
+    # (one compilation) checks both scans. T = 6 with missing entries, a missing row, offsets.
+    rng = np.random.default_rng(5)
+    n, m, T = 3, 2, (6 if form == "cov" else 4)
+    params = oracle.random_model(rng, n, m, offsets=True)
+    y = jnp.asarray(oracle.random_observations(rng, params, T, missing=0.25, missing_rows=(2,)))
     params = {k: jnp.asarray(v) for k, v in params.items()}
-    y = jnp.asarray(y)
 
-    def loglik(F, H, Q_half, R_half, b):
-        model = LinearGaussianSSM(F=F, Q=Q_half @ Q_half.T + 0.1 * jnp.eye(3), H=H,
-                                  R=R_half @ R_half.T + 0.1 * jnp.eye(2),
+    def objective(F, H, Q_half, R_half, b):
+        model = LinearGaussianSSM(F=F, Q=Q_half @ Q_half.T + 0.1 * jnp.eye(n), H=H,
+                                  R=R_half @ R_half.T + 0.1 * jnp.eye(m),
                                   m0=params["m0"], P0=params["P0"], b=b, d=params["d"])
-        return parallel_filter(model, y, form=form).log_likelihood
+        filtered = parallel_filter(model, y, form=form)
+        smoothed = parallel_smoother(model, y, filtered, form=form)
+        return (filtered.log_likelihood + 0.1 * jnp.sum(smoothed.smoothed_means ** 2)
+                + 0.1 * jnp.sum(smoothed.smoothed_covs) + 0.1 * jnp.sum(smoothed.smoothed_cross_covs))
 
     args = (params["F"], params["H"], jnp.linalg.cholesky(params["Q"]),
             jnp.linalg.cholesky(params["R"]), params["b"])
-    check_grads(loglik, args, order=1, modes=("rev",))
-
-    def smoothed_summary(F, H):
-        model = LinearGaussianSSM(**dict(params, F=F, H=H))
-        s = parallel_smoother(model, y, form=form)
-        return jnp.sum(s.smoothed_means ** 2) + jnp.sum(s.smoothed_covs)
-
-    check_grads(smoothed_summary, (params["F"], params["H"]), order=1, modes=("rev",))
+    check_grads(jax.jit(objective), args, order=1, modes=("rev",))
 
 
 def test_gradient_matches_sequential():
@@ -146,21 +156,22 @@ def test_gradient_matches_sequential():
         return kalman_filter(model, y).log_likelihood
 
     F = jnp.asarray(params["F"])
-    np.testing.assert_allclose(jax.grad(ll)(F, True), jax.grad(ll)(F, False), rtol=1e-8, atol=1e-10)
+    grad = jax.jit(jax.grad(ll), static_argnums=1)
+    np.testing.assert_allclose(grad(F, True), grad(F, False), rtol=1e-8, atol=1e-10)
 
 
 def test_all_missing_and_single_step():
     params, _ = _case("basic")
     model = LinearGaussianSSM(**params)
     y = np.full((6, 1), np.nan)
-    out = parallel_filter(model, y)
+    out = _filter(model, y)
     assert float(out.log_likelihood) == 0.0
     pm, pP = oracle.dense_predicted(params, y)
     np.testing.assert_allclose(out.predicted_covs, pP, atol=1e-10)
     y1 = np.array([[0.7]])
-    one = parallel_filter(model, y1)
+    one = _filter(model, y1)
     assert _rel(one.log_likelihood, oracle.dense_log_likelihood(params, y1)) < 1e-12
-    s = parallel_smoother(model, y1, one)
+    s = _smoother(model, y1, one)
     assert s.smoothed_cross_covs.shape == (0, 2, 2)
     np.testing.assert_allclose(s.smoothed_means, one.filtered_means)
 
@@ -169,7 +180,7 @@ def test_vmap_over_series_with_different_gaps():
     params, y = _case("offsets_missing", seed=4)
     model = LinearGaussianSSM(**params)
     ys = np.stack([y, np.where(np.arange(len(y))[:, None] % 3 == 0, np.nan, y)])
-    lls = jax.jit(jax.vmap(lambda obs: parallel_filter(model, obs, moments=False)[0]))(ys)
+    lls = jax.vmap(lambda obs: _filter(model, obs, moments=False)[0])(ys)
     for k in range(2):
         assert _rel(lls[k], oracle.dense_log_likelihood(params, ys[k])) < 1e-9
 
@@ -177,7 +188,7 @@ def test_vmap_over_series_with_different_gaps():
 def test_not_positive_definite_gives_minus_inf():
     params, y = _case("basic")
     params = dict(params, R=-np.eye(1) * 10.0)
-    out = parallel_filter(LinearGaussianSSM(**params), y)
+    out = _filter(LinearGaussianSSM(**params), y)
     assert float(out.log_likelihood) == -np.inf
     assert np.all(np.asarray(out.log_likelihoods) == -np.inf)
 

@@ -1,0 +1,116 @@
+"""Sequential (``lax.scan``) vs parallel-in-time (``lax.associative_scan``) Kalman filter.
+
+Run ``python -m benchmarks.parallel [--quick] [--T 100,1000] [--form cov|sqrt]``. For each T the
+log-likelihood and its gradient (with respect to all of F, Q, H, R, m0, P0) are timed for the
+sequential filter (``statespace.log_likelihood``) and the parallel filter
+(``statespace._parallel.parallel_filter``; Särkkä & García-Fernández 2021) in this process:
+medians of jitted calls, compile time excluded and reported separately. ``speedup`` is
+sequential time / parallel time, so > 1 means the parallel form is faster. n = 4, m = 2, float64.
+
+On CPU the parallel form is expected to LOSE: it does ~5x the arithmetic of the scan and a CPU
+has few cores to spread the O(log T)-deep tree over. It is meant for GPU/TPU, where the scan
+leaves the device idle (published figures: 25-30x at T = 1e3-1e5 on one GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._timing import machine_info, markdown_table, time_fn
+
+T_VALUES = [100, 1_000, 10_000, 100_000]
+QUICK_T_VALUES = [100, 1_000]
+N, M = 4, 2
+
+
+def _problem(n, m, T, seed=0):
+    from statespace import LinearGaussianSSM
+
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n))
+    F = 0.9 * A / np.max(np.abs(np.linalg.eigvals(A)))
+    B = rng.standard_normal((n, n))
+    Q = B @ B.T / n + 0.1 * np.eye(n)
+    H = rng.standard_normal((m, n))
+    C = rng.standard_normal((m, m))
+    R = C @ C.T / m + 0.1 * np.eye(m)
+    params = dict(F=F, Q=Q, H=H, R=R, m0=rng.standard_normal(n), P0=np.eye(n))
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    _, y = LinearGaussianSSM(**params).simulate(jax.random.key(seed), T)
+    return params, y
+
+
+def _functions(form: str, parallel: bool):
+    from statespace import LinearGaussianSSM, log_likelihood
+    from statespace._parallel import parallel_filter
+
+    if parallel:
+        def loglik(params, y):
+            return parallel_filter(LinearGaussianSSM(**params), y, form=form, moments=False)[0]
+    else:
+        def loglik(params, y):
+            return log_likelihood(LinearGaussianSSM(**params), y, form=form)
+
+    return jax.jit(loglik), jax.jit(jax.grad(loglik))
+
+
+def main(argv=None) -> list[dict]:
+    """Print the sequential-vs-parallel table and return its rows.
+
+    Args:
+        argv: command-line arguments (``--quick``, ``--T 100,1000``, ``--form cov|sqrt``,
+            ``--repeats N``).
+
+    Returns:
+        One dict per (T, quantity) with the medians and compile times in seconds and the
+        speed-up (sequential / parallel).
+    """
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.parallel", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="T in {100, 1000}, few repeats")
+    parser.add_argument("--T", default=None, help="comma-separated lengths, e.g. 100,1000")
+    parser.add_argument("--form", default="cov", choices=("cov", "sqrt"))
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.T:
+        T_list = [int(float(t)) for t in args.T.split(",")]
+    else:
+        T_list = QUICK_T_VALUES if args.quick else T_VALUES
+    repeats = args.repeats or (3 if args.quick else 10)
+
+    jax.config.update("jax_enable_x64", True)
+    print(f"# Parallel-in-time vs sequential Kalman filter (n={N}, m={M}, form={args.form}, "
+          "float64)\n")
+    print(machine_info() + "\n")
+    seq_ll, seq_grad = _functions(args.form, parallel=False)
+    par_ll, par_grad = _functions(args.form, parallel=True)
+    rows = []
+    for T in T_list:
+        params, y = _problem(N, M, T)
+        # Repeats shrink for long series so the whole run stays bounded.
+        reps = max(2, repeats if T <= 10_000 else repeats // 3)
+        check = abs(float(par_ll(params, y)) - float(seq_ll(params, y))) / abs(float(seq_ll(params, y)))
+        for what, seq_fn, par_fn in (("loglik", seq_ll, par_ll), ("grad", seq_grad, par_grad)):
+            seq = time_fn(seq_fn, params, y, repeats=reps, min_time=0.1)
+            par = time_fn(par_fn, params, y, repeats=reps, min_time=0.1)
+            rows.append({
+                "T": T,
+                "quantity": what,
+                "sequential_s": seq["median_s"],
+                "parallel_s": par["median_s"],
+                "speedup": seq["median_s"] / par["median_s"],
+                "seq_compile_s": seq["compile_s"],
+                "par_compile_s": par["compile_s"],
+                "loglik_rel_diff": check,
+            })
+    print(markdown_table(rows))
+    print("\nspeedup = sequential / parallel (> 1: parallel faster). On CPU the parallel form is "
+          "expected to lose; it targets GPU/TPU.")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
