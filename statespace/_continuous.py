@@ -20,7 +20,6 @@ smoother and sampler call when they are handed a continuous model and ``times``.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -60,10 +59,10 @@ class Discretization(NamedTuple):
 # relative to r ||Q|| is ≈ (2θ)^{K+1}/(K+2)! (1e-17 for θ=2, K=30; 1e-10 for θ=1, K=14) and the
 # rounding amplification of the alternating sum is at most e^{2θ}/(2θ) (≈14 for θ=2).
 _SERIES = {8: (2.0, 30, 6), 4: (1.0, 14, 4), 2: (0.5, 8, 3)}
-# Table sizes: steps up to _TABLE δ (δ = θ/α) take one table composition; longer ones (rare) take
-# _LEVELS compositions with tables at δ, _TABLE δ, _TABLE² δ, ...; beyond _TABLE^_LEVELS δ: NaN.
+# Steps up to _TABLE δ (δ = θ/α) take one table look-up and composition; longer ones (rare) take
+# one composition per binary digit of dt/δ, up to _BITS digits (beyond 2^_BITS δ: NaN).
 _TABLE = 64
-_LEVELS = 3
+_BITS = 48
 
 
 def _mm(a, b):
@@ -101,13 +100,13 @@ def _taylor(terms, h):
     """
     powers, lyap_terms, offsets = terms
     degree = powers.shape[0] - 1
-    # h^k built by repeated products (jnp.power(0., 0) has a NaN derivative at h = 0).
-    hk = [jnp.ones_like(h)]
-    for _ in range(degree + 1):
-        hk.append(hk[-1] * h)
-    fact = [float(math.factorial(k)) for k in range(degree + 2)]
-    coef_F = jnp.stack([hk[k] / fact[k] for k in range(degree + 1)], axis=-1)
-    coef_Q = jnp.stack([hk[k + 1] / fact[k + 1] for k in range(degree + 1)], axis=-1)
+    # h^k/k! built by repeated products c_k = c_{k−1} h/k: no intermediate overflow, and no
+    # jnp.power (whose derivative at h = 0, k = 0 is NaN).
+    coef = [jnp.ones_like(h)]
+    for k in range(1, degree + 2):
+        coef.append(coef[-1] * (h / k))
+    coef_F = jnp.stack(coef[: degree + 1], axis=-1)
+    coef_Q = jnp.stack(coef[1:], axis=-1)
     F = jnp.einsum("...k,kij->...ij", coef_F, powers)
     Qd = jnp.einsum("...k,kij->...ij", coef_Q, lyap_terms)
     bd = None if offsets is None else jnp.einsum("...k,ki->...i", coef_Q, offsets)
@@ -160,7 +159,8 @@ def _growth_rate(powers, p):
     """α_p = max(||A^p||_1^{1/p}, ||A^{p+1}||_1^{1/(p+1)}) (<= ||A||_1), without derivative."""
     norm1 = lambda M: jnp.max(jnp.sum(jnp.abs(lax.stop_gradient(M)), axis=-2))  # noqa: E731
     alpha = jnp.maximum(norm1(powers[p]) ** (1.0 / p), norm1(powers[p + 1]) ** (1.0 / (p + 1)))
-    return jnp.minimum(alpha, norm1(powers[1]))
+    # Nilpotent A (trends) has α_p = 0; a floor keeps the steps, and so h^k/k!, finite.
+    return jnp.maximum(jnp.minimum(alpha, norm1(powers[1])), norm1(powers[1]) * 2.0**-10)
 
 
 def _discretize_matrices(A, Q, b, dt):
@@ -201,24 +201,24 @@ def _discretize_matrices(A, Q, b, dt):
         table = _table(grid_step, _TABLE)
         return _compose(_take(table, q.astype(jnp.int32)), base)
 
-    def many_levels(_):
-        out = base
-        step = grid_step
-        rest = q
-        for level in range(_LEVELS):
-            table = _table(step, _TABLE)
-            digit = jnp.mod(rest, _TABLE)
-            out = _compose(_take(table, digit.astype(jnp.int32)), out)
-            rest = jnp.floor(rest / _TABLE)
-            if level + 1 < _LEVELS:
-                step = _compose(_take(table, _TABLE - 1), step)  # over _TABLE^{level+1} δ
-        bad = (rest > 0)
+    def long_steps_branch(_):
+        # q δ by its binary digits: P_j is the transition over 2^j δ (shared), composed into the
+        # steps whose digit j is set. A compact loop: this branch is rare (q >= _TABLE somewhere).
+        def body(j, carry):
+            out, step = carry
+            digit = jnp.mod(jnp.floor(q / 2.0**j), 2.0) > 0
+            new = _compose(tuple(None if x is None else jnp.broadcast_to(x, y.shape) for x, y in zip(step, out)), out)
+            out = tuple(None if x is None else jnp.where(digit.reshape(digit.shape + (1,) * (x.ndim - digit.ndim)), x_new, x) for x, x_new in zip(out, new))
+            return out, _compose(step, step)
+
+        out, _ = lax.fori_loop(0, _BITS, body, (base, grid_step))
+        bad = q >= 2.0**_BITS
         return tuple(None if x is None else jnp.where(bad.reshape(bad.shape + (1,) * (x.ndim - bad.ndim)), jnp.nan, x) for x in out)
 
     long_steps = jnp.any(q >= _TABLE) if q.size else jnp.asarray(False)
     # The rare long-step branch is rematerialised in the backward pass, so lax.cond's reverse rule
     # does not store its residuals when the short-step branch is the one taken.
-    F, Qd, bd = lax.cond(long_steps, jax.checkpoint(many_levels), one_level, None)
+    F, Qd, bd = lax.cond(long_steps, jax.checkpoint(long_steps_branch), one_level, None)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)

@@ -1,0 +1,378 @@
+"""ContinuousLinearSSM, discretize and predict against mpmath, SciPy and dense GP oracles."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from jax.test_util import check_grads
+
+import statespace
+from statespace import ContinuousLinearSSM, discretize, predict
+from tests.statespace.continuous_oracle import (
+    dense_gp_condition,
+    dense_gp_log_likelihood,
+    mp_discretize,
+    scipy_van_loan,
+    stationary_cov,
+    stationary_model_joint,
+)
+
+RNG = np.random.default_rng(20261125)
+SCALES = [1e-8, 1e-4, 1e-1, 1.0, 10.0, 100.0, 1e3]
+
+
+def _rotation_like(rng, n, damping):
+    """Non-normal A with eigenvalues −damping ± 3i (and −damping), cond(V) ~ 10."""
+    D = np.zeros((n, n))
+    for i in range(0, n - 1, 2):
+        D[i : i + 2, i : i + 2] = [[-damping, 3.0], [-3.0, -damping]]
+    if n % 2:
+        D[-1, -1] = -damping
+    V = np.eye(n) + 0.4 * rng.normal(size=(n, n))
+    return V @ D @ np.linalg.inv(V)
+
+
+def _drifts():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(3, 3))
+    return {
+        "stable_random": X - X.T - (X @ X.T / 3 + 0.3 * np.eye(3)),
+        "oscillator_nonnormal": _rotation_like(rng, 3, 0.01),
+        "brownian": np.zeros((3, 3)),
+        "integrated_rw": np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]),
+        "trend_plus_ou": np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -2.0]]),
+        "strongly_nonnormal": np.array([[-1.0, 300.0, 0.0], [0.0, -1.5, 40.0], [0.0, 0.0, -0.7]]),
+        "unstable": np.array([[0.05, 1.0, 0.0], [-1.0, 0.05, 0.0], [0.0, 0.0, 0.02]]),
+    }
+
+
+def _spd(rng, n):
+    X = rng.normal(size=(n, n))
+    return X @ X.T / n + 0.2 * np.eye(n)
+
+
+def _rel(x, ref):
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("name", list(_drifts()))
+def test_discretize_matches_mpmath_float64(name):
+    A = _drifts()[name]
+    Q = _spd(np.random.default_rng(1), 3)
+    b = np.array([0.3, -1.0, 0.5])
+    norm = np.abs(A).sum(0).max() or 1.0
+    scales = [s for s in SCALES if name != "unstable" or s <= 10.0]  # e^{A dt} overflows beyond
+    dts = np.array(scales) / norm
+    model = ContinuousLinearSSM(A, Q, np.ones((1, 3)), np.eye(1), P0=np.eye(3), b=b)
+    F, Qd, bd = jax.jit(discretize)(model, dts)
+    for k, dt in enumerate(dts):
+        F_ref, Qd_ref, bd_ref = mp_discretize(A, Q, dt, b)
+        if np.linalg.norm(F_ref) > 1e-250:  # a decayed e^{A dt} underflows in float64
+            assert _rel(np.asarray(F[k]), F_ref) <= 1e-12, (dt, _rel(np.asarray(F[k]), F_ref))
+        assert _rel(np.asarray(Qd[k]), Qd_ref) <= 1e-12, (dt, _rel(np.asarray(Qd[k]), Qd_ref))
+        assert _rel(np.asarray(bd[k]), bd_ref) <= 1e-12, (dt, _rel(np.asarray(bd[k]), bd_ref))
+
+
+@pytest.mark.parametrize("name", ["stable_random", "integrated_rw", "oscillator_nonnormal"])
+def test_discretize_float32(name):
+    # dt ||A|| up to 1e2: beyond, e^{A dt} of an oscillatory A has relative condition number
+    # ~ dt ||A||, so a backward-stable float32 result is only ~dt ||A|| 6e-8 accurate (5e-5 at 1e3).
+    A = _drifts()[name]
+    Q = _spd(np.random.default_rng(2), 3)
+    norm = np.abs(A).sum(0).max() or 1.0
+    dts = np.array(SCALES if name == "integrated_rw" else SCALES[:-1]) / norm
+    model = ContinuousLinearSSM(jnp.asarray(A, jnp.float32), jnp.asarray(Q, jnp.float32),
+                                jnp.ones((1, 3), jnp.float32), jnp.eye(1, dtype=jnp.float32))
+    F, Qd, _ = discretize(model, jnp.asarray(dts, jnp.float32))
+    assert F.dtype == jnp.float32 and Qd.dtype == jnp.float32
+    for k, dt in enumerate(dts):
+        # the reference at the float32-rounded inputs, so only the method's error is measured
+        A32 = np.asarray(jnp.asarray(A, jnp.float32), np.float64)
+        Q32 = np.asarray(jnp.asarray(Q, jnp.float32), np.float64)
+        F_ref, Qd_ref, _ = mp_discretize(A32, Q32, float(np.float32(dt)))
+        if np.linalg.norm(F_ref) > 1e-30:
+            assert _rel(np.asarray(F[k], np.float64), F_ref) <= 1e-5, (dt, _rel(np.asarray(F[k], np.float64), F_ref))
+        assert _rel(np.asarray(Qd[k], np.float64), Qd_ref) <= 1e-5, (dt, _rel(np.asarray(Qd[k], np.float64), Qd_ref))
+
+
+@pytest.mark.parametrize("name", ["stable_random", "integrated_rw", "strongly_nonnormal", "unstable"])
+def test_discretize_matches_scipy_van_loan(name):
+    A = _drifts()[name]
+    Q = _spd(np.random.default_rng(3), 3)
+    b = np.array([1.0, 0.5, -0.2])
+    dts = np.array([0.0, 0.01, 0.3, 1.0, 2.5])
+    F, Qd, bd = discretize(ContinuousLinearSSM(A, Q, np.ones((1, 3)), np.eye(1), P0=np.eye(3), b=b), dts)
+    for k, dt in enumerate(dts):
+        F_ref, Qd_ref, bd_ref = scipy_van_loan(A, Q, dt, b)
+        # normwise: SciPy's 2n x 2n block is itself only ~1e-10 accurate for the non-normal A
+        # (the mpmath test above holds ours to 1e-12)
+        if dt == 0.0:
+            np.testing.assert_array_equal(F[k], np.eye(3))
+            np.testing.assert_array_equal(Qd[k], 0.0)
+            continue
+        assert _rel(np.asarray(F[k]), F_ref) < 1e-9
+        assert _rel(np.asarray(Qd[k]), Qd_ref) < 1e-9
+        assert _rel(np.asarray(bd[k]), bd_ref) < 1e-9
+
+
+def test_discretize_zero_step_and_shapes():
+    A = _drifts()["stable_random"]
+    model = ContinuousLinearSSM(A, np.eye(3), np.ones((1, 3)), np.eye(1))
+    F, Qd, bd = discretize(model, 0.0)
+    assert F.shape == (3, 3) and Qd.shape == (3, 3) and bd.shape == (3,)
+    np.testing.assert_array_equal(F, np.eye(3))
+    np.testing.assert_array_equal(Qd, np.zeros((3, 3)))
+    np.testing.assert_array_equal(bd, np.zeros(3))
+    F2, Qd2 = discretize(model, np.ones((2, 4)) * 0.3)[:2]
+    assert F2.shape == (2, 4, 3, 3) and Qd2.shape == (2, 4, 3, 3)
+    # the semigroup: two half steps compose to one step
+    F1, Q1, _ = discretize(model, 0.35)
+    F0, Q0, _ = discretize(model, 0.7)
+    np.testing.assert_allclose(F1 @ F1, F0, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(F1 @ Q1 @ F1.T + Q1, Q0, rtol=1e-13, atol=1e-15)
+    # Qd also solves A Qd + Qd Aᵀ = F Q Fᵀ − Q (DESIGN §4)
+    np.testing.assert_allclose(A @ Q0 + Q0 @ A.T, F0 @ np.eye(3) @ F0.T - np.eye(3), atol=1e-13)
+
+
+def test_discretize_long_steps_nan_beyond_range_and_finite_within():
+    A = np.array([[-0.01, 5.0], [-5.0, -0.01]])
+    model = ContinuousLinearSSM(A, np.eye(2), np.ones((1, 2)), np.eye(1))
+    dts = np.array([0.1, 50.0, 2e3])  # 2e3 * 5 needs the multi-level table
+    F, Qd, _ = discretize(model, dts)
+    for k, dt in enumerate(dts):
+        F_ref, Qd_ref, _ = mp_discretize(A, np.eye(2), dt)
+        assert _rel(np.asarray(F[k]), F_ref) < 1e-12
+        assert _rel(np.asarray(Qd[k]), Qd_ref) < 1e-12
+
+
+def test_discretize_gradients():
+    A = jnp.asarray(_drifts()["stable_random"][:2, :2])
+    Q = jnp.asarray(_spd(np.random.default_rng(4), 2))
+    b = jnp.array([0.4, -0.3])
+
+    def f(A, Q, b, dt):
+        out = discretize(ContinuousLinearSSM(A, Q, jnp.ones((1, 2)), jnp.eye(1), P0=jnp.eye(2), b=b), dt)
+        return out.F, out.Qd, out.bd
+
+    dts = jnp.array([0.0, 0.05, 0.7, 3.0])
+    f = jax.jit(f)
+    check_grads(f, (A, Q, b, dts), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    # second order: forward-over-reverse equals finite differences of the gradient
+    scalar = lambda A: sum(jnp.sum(jnp.sin(x)) for x in f(A, Q, b, dts))  # noqa: E731
+    grad = jax.jit(jax.grad(scalar))
+    E = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2)))
+    hvp = jax.jit(lambda A, E: jax.jvp(jax.grad(scalar), (A,), (E,))[1])(A, E)
+    fd = (grad(A + 1e-5 * E) - grad(A - 1e-5 * E)) / 2e-5
+    np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_discretize_gradient_matches_scipy_frechet():
+    """d/dA of F = e^{A dt} in direction E is L(A dt, E dt) (scipy.linalg.expm_frechet)."""
+    A = _drifts()["oscillator_nonnormal"]
+    E = np.random.default_rng(5).normal(size=(3, 3))
+    model = lambda A: ContinuousLinearSSM(A, jnp.eye(3), jnp.ones((1, 3)), jnp.eye(1))  # noqa: E731
+    for dt in [0.2, 40.0]:  # one short step and one through the table
+        _, dF = jax.jvp(lambda A: discretize(model(A), dt).F, (jnp.asarray(A),), (jnp.asarray(E),))
+        ref = scipy.linalg.expm_frechet(A * dt, E * dt, compute_expm=False)
+        np.testing.assert_allclose(dF, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+
+
+def test_model_shape_errors():
+    A, Q, H, R = np.eye(2) * -1.0, np.eye(2), np.ones((1, 2)), np.eye(1)
+    with pytest.raises(ValueError, match=r"Q.shape = \(3, 3\)"):
+        ContinuousLinearSSM(A, np.eye(3), H, R)
+    with pytest.raises(ValueError, match=r"H.shape = \(1, 3\)"):
+        ContinuousLinearSSM(A, Q, np.ones((1, 3)), R)
+    with pytest.raises(ValueError, match=r"R.shape = \(2, 2\)"):
+        ContinuousLinearSSM(A, Q, H, np.eye(2))
+    with pytest.raises(ValueError, match=r"A.shape = \(2, 3\)"):
+        ContinuousLinearSSM(np.ones((2, 3)), Q, H, R)
+    with pytest.raises(ValueError, match=r"b.shape = \(3,\)"):
+        ContinuousLinearSSM(A, Q, H, R, b=np.ones(3))
+    with pytest.raises(ValueError, match=r"P0.shape"):
+        ContinuousLinearSSM(A, Q, H, R, P0=np.eye(3))
+    with pytest.raises(TypeError):
+        ContinuousLinearSSM(A.astype(complex), Q, H, R)
+    model = ContinuousLinearSSM(A, Q, H, R)
+    with pytest.raises(ValueError, match="times"):
+        statespace.log_likelihood(model, np.zeros((3, 1)), np.zeros((3, 1)))
+
+
+def test_pytree_jit_vmap():
+    model = ContinuousLinearSSM(-np.eye(2), np.eye(2), np.ones((1, 2)), np.eye(1), diffuse=[True, False])
+    leaves, tree = jax.tree_util.tree_flatten(model)
+    back = jax.tree_util.tree_unflatten(tree, leaves)
+    assert back.diffuse == (True, False)
+    scaled = jax.tree_util.tree_map(lambda x: 2 * x, model)
+    np.testing.assert_array_equal(scaled.A, -2 * np.eye(2))
+    Fs = jax.vmap(lambda s: discretize(ContinuousLinearSSM(s * model.A, model.Q, model.H, model.R), 0.5).F)(jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(Fs[1], scipy.linalg.expm(-np.eye(2)), rtol=1e-13)
+
+
+def test_stationary_start_and_check():
+    A = _drifts()["stable_random"]
+    Q = _spd(np.random.default_rng(6), 3)
+    b = np.array([0.2, 0.1, -0.4])
+    model = ContinuousLinearSSM(A, Q, np.ones((1, 3)), np.eye(1), b=b).check()
+    m0, P0, ok = model.initial()
+    assert bool(ok)
+    np.testing.assert_allclose(P0, stationary_cov(A, Q), rtol=1e-10)
+    np.testing.assert_allclose(m0, -np.linalg.solve(A, b), rtol=1e-10)
+
+    bad = ContinuousLinearSSM(_drifts()["unstable"], Q, np.ones((1, 3)), np.eye(1))
+    with pytest.raises(ValueError, match="stable A"):
+        bad.check()
+    y = RNG.normal(size=(5, 1))
+    times = np.arange(5.0)
+    ll = jax.jit(statespace.log_likelihood)(bad, y, times)
+    assert ll == -jnp.inf
+    # singular A without diffuse/P0: also -inf, not garbage
+    sing = ContinuousLinearSSM(_drifts()["integrated_rw"], Q, np.ones((1, 3)), np.eye(1))
+    assert jax.jit(statespace.log_likelihood)(sing, y, times) == -jnp.inf
+    # a given P0 needs no stable A
+    given = ContinuousLinearSSM(_drifts()["unstable"], Q, np.ones((1, 3)), np.eye(1), P0=np.eye(3))
+    assert np.isfinite(statespace.log_likelihood(given.check(), y, times))
+
+
+def _random_ou(rng, n=3, m=2):
+    X = rng.normal(size=(n, n))
+    A = X - X.T - (X @ X.T / n + 0.5 * np.eye(n))
+    return A, _spd(rng, n), rng.normal(size=(m, n)), _spd(rng, m) * 0.3
+
+
+def _irregular_times(rng, T):
+    t = np.sort(rng.uniform(0.0, 8.0, T))
+    t[3] = t[2]  # an equal time: dt = 0
+    return t
+
+
+def test_log_likelihood_matches_dense_gp_with_offsets_and_missing():
+    rng = np.random.default_rng(8)
+    A, Q, H, R = _random_ou(rng)
+    b, d = np.array([0.3, -0.2, 0.5]), np.array([1.0, -2.0])
+    T = 14
+    times = _irregular_times(rng, T)
+    y = rng.normal(size=(T, 2))
+    y[4, 0] = np.nan
+    y[7] = np.nan
+    model = ContinuousLinearSSM(A, Q, H, R, b=b, d=d)
+    mean, K = stationary_model_joint(A, Q, H, R, times, b, d)
+    ref = dense_gp_log_likelihood(K, y, mean)
+    for form in ("cov", "sqrt"):
+        ll = statespace.log_likelihood(model, y, times, form=form)
+        np.testing.assert_allclose(ll, ref, rtol=1e-10)
+    res = statespace.kalman_filter(model, y, times)
+    np.testing.assert_allclose(res.log_likelihood, ref, rtol=1e-10)
+
+
+def test_to_discrete_matches_dense_oracle_model():
+    from tests.statespace.dense_oracle import dense_log_likelihood
+
+    rng = np.random.default_rng(9)
+    A, Q, H, R = _random_ou(rng)
+    times = _irregular_times(rng, 10)
+    y = rng.normal(size=(10, 2))
+    model = ContinuousLinearSSM(A, Q, H, R, m0=np.ones(3), P0=np.eye(3) * 2.0, b=np.array([0.1, 0.2, 0.3]))
+    disc, ok = model._to_discrete(times)
+    assert bool(ok) and disc.F.shape == (10, 3, 3) and disc.b.shape == (10, 3)
+    np.testing.assert_array_equal(disc.F[-1], np.eye(3))  # padded last step, dt = 0
+    np.testing.assert_allclose(statespace.log_likelihood(model, y, times), dense_log_likelihood(disc, y), rtol=1e-10)
+
+
+def test_diffuse_trend_matches_large_prior_limit():
+    """Exact diffuse log-likelihood = lim_{κ→∞} [log L(P0 = κ I) + (q/2) log κ]."""
+    A = np.array([[0.0, 1.0], [0.0, 0.0]])
+    Q = np.diag([0.04, 0.01])
+    H, R = np.array([[1.0, 0.0]]), np.array([[0.1]])
+    rng = np.random.default_rng(10)
+    times = _irregular_times(rng, 12)
+    y = np.cumsum(rng.normal(size=(12, 1)), axis=0)
+    ll_diffuse = statespace.log_likelihood(ContinuousLinearSSM(A, Q, H, R, diffuse=True), y, times)
+    kappa = 1e7
+    mean, cov = np.zeros(12), np.zeros((12, 12))
+    big = ContinuousLinearSSM(A, Q, H, R, m0=np.zeros(2), P0=kappa * np.eye(2))
+    ll_big = statespace.log_likelihood(big, y, times) + 0.5 * 2 * np.log(kappa)
+    np.testing.assert_allclose(ll_diffuse, ll_big, atol=1e-4)
+
+
+def test_log_likelihood_gradients_and_hessian():
+    rng = np.random.default_rng(11)
+    A, Q, H, R = (jnp.asarray(v) for v in _random_ou(rng, n=2, m=1))
+    times = jnp.asarray(_irregular_times(rng, 8))
+    y = jnp.asarray(rng.normal(size=(8, 1)))
+
+    def ll(A, Q, H, R):
+        return statespace.log_likelihood(ContinuousLinearSSM(A, Q, H, R), y, times)
+
+    ll = jax.jit(ll)
+    check_grads(ll, (A, Q, H, R), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    hess = jax.jit(jax.jacfwd(jax.grad(ll)))(A, Q, H, R)
+    hess = np.asarray(hess).reshape(4, 4)  # d²/dA², A is 2 x 2
+    assert np.all(np.isfinite(hess))
+    np.testing.assert_allclose(hess, hess.T, rtol=1e-8, atol=1e-8)
+    # the Hessian agrees with finite differences of the gradient
+    g = jax.jit(jax.grad(ll))
+    E = jnp.asarray(rng.normal(size=(2, 2)))
+    eps = 1e-5
+    fd = (g(A + eps * E, Q, H, R) - g(A - eps * E, Q, H, R)) / (2 * eps)
+    np.testing.assert_allclose(jax.jvp(lambda a: g(a, Q, H, R), (A,), (E,))[1], fd, rtol=1e-5, atol=1e-6)
+
+
+def _matern32_model(ell, var, noise):
+    lam = np.sqrt(3.0) / ell
+    A = np.array([[0.0, 1.0], [-(lam**2), -2 * lam]])
+    Q = np.diag([0.0, 4 * lam**3 * var])
+    kern = lambda tau: var * (1 + lam * np.abs(tau)) * np.exp(-lam * np.abs(tau))  # noqa: E731
+    return ContinuousLinearSSM(A, Q, np.array([[1.0, 0.0]]), np.array([[noise]])), kern
+
+
+def test_predict_and_smoother_match_dense_gp():
+    model, kern = _matern32_model(0.8, 1.7, 0.05)
+    rng = np.random.default_rng(12)
+    times = _irregular_times(rng, 15)
+    y = rng.normal(size=(15, 1))
+    y[5] = np.nan
+    new_times = np.array([9.5, -1.0, 3.3, times[6], 4.01, 20.0])  # beyond, before, inside, equal
+    pred = predict(model, y, times, new_times)
+    K_oo = kern(times[:, None] - times[None]) + 0.05 * np.eye(15)
+    K_no = kern(new_times[:, None] - times[None])
+    K_nn = kern(new_times[:, None] - new_times[None])
+    mu, cov = dense_gp_condition(K_oo, K_no, K_nn, y[:, 0])
+    np.testing.assert_allclose(pred.obs_means[:, 0], mu, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(pred.covs[:, 0, 0], np.diag(cov), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(pred.obs_covs[:, 0, 0], np.diag(cov) + 0.05, rtol=1e-9)
+    assert pred.means.shape == (6, 2) and pred.obs_covs.shape == (6, 1, 1)
+
+    sm = statespace.rts_smoother(model, y, times)
+    mu_s, cov_s = dense_gp_condition(K_oo, kern(times[:, None] - times[None]), kern(times[:, None] - times[None]), y[:, 0])
+    np.testing.assert_allclose(sm.smoothed_means[:, 0], mu_s, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(sm.smoothed_covs[:, 0, 0], np.diag(cov_s), rtol=1e-9, atol=1e-10)
+
+    samples = statespace.sample_posterior(jax.random.key(0), model, y, 4000, times)
+    samples = getattr(samples, "states", samples)
+    draws = np.asarray(samples)[..., 0]
+    draws = draws.reshape(-1, 15)
+    np.testing.assert_allclose(draws.mean(0), mu_s, atol=5 * np.sqrt(np.diag(cov_s).max() / 4000) + 1e-3)
+
+
+def test_predict_is_differentiable_and_jits():
+    model, _ = _matern32_model(0.8, 1.7, 0.05)
+    times = np.linspace(0.0, 5.0, 9)
+    y = np.sin(times)[:, None]
+
+    def f(ell):
+        m, _ = _matern32_model_jnp(ell)
+        return predict(m, y, times, jnp.array([2.2, 6.0])).obs_means.sum()
+
+    g = jax.jit(jax.grad(f))(0.8)
+    fd = (f(0.8 + 1e-6) - f(0.8 - 1e-6)) / 2e-6
+    np.testing.assert_allclose(g, fd, rtol=1e-5)
+
+
+def _matern32_model_jnp(ell):
+    from statespace import models
+
+    return models.matern32(ell, 1.7, noise_var=0.05), None
