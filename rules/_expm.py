@@ -9,7 +9,12 @@ Two primitives carry everything:
 * ``frechet_p(A, E) = (e^A, L(A, E))`` with ``L(A, E) = d/dt e^{A + tE}|_{t=0}``, by
   Al-Mohy & Higham 2009b ("Computing the Fréchet derivative of the matrix exponential",
   SIMAX 30(4)), Algorithm 6.4: the Padé pair and its derivative share one LU factorisation,
-  then ``R ← R², L ← R L + L R`` per squaring.
+  then ``R ← R², L ← R L + L R`` per squaring. One change: the degree and ``s`` are chosen
+  as for ``expm`` (from ``‖A^k‖^{1/k}`` and the ell correction) against Algorithm 6.4's
+  thresholds ℓ_m, instead of from ``‖A‖₁``. Choosing from ``‖A‖₁`` overscales non-normal
+  matrices: SciPy's ``expm_frechet`` loses 4e-9 on a triangular matrix with entries 1..1e8
+  (ours 1e-15), and the 2n×2n blocks of second derivatives (``[[A, E], [0, A]]`` with a
+  large E) came out as zeros or NaN.
 
 Derivative rules (all on the solution, never by differentiating the iteration):
 
@@ -528,7 +533,9 @@ def expm_frechet(A, E):
     ``L(A, E) = d/dt e^{A + tE}|_{t=0} = ∫₀¹ e^{sA} E e^{(1-s)A} ds``, computed by
     Al-Mohy & Higham 2009b, Algorithm 6.4 (what ``scipy.linalg.expm_frechet`` implements):
     the Padé pair and its derivative share one LU, and each squaring does
-    ``L ← R L + L R, R ← R²``. Cost is about three times :func:`expm` (the ``2n × 2n`` block
+    ``L ← R L + L R, R ← R²``. The scaling ``s`` comes from ``‖A^k‖₁^{1/k}`` as in
+    :func:`expm` rather than from ``‖A‖₁``, so non-normal matrices are not overscaled.
+    Single precision uses the double-precision thresholds (conservative). Cost is about three times :func:`expm` (the ``2n × 2n`` block
     ``e^{[[A, E], [0, A]]}`` gives the same numbers at about eight times the cost).
 
     Derivatives: linear in ``E``; the transpose in ``E`` is ``Ḡ ↦ L(Aᵀ, Ḡ)``; the derivative in
