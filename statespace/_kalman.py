@@ -112,7 +112,9 @@ def _psd_cholesky(A):
 def _assemble_lower(cols, like):
     m = len(cols)
     zero = jnp.zeros_like(like[..., 0, 0])
-    rows = [jnp.stack([cols[i][j] if j <= i else zero for j in range(m)], axis=-1) for i in range(m)]
+    rows = [
+        jnp.stack([cols[i][j] if j <= i else zero for j in range(m)], axis=-1) for i in range(m)
+    ]
     return jnp.stack(rows, axis=-2)
 
 
@@ -163,7 +165,9 @@ def _as_discrete(model, times):
             raise ValueError(f"{type(model).__name__} is a continuous-time model: pass times")
         return model._to_discrete(times)
     if times is not None:
-        raise ValueError("times is only meaningful for continuous-time models; got a discrete model")
+        raise ValueError(
+            "times is only meaningful for continuous-time models; got a discrete model"
+        )
     if not isinstance(model, LinearGaussianSSM):
         raise TypeError(f"expected a LinearGaussianSSM or continuous-time model; got {type(model)}")
     return model, None
@@ -386,7 +390,9 @@ def _run(model, y, times, form, parallel, moments):
     return jnp.where(ok, total, -jnp.inf), jnp.where(ok[..., None], per_step, -jnp.inf)
 
 
-def kalman_filter(model, y, times=None, *, form: str = "cov", parallel: bool = False) -> FilterResult:
+def kalman_filter(
+    model, y, times=None, *, form: str = "cov", parallel: bool = False
+) -> FilterResult:
     r"""Kalman filter: log-likelihood and filtered / one-step-predicted state moments.
 
     Step ``k`` conditions the prediction of ``x[k]`` on ``y[k]`` and then predicts ``x[k+1]``:

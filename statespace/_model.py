@@ -140,7 +140,8 @@ class LinearGaussianSSM:
                 _, t_len = _split_axes(name, x.shape)
                 if t_len not in (None, 1):
                     raise ValueError(
-                        f"P0='stationary' needs time-invariant F and Q; got {name}.shape = {x.shape}"
+                        "P0='stationary' needs time-invariant F and Q; "
+                        f"got {name}.shape = {x.shape}"
                     )
             F_c = F if F.ndim == 2 else F[..., 0, :, :]
             Q_c = Q if Q.ndim == 2 else Q[..., 0, :, :]

@@ -109,7 +109,9 @@ def test_all_missing_gives_prior(form):
 def test_vmap_over_series_with_different_gaps():
     p, _ = _case(T=6)
     model = LinearGaussianSSM(**p)
-    ys = np.stack([random_observations(np.random.default_rng(s), p, 6, missing=0.4) for s in range(3)])
+    ys = np.stack(
+        [random_observations(np.random.default_rng(s), p, 6, missing=0.4) for s in range(3)]
+    )
     batched = jax.vmap(lambda yy: LL(model, yy))(ys)
     direct = LL(model, ys)  # leading axes of y are batch axes
     expected = [dense_log_likelihood(p, yy) for yy in ys]

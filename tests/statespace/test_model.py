@@ -145,7 +145,9 @@ def test_simulate_matches_dense_moments(time_varying):
     model = LinearGaussianSSM(**p)
     states, obs = jax.vmap(lambda k: model.simulate(k, T))(jax.random.split(jax.random.key(0), num))
     assert states.shape == (num, T, 2) and obs.shape == (num, T, 2)
-    joint = np.concatenate([np.asarray(states).reshape(num, -1), np.asarray(obs).reshape(num, -1)], 1)
+    joint = np.concatenate(
+        [np.asarray(states).reshape(num, -1), np.asarray(obs).reshape(num, -1)], axis=1
+    )
     mean, cov = dense_joint(p, T)
     std = np.sqrt(np.diag(cov))
     # 5 standard errors on the mean, and a loose check on the covariance.
