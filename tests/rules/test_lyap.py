@@ -102,7 +102,7 @@ def test_dlyap_matches_scipy_float64(n, method):
     assert rel_err(X, sl.solve_discrete_lyapunov(A, Q)) <= 1e-12
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", [5, 64])
 @pytest.mark.parametrize(
     "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
 )
@@ -121,7 +121,7 @@ def test_float32_matches_scipy(func, method, n):
     assert rel_err(X, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 6])
+@pytest.mark.parametrize("n", [2, 6])
 @pytest.mark.parametrize(
     "func,method,oracle",
     [(lyap, m, kron_lyap) for m in LYAP_METHODS] + [(dlyap, m, kron_dlyap) for m in DLYAP_METHODS],
