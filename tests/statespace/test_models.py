@@ -167,7 +167,7 @@ def test_diffuse_builders_and_sum_with_trend():
     assert combo.diffuse == (True, True, False, False)
     m0, P0, ok = combo.initial()
     assert bool(ok)
-    np.testing.assert_allclose(P0[2:, 2:], stationary_cov(np.asarray(combo.A[2:, 2:]), np.asarray(combo.Q[2:, 2:])), rtol=1e-9)
+    np.testing.assert_allclose(P0[2:, 2:], stationary_cov(np.asarray(combo.A[2:, 2:]), np.asarray(combo.Q[2:, 2:])), rtol=1e-9, atol=1e-14)
     np.testing.assert_array_equal(P0[:2], 0.0)
     rng = np.random.default_rng(4)
     times = np.sort(rng.uniform(0, 10, 25))
