@@ -3,8 +3,10 @@
 ``f'' + α₁ f' + α₂ f = σ (ε + β₁ ε')`` (``statespace.models.carma``), observed with white
 noise at ``--num-times`` irregular times. For ``p = 2`` the AR polynomial ``s² + α₁ s + α₂``
 is stable exactly when ``α₁ > 0`` and ``α₂ > 0`` (Routh–Hurwitz), so both are fitted on the
-log scale (``statespace.transforms.Positive("exp")``), as are ``σ`` and the noise scale;
-``β₁`` is unconstrained. ``statespace.fit`` runs L-BFGS (or Adam) in jitted ``lax.scan``
+log scale (``statespace.transforms.Positive("exp")``), as are ``σ`` and the noise scale.
+``β₁`` is positive too: the spectrum ``σ² |1 + iνβ₁|² / |α(iν)|²`` is even in ``β₁``, so
+only the minimum-phase sign (root ``−1/β₁`` of the MA polynomial in the left half-plane) is
+identifiable, and ``β₁ = 0`` is a stationary point of the likelihood to stay away from. ``statespace.fit`` runs L-BFGS (or Adam) in jitted ``lax.scan``
 chunks; standard errors come from the Hessian at the optimum (forward-over-reverse through
 the package's derivative rules), mapped to the natural scale by the delta method.
 
@@ -28,13 +30,13 @@ import optax
 import statespace
 from statespace import models
 from statespace.numpyro import LinearGaussianStateSpace
-from statespace.transforms import Identity, Positive, constrain, unconstrain
+from statespace.transforms import Positive, constrain, unconstrain
 
 TRUE = {"alpha": np.array([1.0, 2.5]), "beta1": np.array(0.4), "sigma": np.array(1.0),
         "noise_sd": np.array(0.2)}
-SPEC = {"alpha": Positive("exp"), "beta1": Identity(), "sigma": Positive("exp"),
+SPEC = {"alpha": Positive("exp"), "beta1": Positive("exp"), "sigma": Positive("exp"),
         "noise_sd": Positive("exp")}
-START = {"alpha": np.array([0.5, 1.0]), "beta1": np.array(0.0), "sigma": np.array(0.5),
+START = {"alpha": np.array([0.5, 1.0]), "beta1": np.array(0.2), "sigma": np.array(0.5),
          "noise_sd": np.array(0.5)}
 
 

@@ -332,6 +332,12 @@ class LinearGaussianStateSpace(Distribution):
                 f"value must have trailing shape event_shape = {self.event_shape}; "
                 f"got value.shape = {value.shape}"
             )
+        lp = _jit_log_prob(self, value)
+        if self._validate_args:
+            lp = jnp.where(self._validate_sample(value), lp, -jnp.inf)
+        return lp
+
+    def _log_prob(self, value):
         batch = self.batch_shape
         lead = tuple(np.broadcast_shapes(value.shape[:-2], batch))
         value = jnp.broadcast_to(value, lead + self.event_shape)
@@ -349,10 +355,7 @@ class LinearGaussianStateSpace(Distribution):
         else:
             fn = _vmap_batch(per_member, len(batch))
             lp = jax.vmap(fn, in_axes=(None, None, 0))(model, times, flat)
-        lp = lp.reshape(sample_shape + batch)
-        if self._validate_args:
-            lp = jnp.where(self._validate_sample(value), lp, -jnp.inf)
-        return lp
+        return lp.reshape(sample_shape + batch)
 
     # -- sampling ----------------------------------------------------------------------------
     def _single_sample(self, key, model, times):
@@ -364,7 +367,10 @@ class LinearGaussianStateSpace(Distribution):
 
     def sample_with_intermediates(self, key, sample_shape=()):
         """Observations and ``[states]``: shapes ``sample_shape + batch_shape + (T, m)`` / ``(T, n)``."""
-        sample_shape = tuple(sample_shape)
+        obs, states = _jit_sample(self, key, tuple(sample_shape))
+        return obs, [states]
+
+    def _sample(self, key, sample_shape):
         batch = self.batch_shape
         num = math.prod(sample_shape + batch)
         keys = jax.random.split(key, num)
@@ -376,8 +382,14 @@ class LinearGaussianStateSpace(Distribution):
         n = states.shape[-1]
         states = states.reshape(sample_shape + batch + (self.num_steps, n))
         obs = obs.reshape(sample_shape + batch + self.event_shape)
-        return obs, [states]
+        return obs, states
 
     def sample(self, key, sample_shape=()):
         """Simulated observations of shape ``sample_shape + batch_shape + (T, m)``."""
         return self.sample_with_intermediates(key, sample_shape)[0]
+
+
+# One compiled program per distribution structure and value shape, so eager calls do not
+# dispatch the filter op by op (under an outer jit, e.g. in MCMC, these are simply inlined).
+_jit_log_prob = jax.jit(lambda dist, value: dist._log_prob(value))
+_jit_sample = jax.jit(lambda dist, key, shape: dist._sample(key, shape), static_argnums=2)
