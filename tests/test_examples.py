@@ -16,13 +16,13 @@ def load(name):
     return module
 
 
-def test_fit_continuous_recovers_carma_parameters():
-    out = load("fit_continuous").main(["--num-times", "150", "--num-steps", "150", "--no-progress"])
+def test_fit_continuous_recovers_sho_parameters():
+    out = load("fit_continuous").main(["--num-times", "150", "--num-steps", "100", "--no-progress"])
     z = np.array(list(out["z_scores"].values()))
     assert np.all(np.isfinite(z))
     # the estimates sit within a few standard errors of the simulating values
     assert np.all(np.abs(z) < 4.0)
-    assert out["result"].num_steps <= 150
+    assert out["result"].num_steps <= 100
 
 
 def test_nuts_continuous_smoke():
