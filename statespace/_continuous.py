@@ -174,7 +174,8 @@ def _discretize_matrices(A, Q, b, dt):
     compositions of the transition over ``δ`` (shared by all steps, so the per-step work is one
     table look-up and one composition). Every identity used is exact, so the derivative of this
     map is the derivative of the exact map (to the truncation error); autodiff sees only matmuls
-    in straight-line code, no loop. No ``e^{−A dt}`` block is ever formed (Van Loan's
+    in straight-line code (steps longer than 64 δ, if any, go through a compact loop over the
+    binary digits of q, under ``lax.cond`` and rematerialised in the backward pass). No ``e^{−A dt}`` block is ever formed (Van Loan's
     ``[[−A, Q], [0, Aᵀ]]`` overflows once ``dt ||A||`` reaches a few hundred for stable ``A``).
     """
     dtype = jnp.result_type(A, Q, dt)
@@ -234,12 +235,16 @@ def discretize(model, dt) -> Discretization:
                                                 expm([[−A, Q], [0, Aᵀ]] dt))
         bd = ∫_0^dt e^{A s} ds b
 
-    Exact for every ``A`` (singular, defective, unstable) and every ``dt``: the series is taken
-    at ``dt / 2^s`` with ``||A dt / 2^s||_1 <= 1/2`` and doubled back with the exact identities
-    ``F(2h) = F(h)²``, ``Qd(2h) = Qd(h) + F(h) Qd(h) F(h)ᵀ``, ``bd(2h) = bd(h) + F(h) bd(h)``;
-    ``s`` is chosen per step outside the differentiated path. Relative error ~1e-14 in float64
-    for ``dt ||A||`` from 0 to 1e3 and beyond; it never forms ``P∞ − F P∞ Fᵀ`` (which cancels
-    for small ``dt``). ``dt = 0`` gives ``F = I``, ``Qd = 0``, ``bd = 0``.
+    Exact for every ``A`` (singular, defective, unstable) and every ``dt >= 0``: with a grid step
+    ``δ = θ/α`` (α ≈ the spectral growth rate ``||A^k||^{1/k}``, chosen outside the differentiated
+    path) each step is split as ``dt = q δ + r``; the transition over ``r`` is a Taylor series
+    (``α r <= θ``), the one over ``q δ`` a look-up in a table of exact compositions
+    ``F(a+b) = F(b) F(a)``, ``Qd(a+b) = F(b) Qd(a) F(b)ᵀ + Qd(b)``, ``bd(a+b) = F(b) bd(a) + bd(b)``
+    shared by all steps. Relative error ~1e-14 in float64 against a 50-digit mpmath reference
+    for ``dt ||A||`` from 1e-8 to 1e3 (tests/statespace/test_continuous.py); it never forms
+    ``P∞ − F P∞ Fᵀ`` (which cancels for small ``dt``) nor ``e^{−A dt}``. Derivatives (forward,
+    reverse, second order) are those of this exact map. ``dt = 0`` gives ``F = I``, ``Qd = 0``,
+    ``bd = 0``. Steps beyond ``2^48 δ`` give NaN.
 
     Args:
         model: a :class:`ContinuousLinearSSM` (only ``A``, ``Q`` and ``b`` are used).
