@@ -87,6 +87,15 @@ class ParallelFilterResult(NamedTuple):
     predicted_chols: jax.Array | None = None
 
 
+def _filter_result_class():
+    """``statespace.FilterResult`` (imported lazily: ``_kalman`` may import this module)."""
+    try:
+        from statespace._kalman import FilterResult
+    except ImportError:  # pragma: no cover
+        return ParallelFilterResult
+    return FilterResult
+
+
 class ParallelSmootherResult(NamedTuple):
     """Smoothed moments from :func:`parallel_smoother`."""
 
@@ -393,8 +402,7 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
         moments: if False, return only ``(log_likelihood, log_likelihoods)``.
 
     Returns:
-        A ``ParallelFilterResult`` with the fields of ``statespace.FilterResult`` (in the same
-        order): ``log_likelihood`` (scalar), ``log_likelihoods (T,)``, ``filtered_means (T, n)``,
+        A ``statespace.FilterResult`` (fields, in order): ``log_likelihood`` (scalar), ``log_likelihoods (T,)``, ``filtered_means (T, n)``,
         ``filtered_covs (T, n, n)``, ``predicted_means (T, n)``, ``predicted_covs (T, n, n)``,
         and for ``form="sqrt"`` ``filtered_chols``, ``predicted_chols``; or the pair
         ``(log_likelihood, log_likelihoods)`` when ``moments=False``.
@@ -452,12 +460,13 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     total = jnp.sum(lls)
     if not moments:
         return total, lls
+    result_class = _filter_result_class()
     if sqrt:
-        return ParallelFilterResult(
+        return result_class(
             total, lls, means, _sym(chols_f @ _mT(chols_f)), pred_means,
             _sym(chols_p @ _mT(chols_p)), chols_f, chols_p,
         )
-    return ParallelFilterResult(total, lls, means, covs, pred_means, pred_covs)
+    return result_class(total, lls, means, covs, pred_means, pred_covs, None, None)
 
 
 def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
