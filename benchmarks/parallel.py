@@ -96,6 +96,8 @@ def main(argv=None) -> list[dict]:
         for what, seq_fn, par_fn in (("loglik", seq_ll, par_ll), ("grad", seq_grad, par_grad)):
             seq = time_fn(seq_fn, params, y, repeats=reps, min_time=0.1)
             par = time_fn(par_fn, params, y, repeats=reps, min_time=0.1)
+            print(f"T={T} {what}: sequential {seq['median_s']:.4g} s, parallel {par['median_s']:.4g} s "
+                  f"(compile {seq['compile_s']:.3g} s / {par['compile_s']:.3g} s)", flush=True)
             timed.append({
                 "T": T,
                 "quantity": what,
