@@ -22,9 +22,14 @@ def _ensure_python3_kernelspec():
     try:
         KernelSpecManager().get_kernel_spec("python3")
     except NoSuchKernel:
+        import sys
+
         from ipykernel.kernelspec import install
 
-        install(user=True)
+        try:  # into this environment, so it runs this interpreter and shadows nothing else
+            install(prefix=sys.prefix)
+        except OSError:
+            install(user=True)
 
 
 def _summary(nb):
