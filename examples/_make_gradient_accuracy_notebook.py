@@ -374,7 +374,8 @@ full `Q`), observed through
 `H = [1, 0]` with noise variance `R` at 16 irregular times `t_k = s · τ_k`, started from the
 stationary covariance `P∞ = lyap(A, Q)`. The scale `s` sweeps the typical step from 1e-3 to
 ~30 in units of `1/‖A‖`. The derivative is the gradient of `log p(y)` with respect to
-`(A, Q, R)` (all 9 entries), projected on four random directions. Ours is
+`(A, Q, R)` (all 9 entries) along two random directions per point (ours in forward and
+reverse mode); the larger of the two errors is plotted. Ours is
 `statespace.log_likelihood(ContinuousLinearSSM(A, Q, H, R), y, times)`; plain JAX is the naive
 continuous-time route of the benchmarks: Van Loan through `jax.scipy.linalg.expm` per interval,
 `P∞` by the dense Kronecker solve, a plain covariance Kalman filter in `jnp`. The mpmath
