@@ -225,7 +225,6 @@ Q_lyap = B @ B.T + np.eye(n)
 
 def mp_lyap(A, Q):
     n = A.rows
-    eye = mpmath.eye(n)
     K = mpmath.matrix(n * n, n * n)
     for i in range(n):
         for j in range(n):
@@ -475,10 +474,9 @@ A = V @ np.diag([-0.5, -1.0, -2.0, -3.0]) @ np.linalg.inv(V)
 
 
 def mp_lyap_of_A(A_obj):
-    with mpmath.workdps(40):
-        A_mp = mpmath.matrix(A_obj.tolist())
-        X = mp_lyap(A_mp, to_mp(Q_lyap))
-        return np.array(X.tolist(), dtype=object)
+    # check_derivatives hands the perturbed A as an object array of mpf (at its working precision)
+    X = mp_lyap(mpmath.matrix(A_obj.tolist()), to_mp(Q_lyap))
+    return np.array(X.tolist(), dtype=object)
 
 
 report = check_derivatives(rules.lyap, (jnp.asarray(A), jnp.asarray(Q_lyap)), reference=mp_lyap_of_A)
