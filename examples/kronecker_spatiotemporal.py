@@ -55,7 +55,7 @@ import optax
 import rules
 import statespace
 from statespace import models
-from statespace._fit import standard_errors as hessian_standard_errors  # not re-exported by statespace (yet)
+from statespace import standard_errors as hessian_standard_errors
 
 NAMES = ("space_lengthscale", "time_lengthscale", "variance", "noise_sd")
 TRUE = {"space_lengthscale": 0.3, "time_lengthscale": 0.5, "variance": 1.5, "noise_sd": 0.3}

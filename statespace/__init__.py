@@ -7,7 +7,7 @@ NumPyro distributions for NUTS and optax fitting loops.
 
 from statespace import models, numpyro, testing, transforms
 from statespace._continuous import ContinuousLinearSSM, discretize, predict
-from statespace._fit import FitResult, fit
+from statespace._fit import FitResult, covariance, fit, standard_errors
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import LinearGaussianSSM
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
@@ -18,6 +18,7 @@ __all__ = [
     "FitResult",
     "LinearGaussianSSM",
     "SmootherResult",
+    "covariance",
     "discretize",
     "fit",
     "kalman_filter",
@@ -27,6 +28,7 @@ __all__ = [
     "predict",
     "rts_smoother",
     "sample_posterior",
+    "standard_errors",
     "testing",
     "transforms",
 ]

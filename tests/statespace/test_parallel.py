@@ -205,3 +205,26 @@ def test_input_errors():
         parallel_filter(LinearGaussianSSM(**dict(params, F=np.stack([params["F"]] * 4))), y)
     with pytest.raises(NotImplementedError, match="diffuse"):
         parallel_filter(LinearGaussianSSM(**params, diffuse=True), y)
+
+
+def test_public_functions_route_parallel_true_here():
+    import statespace
+
+    params, y = _case("offsets_missing", seed=3)
+    model = LinearGaussianSSM(**params)
+    sequential = statespace.kalman_filter(model, y)
+    parallel = statespace.kalman_filter(model, y, parallel=True)
+    assert _rel(parallel.log_likelihood, sequential.log_likelihood) < 1e-9
+    np.testing.assert_allclose(parallel.filtered_covs, sequential.filtered_covs, atol=1e-8)
+    assert _rel(statespace.log_likelihood(model, y, parallel=True), sequential.log_likelihood) < 1e-9
+
+    gp = statespace.models.matern32(0.7, 1.3, noise_var=0.1)
+    rng = np.random.default_rng(4)
+    times = np.sort(rng.uniform(0.0, 10.0, 12))
+    obs = rng.standard_normal((12, 1))
+    assert _rel(
+        statespace.log_likelihood(gp, obs, times, parallel=True),
+        statespace.log_likelihood(gp, obs, times),
+    ) < 1e-9
+    with pytest.raises(NotImplementedError, match="diffuse"):
+        statespace.log_likelihood(model.replace(diffuse=True), y, parallel=True)
