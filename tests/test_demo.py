@@ -58,6 +58,7 @@ def test_tiny_demo_run_on_a_subset(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_custom_data_file_without_nuts_or_plot(tmp_path, capsys):
     times, y = _demo.load_co2()
     path = tmp_path / "co2.csv"

@@ -16,6 +16,7 @@ def load(name):
     return module
 
 
+@pytest.mark.slow
 def test_fit_continuous_recovers_sho_parameters():
     out = load("fit_continuous").main(["--num-times", "150", "--num-steps", "100", "--no-progress"])
     z = np.array(list(out["z_scores"].values()))
@@ -53,6 +54,7 @@ def test_nuts_continuous_converges_and_covers_the_truth():
     assert all(out["covered"].values()), out["covered"]
 
 
+@pytest.mark.slow
 def test_panel_continuous_smoke():
     module = load("panel_continuous")
     out = module.main(
@@ -63,6 +65,7 @@ def test_panel_continuous_smoke():
     assert np.isfinite(out["max_rhat"])
 
 
+@pytest.mark.slow
 def test_panel_likelihood_is_one_vmapped_distribution_equal_to_per_subject_sum():
     """The panel's plate likelihood equals the sum of per-subject filters on unpadded data."""
     import jax

@@ -42,7 +42,6 @@ def _summary(nb):
     raise AssertionError("the notebook printed no summary line")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_gradient_accuracy_notebook_executes_and_holds():
     _ensure_python3_kernelspec()

@@ -298,6 +298,7 @@ def test_diffuse_trend_matches_large_prior_limit():
     np.testing.assert_allclose(ll_diffuse, ll_big, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_log_likelihood_gradients_and_hessian():
     rng = np.random.default_rng(11)
     A, Q, H, R = (jnp.asarray(v) for v in _random_ou(rng, n=2, m=1))

@@ -147,8 +147,8 @@ def test_y_shape_errors_and_parallel():
         kalman_filter(model, y[:4])
     with pytest.raises(ValueError, match="form"):
         kalman_filter(model, y, form="info")
-    with pytest.raises(NotImplementedError):
-        kalman_filter(model, y, parallel=True)
+    with pytest.raises(NotImplementedError, match="diffuse"):
+        kalman_filter(model.replace(diffuse=True), y, parallel=True)
     with pytest.raises(ValueError, match="times"):
         kalman_filter(model, y, times=np.arange(5.0))
 

@@ -207,6 +207,7 @@ def test_input_errors():
         parallel_filter(LinearGaussianSSM(**params, diffuse=True), y)
 
 
+@pytest.mark.slow
 def test_public_functions_route_parallel_true_here():
     import statespace
 
