@@ -21,27 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._timing import machine_info, markdown_table, time_fn
+from benchmarks.kalman import _problem
 
 T_VALUES = [100, 1_000, 10_000, 100_000]
 QUICK_T_VALUES = [100, 1_000]
 N, M = 4, 2
-
-
-def _problem(n, m, T, seed=0):
-    from statespace import LinearGaussianSSM
-
-    rng = np.random.default_rng(seed)
-    A = rng.standard_normal((n, n))
-    F = 0.9 * A / np.max(np.abs(np.linalg.eigvals(A)))
-    B = rng.standard_normal((n, n))
-    Q = B @ B.T / n + 0.1 * np.eye(n)
-    H = rng.standard_normal((m, n))
-    C = rng.standard_normal((m, m))
-    R = C @ C.T / m + 0.1 * np.eye(m)
-    params = dict(F=F, Q=Q, H=H, R=R, m0=rng.standard_normal(n), P0=np.eye(n))
-    params = {k: jnp.asarray(v) for k, v in params.items()}
-    _, y = LinearGaussianSSM(**params).simulate(jax.random.key(seed), T)
-    return params, y
 
 
 def _functions(form: str, parallel: bool):

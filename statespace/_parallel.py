@@ -68,32 +68,12 @@ import numpy as np
 from jax import lax
 
 from rules import tria
+from statespace._kalman import FilterResult
+from statespace._kalman import _psd_cholesky as _kalman_psd_cholesky
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 _BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "b": 1, "d": 1, "m0": 1, "P0": 2}
 _FORMS = ("cov", "sqrt")
-
-
-class ParallelFilterResult(NamedTuple):
-    """Same fields, in the same order, as ``statespace.FilterResult``."""
-
-    log_likelihood: jax.Array
-    log_likelihoods: jax.Array
-    filtered_means: jax.Array
-    filtered_covs: jax.Array
-    predicted_means: jax.Array
-    predicted_covs: jax.Array
-    filtered_chols: jax.Array | None = None
-    predicted_chols: jax.Array | None = None
-
-
-def _filter_result_class():
-    """``statespace.FilterResult`` (imported lazily: ``_kalman`` may import this module)."""
-    try:
-        from statespace._kalman import FilterResult
-    except ImportError:  # pragma: no cover
-        return ParallelFilterResult
-    return FilterResult
 
 
 class ParallelSmootherResult(NamedTuple):
@@ -125,15 +105,8 @@ def _solve_lower_T(L, B):
 
 
 def _psd_cholesky(P):
-    """Lower factor ``L L^T = P`` for symmetric positive SEMI-definite ``P`` (zero pivots give
-    zero columns, so a noiseless state has a square root); the sequential filter's unrolled
-    routine, with LAPACK's Cholesky (positive definite only) as the fallback."""
-    P = _sym(P)
-    try:
-        from statespace._kalman import _psd_cholesky as psd_cholesky
-    except ImportError:  # pragma: no cover - the sequential filter is not there yet
-        return jnp.linalg.cholesky(P)
-    return psd_cholesky(P)
+    """The sequential filter's semi-definite Cholesky, applied to the symmetric part."""
+    return _kalman_psd_cholesky(_sym(P))
 
 
 def _get(model, name):
@@ -460,13 +433,12 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     total = jnp.sum(lls)
     if not moments:
         return total, lls
-    result_class = _filter_result_class()
     if sqrt:
-        return result_class(
+        return FilterResult(
             total, lls, means, _sym(chols_f @ _mT(chols_f)), pred_means,
             _sym(chols_p @ _mT(chols_p)), chols_f, chols_p,
         )
-    return result_class(total, lls, means, covs, pred_means, pred_covs, None, None)
+    return FilterResult(total, lls, means, covs, pred_means, pred_covs, None, None)
 
 
 def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
