@@ -214,6 +214,19 @@ def _prepare(fname, A, Q, method, methods, accelerator_method):
 # one matrix: custom_linear_solve around a factorisation made once
 
 
+def _solve_on_solution(matvec, Q, solver, factors):
+    """``matvec(X) = −Q`` as a ``custom_linear_solve``: both modes and every order reuse
+    ``factors`` (computed once, under ``stop_gradient``) through ``solver``."""
+    return lax.custom_linear_solve(
+        matvec,
+        -Q,
+        solve=lambda _, b: _symmetric_preserving(partial(solver, factors, transpose=False), b),
+        transpose_solve=lambda _, b: _symmetric_preserving(
+            partial(solver, factors, transpose=True), b
+        ),
+    )
+
+
 def _lyap_single(A, Q, *, method):
     # 𝓛_A(X) = A X + X Aᵀ = −Q. Tangent and adjoint are 𝓛_A and 𝓛_Aᵀ = 𝓛_{Aᵀ} solves with
     # new right sides (DESIGN §3); custom_linear_solve builds them from matvec + the solvers.
@@ -232,14 +245,7 @@ def _lyap_single(A, Q, *, method):
     def matvec(X):
         return A @ X + X @ A.T
 
-    return lax.custom_linear_solve(
-        matvec,
-        -Q,
-        solve=lambda _, b: _symmetric_preserving(partial(solver, factors, transpose=False), b),
-        transpose_solve=lambda _, b: _symmetric_preserving(
-            partial(solver, factors, transpose=True), b
-        ),
-    )
+    return _solve_on_solution(matvec, Q, solver, factors)
 
 
 def _dlyap_single(A, Q, *, method):
@@ -259,14 +265,7 @@ def _dlyap_single(A, Q, *, method):
     def matvec(X):
         return A @ X @ A.T - X
 
-    return lax.custom_linear_solve(
-        matvec,
-        -Q,
-        solve=lambda _, b: _symmetric_preserving(partial(solver, factors, transpose=False), b),
-        transpose_solve=lambda _, b: _symmetric_preserving(
-            partial(solver, factors, transpose=True), b
-        ),
-    )
+    return _solve_on_solution(matvec, Q, solver, factors)
 
 
 def _symmetric_preserving(solve, b):
