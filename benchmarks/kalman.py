@@ -2,7 +2,10 @@
 
 Run ``python -m benchmarks.kalman [--quick] [--sizes 4,2,1000 ...]``. Every figure is a median
 of jitted calls in this process (compile excluded and reported separately); the ratio column
-is dynamax time / our time, so > 1 means we are faster; ``rel_diff`` is the largest difference
+is dynamax time / our time, so > 1 means we are faster (``_min``: the same ratio of the fastest
+calls); ``autodiff`` is our gradient by plain autodiff through the scan (``gradient="autodiff"``)
+against the default adjoint pass; ``--unfused`` adds the adjoint gradient with an unfused
+reverse step (plain ``@`` and LAPACK per small operation); ``rel_diff`` is the largest difference
 between our value (or gradient) and dynamax's, relative to the largest entry. The gradient is taken with respect to
 all model parameters (F, Q, H, R, m0, P0) in both libraries. float64.
 """
@@ -45,13 +48,42 @@ def _symmetric(params):
     return {k: (v + v.T) / 2 if k in ("Q", "R", "P0") else v for k, v in params.items()}
 
 
-def _ours(form):
+def _ours(form, gradient="adjoint"):
     from statespace import LinearGaussianSSM, log_likelihood
 
     def loglik(params, y):
-        return log_likelihood(LinearGaussianSSM(**_symmetric(params)), y, form=form)
+        model = LinearGaussianSSM(**_symmetric(params))
+        return log_likelihood(model, y, form=form, gradient=gradient)
 
     return jax.jit(loglik), jax.jit(jax.grad(loglik))
+
+
+def _unfused_adjoint_grad():
+    """The adjoint gradient with the reverse step's fused helpers replaced by ``@``, LAPACK
+    Cholesky and triangular solves (one XLA kernel per small operation): shows what the fused
+    reverse step buys. Traced (jitted) here, with the module's helpers patched only meanwhile."""
+    from statespace import _adjoint
+
+    plain = {
+        "_mm": lambda A, B: A @ B,
+        "_mmm": lambda A, B, C: A @ B @ C,
+        "_cholesky": jnp.linalg.cholesky,
+        "_lower_inverse": lambda L: jax.lax.linalg.triangular_solve(
+            L, jnp.eye(L.shape[-1], dtype=L.dtype), left_side=True, lower=True),
+    }
+    grad = _ours("cov")[1]
+
+    def traced(params, y):
+        saved = {k: getattr(_adjoint, k) for k in plain}
+        try:
+            for k, f in plain.items():
+                setattr(_adjoint, k, f)
+            return grad.lower(params, y).compile()
+        finally:
+            for k, f in saved.items():
+                setattr(_adjoint, k, f)
+
+    return traced
 
 
 def _dynamax():
@@ -87,6 +119,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kalman", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
     parser.add_argument("--sizes", nargs="*", default=None, help="n,m,T triples")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time the adjoint gradient with an unfused reverse step")
     args = parser.parse_args(argv)
     if not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
@@ -97,6 +131,8 @@ def main(argv=None):
     min_time = 0.0 if args.quick else 0.3
     print(machine_info())
     ours = {form: _ours(form) for form in ("cov", "sqrt")}
+    autodiff = _ours("cov", gradient="autodiff")
+    unfused = _unfused_adjoint_grad() if args.unfused else None
     peer = _dynamax()
     if peer is None:
         print("dynamax is not installed: peer columns are n/a (pip install dynamax)")
@@ -117,10 +153,22 @@ def main(argv=None):
                 "dynamax/ours": float("nan"),
                 "compile_ours_s": t_cov["compile_s"],
             }
+            if what == "grad":
+                # the same gradient by plain autodiff through the scan (no adjoint pass)
+                t_ad = time_fn(autodiff[1], params, y, repeats=repeats, min_time=min_time)
+                row["autodiff_s"] = t_ad["median_s"]
+                row["autodiff/adjoint"] = t_ad["median_s"] / t_cov["median_s"]
+                if unfused is not None:
+                    t_un = time_fn(unfused(params, y), params, y, repeats=repeats,
+                                   min_time=min_time)
+                    row["unfused_s"] = t_un["median_s"]
+                    row["unfused/fused"] = t_un["median_s"] / t_cov["median_s"]
             if peer is not None:
                 t_peer = time_fn(peer[idx], params, y, repeats=repeats, min_time=min_time)
                 row["dynamax_s"] = t_peer["median_s"]
                 row["dynamax/ours"] = t_peer["median_s"] / t_cov["median_s"]
+                # fastest calls: less sensitive to other processes on a shared machine
+                row["dynamax/ours_min"] = t_peer["min_s"] / t_cov["min_s"]
                 row["compile_dynamax_s"] = t_peer["compile_s"]
                 a, b_ = ours["cov"][idx](params, y), peer[idx](params, y)
                 row["rel_diff"] = max(
@@ -130,6 +178,8 @@ def main(argv=None):
             rows.append(row)
     print(markdown_table(rows, [
         "n,m,T", "what", "ours_cov_s", "us_per_step", "dynamax_s", "dynamax/ours",
+        "dynamax/ours_min", "autodiff_s", "autodiff/adjoint",
+        *(["unfused_s", "unfused/fused"] if args.unfused else []),
         "ours_sqrt_s", "sqrt/cov", "compile_ours_s", "rel_diff",
     ]))
     return rows

@@ -51,6 +51,18 @@ def _mmt(A, B):
     return _mm(A, B.T)
 
 
+# Triple products with every dimension up to this size are one fused reduction over two
+# indices (n^4 multiply-adds, one kernel) instead of two chained reductions (two kernels).
+_TRIPLE_MAX = 4
+
+
+def _mmm(A, B, C):
+    """``A @ B @ C`` for small matrices as ONE broadcast-multiply-sum over both inner indices."""
+    if max(A.shape + B.shape + C.shape) > _TRIPLE_MAX:
+        return _mm(_mm(A, B), C)
+    return jnp.sum(A[:, :, None, None] * B[None, :, :, None] * C[None, None, :, :], axis=(1, 2))
+
+
 def _lower_inverse(L):
     """``L^{-1}`` of a lower-triangular ``L`` (unrolled forward substitution for small sizes)."""
     m = L.shape[-1]
@@ -112,35 +124,34 @@ def _adjoint_step(const, sqrt, carry, xs):
     S = _mmt(HP, Hm) + Rm
     Linv = _lower_inverse(_cholesky(S))
     Sinv = _mtm(Linv, Linv)
-    K = _mtm(HP, Sinv)  # P H^T S^{-1}, (n, m)
+    K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
     alpha = _mm(Sinv, v)
     m_f = m + _mm(K, v)
     P_f = P - _mm(K, HP)
 
     # prediction adjoint
     grads = {
-        "F": _outer(mb_next, m_f) + 2.0 * _mm(_mm(Pb_next, F), P_f),
+        "F": _outer(mb_next, m_f) + 2.0 * _mmm(Pb_next, F, P_f),
         "Q": Pb_next,
         "b": mb_next,
     }
     mb_f = _mm(F.T, mb_next)
-    Pb_f = _mm(_mtm(F, Pb_next), F)
+    Pb_f = _mmm(F.T, Pb_next, F)
 
     # update adjoint
-    u = _mm(Sinv, _mm(HP, mb_f))
+    u = _mm(K.T, mb_f)  # S^{-1} H P mb_f
     vb = (u - alpha) * w
-    KtPb = _mtm(K, Pb_f)  # (m, n)
     D = 0.5 * (_outer(alpha, alpha) - Sinv - _outer(u, alpha) - _outer(alpha, u))
-    Sb = D + _mm(KtPb, K)
+    Sb = D + _mmm(K.T, Pb_f, K)
     grads["R"] = Sb * _outer(w, w)
     grads["H"] = (
-        _outer(alpha, _mm(P, mb_f)) + 2.0 * _mm(_mm(Sb, Hm) - KtPb, P) - _outer(vb, m)
+        _outer(alpha, _mm(P, mb_f)) + 2.0 * (_mmm(Sb, Hm, P) - _mmm(K.T, Pb_f, P)) - _outer(vb, m)
     ) * w[:, None]
     grads["d"] = -vb
     mb = mb_f - _mm(Hm.T, vb)
     J = jnp.eye(P.shape[0], dtype=P.dtype) - _mm(K, Hm)
     a = _mm(Hm.T, alpha)
-    Pb = _mm(_mtm(J, Pb_f), J) + _mm(_mtm(Hm, D), Hm) + _symmetrise(_outer(mb_f, a))
+    Pb = _mmm(J.T, Pb_f, J) + _mmm(Hm.T, D, Hm) + _symmetrise(_outer(mb_f, a))
 
     acc = {k: acc[k] + grads[k] for k in acc}
     per_step = {k: grads[k] for k in xs if k not in ("y", "m", "P")}
