@@ -43,22 +43,57 @@ def _spectrum(norm, n, rng):
     return lam
 
 
-def _test_matrix(kind, norm, n, rng):
-    """A real n×n matrix with ‖A‖₁ = norm: orthogonally diagonalisable ("normal") or an
-    orthogonal similarity of an upper-triangular matrix with a large strict upper part."""
-    lam = _spectrum(norm, n, rng)
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    if kind == "normal":
-        a = q @ np.diag(lam) @ q.T
-    else:
-        a = q @ (np.diag(lam) + 3.0 * norm * np.triu(rng.standard_normal((n, n)), 1)) @ q.T
+def _with_norm(a, norm):
     return a * (norm / np.abs(a).sum(axis=0).max())
+
+
+FAMILIES = ["normal", "eigenvectors", "triangular", "rotated triangular", "jordan"]
+
+
+def _test_matrix(kind, norm, n, rng):
+    """A real n×n matrix with ‖A‖₁ = norm and e^A of order one (up to its transient growth):
+
+    * "normal": Q diag(λ) Qᵀ, Q orthogonal;
+    * "eigenvectors": V diag(λ) V⁻¹ with Gaussian V (non-normal, diagonalisable);
+    * "triangular": diag(λ) plus a strict upper part of size 3‖A‖ (strongly non-normal);
+    * "rotated triangular": an orthogonal similarity Q T Qᵀ of that (no zero pattern);
+    * "jordan": λI + cN, N the nilpotent shift (defective).
+    """
+    if kind == "normal":
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        return _with_norm(q @ np.diag(_spectrum(norm, n, rng)) @ q.T, norm)
+    if kind == "eigenvectors":
+        v = rng.standard_normal((n, n))
+        return _with_norm(v @ np.diag(_spectrum(norm, n, rng)) @ np.linalg.inv(v), norm)
+    if kind in ("triangular", "rotated triangular"):
+        t = np.diag(_spectrum(norm, n, rng)) + 3.0 * norm * np.triu(rng.standard_normal((n, n)), 1)
+        if kind == "triangular":
+            return _with_norm(t, norm)
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        return _with_norm(q @ t @ q.T, norm)
+    if kind == "jordan":
+        lam = 0.5 if norm > 10 else rng.choice([-0.5, 0.5]) * norm
+        return lam * np.eye(n) + (norm - abs(lam)) * np.eye(n, k=1)
+    raise ValueError(kind)
+
+
+def _reorderings(a):
+    """``A, Aᵀ, JAJ, JAᵀJ`` (J the exchange matrix), stacked. Their exponentials are the same
+    reordering of e^A, exactly in floating point, so any difference in error is rounding."""
+    j = np.eye(a.shape[-1])[::-1]
+    return np.stack([a, a.T, j @ a @ j, j @ a.T @ j])
 
 
 def _block_frechet(a, e):
     n = a.shape[-1]
     big = np.block([[a, e], [np.zeros_like(a), a]])
     return sla.expm(big)[:n, n:]
+
+
+def _mp_frechet(a, e):
+    """L(A, E) from mpmath's exponential of the 2n×2n block [[A, E], [0, A]]."""
+    n = a.shape[-1]
+    return _mp_expm(np.block([[a, e], [np.zeros_like(a), a]]))[:n, n:]
 
 
 # Eager calls run each primitive through its jitted implementation, cached per shape, so the
@@ -73,52 +108,89 @@ NORMS = [1e-8, 1e-4, 1e-2, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3, 1e4]
 # ----------------------------------------------------------------------------- accuracy
 
 
-def _error_budget(a, ref):
-    """10x SciPy's error on the same matrix, where errors below the rounding noise of the
-    problem, u·κ_exp(A) (κ_exp the relative condition number, ``scipy.linalg.expm_cond``),
-    count as that noise: for ill-conditioned matrices which of two correct codes wins is a
-    rounding lottery (seen both ways by 20x)."""
-    noise = UNIT_ROUNDOFF * max(1.0, sla.expm_cond(a))
-    return 10 * max(_rel_err(sla.expm(a), ref), noise)
+def _errors(a, ref):
+    """Relative errors of ours and of SciPy on the four exact reorderings of ``a``."""
+    stack, refs = _reorderings(a), _reorderings(ref)
+    ours = np.array([_rel_err(x, r) for x, r in zip(np.asarray(expm_jit(stack)), refs)])
+    scipy = np.array([_rel_err(sla.expm(x), r) for x, r in zip(stack, refs)])
+    return ours, scipy
 
 
-@pytest.mark.parametrize("kind", ["normal", "nonnormal"])
-def test_expm_accuracy_against_mpmath(kind):
-    rng = np.random.default_rng(0 if kind == "normal" else 1)
-    for norm in NORMS:
-        a = _test_matrix(kind, norm, N, rng)
-        ref = _mp_expm(a)
-        ours = _rel_err(expm_jit(a), ref)
-        assert ours <= _error_budget(a, ref), (kind, norm, ours, _rel_err(sla.expm(a), ref))
-        if kind == "normal" and norm <= 10:
-            assert ours <= 1e-13, (norm, ours)
-        if norm <= 1.0:  # well conditioned: within 10x of SciPy outright (or of u)
-            assert ours <= 10 * max(_rel_err(sla.expm(a), ref), UNIT_ROUNDOFF)
+def _within_10x_of_scipy(a, ref):
+    """Our error is at most 10× SciPy's on the same matrix (floor: unit roundoff).
+
+    "SciPy's error on the same matrix" is taken as the median over the four exact reorderings
+    of A (``_reorderings``), compared with our median: on strongly non-normal matrices a single
+    run's error is a rounding lottery. Measured on the "rotated triangular" family at
+    ‖A‖₁ = 1e4, SciPy's own error on A, Aᵀ, JAJ, JAᵀJ and permutations ranges over a factor of
+    up to 700 (e.g. 5e-4 .. 3.5e-1), and the same algorithm recompiled can move our error by
+    30×; the median is stable. Over 12 seeds × the grid below, median/median stays ≤ 6.4.
+    """
+    ours, scipy = _errors(a, ref)
+    return np.median(ours) <= 10 * max(np.median(scipy), UNIT_ROUNDOFF), (ours, scipy)
+
+
+def test_expm_accuracy_against_mpmath_and_scipy():
+    # The whole grid: every family (normal, non-normal, triangular, rotated, defective) at every
+    # ‖A‖₁ from 1e-8 to 1e4; the reorderings include lower-triangular forms.
+    rng = np.random.default_rng(0)
+    for kind in FAMILIES:
+        for norm in NORMS:
+            a = _test_matrix(kind, norm, N, rng)
+            ref = _mp_expm(a)
+            ok, (ours, scipy) = _within_10x_of_scipy(a, ref)
+            assert ok, (kind, norm, ours, scipy)
+            if kind == "normal" and norm <= 10:
+                assert ours.max() <= 1e-13, (norm, ours)
+            if norm <= 1.0:  # well conditioned: every single run within 10x of SciPy (or of u)
+                assert np.all(ours <= 10 * np.maximum(scipy, UNIT_ROUNDOFF)), (kind, norm, ours)
+
+
+def test_expm_triangular_matrices_keep_their_accuracy():
+    # Code Fragment 2.1 (exact diagonal and superdiagonal after every squaring) for
+    # upper-triangular A, and lower-triangular A computed as (e^{Aᵀ})ᵀ: without them a
+    # Jordan-like block at ‖A‖₁ = 1e3 lost 1e-11 (lower) and triangular matrices 16-19×
+    # SciPy's error. SciPy itself loses 5e-12 on the upper Jordan block (it works on the
+    # transpose, column-major), so here the reference is the unit roundoff, not SciPy.
+    rng = np.random.default_rng(14)
+    for kind in ("triangular", "jordan"):
+        for norm in (1e2, 1e3, 1e4):
+            a = _test_matrix(kind, norm, N, rng)
+            ref = _mp_expm(a)
+            ours, scipy = _errors(a, ref)
+            assert np.all(ours <= 10 * UNIT_ROUNDOFF), (kind, norm, ours, scipy)
+            assert np.all(np.tril(np.asarray(expm_jit(a)), -1) == 0)
 
 
 @pytest.mark.slow
 def test_expm_no_systematic_loss_against_scipy():
-    # Over many strongly non-normal matrices the error ratio to SciPy is a lottery in both
-    # directions; the geometric mean shows there is no systematic loss.
+    # Over many matrices of every family the error ratio to SciPy (per matrix, without the
+    # reorderings) is a lottery in both directions; the geometric mean shows there is no
+    # systematic loss.
     rng = np.random.default_rng(11)
     log_ratios = []
-    for norm in (1e2, 1e3, 1e4):
-        for _ in range(12):
-            a = _test_matrix("nonnormal", norm, N, rng)
-            ref = _mp_expm(a)
-            ours = _rel_err(expm_jit(a), ref)
-            log_ratios.append(np.log(ours / max(_rel_err(sla.expm(a), ref), UNIT_ROUNDOFF)))
+    for kind in FAMILIES:
+        for norm in (1e2, 1e3, 1e4):
+            for _ in range(8):
+                a = _test_matrix(kind, norm, N, rng)
+                ref = _mp_expm(a)
+                ours = _rel_err(expm_jit(a), ref)
+                scipy = _rel_err(sla.expm(a), ref)
+                log_ratios.append(np.log(max(ours, UNIT_ROUNDOFF) / max(scipy, UNIT_ROUNDOFF)))
     assert np.exp(np.mean(log_ratios)) <= 2.0
 
 
 def test_expm_batch_matches_single_matrices():
     # Mixed norms in one batch: the degree is the batch maximum, squarings are per matrix.
     rng = np.random.default_rng(2)
-    batch = np.stack([_test_matrix("nonnormal", norm, N, rng) for norm in (1e-4, 0.3, 10, 1e3)])
+    batch = np.stack([_test_matrix("rotated triangular", norm, N, rng)
+                      for norm in (1e-4, 0.3, 10, 1e3)])
     out = np.asarray(expm_jit(batch))
     for a, x in zip(batch, out):
         ref = _mp_expm(a)
-        assert _rel_err(x, ref) <= _error_budget(a, ref)
+        ok, (_, scipy) = _within_10x_of_scipy(a, ref)
+        assert ok
+        assert _rel_err(x, ref) <= 10 * max(scipy.max(), UNIT_ROUNDOFF)
     # any number of leading dims, and vmap, agree with the flat batch
     np.testing.assert_allclose(expm_jit(batch.reshape(2, 2, N, N)).reshape(out.shape), out,
                                rtol=1e-14, atol=0)
@@ -128,7 +200,7 @@ def test_expm_batch_matches_single_matrices():
 
 @pytest.mark.parametrize("norm", [1e-3, 0.5, 3.0, 40.0, 300.0])
 def test_frechet_against_scipy_and_block_formula(norm):
-    # mildly non-normal (V diag(λ) V⁻¹), so that two correct codes agree to 1e-11
+    # mildly non-normal (V diag(λ) V⁻¹, V near 2I), so that two correct codes agree to 1e-11
     rng = np.random.default_rng(3)
     a = _grad_test_matrix(norm, rng, N)
     e = rng.standard_normal((N, N))
@@ -137,24 +209,55 @@ def test_frechet_against_scipy_and_block_formula(norm):
     assert _rel_err(expm_a, scipy_expm) <= 1e-11
     assert _rel_err(frechet_ae, scipy_frechet) <= 1e-11
     assert _rel_err(frechet_ae, _block_frechet(a, e)) <= 1e-11
+    assert _rel_err(frechet_ae, _mp_frechet(a, e)) <= 1e-13
     # and the same number from our own expm of the block
     big = np.block([[a, e], [np.zeros_like(a), a]])
     assert _rel_err(np.asarray(expm_jit(big))[:N, N:], scipy_frechet) <= 1e-11
 
 
+def test_frechet_on_strongly_nonnormal_matrices_against_mpmath():
+    # On strongly non-normal A (rotated triangular, ‖A‖₁ ≥ 300) no two double-precision codes
+    # agree to 1e-11: L(A, E) is ill-conditioned there. Against mpmath (the 2n×2n block
+    # exponential at 40 digits) SciPy's expm_frechet errs by as much as ours: below, at 1e3,
+    # ours 6e-11, SciPy 4e-11, ours vs SciPy 1e-10; over 8 seeds per norm the geometric mean
+    # of our error over SciPy's is 0.6-0.75 at 300..3e3. So disagreements with SciPy beyond
+    # 1e-11 on such matrices are SciPy's rounding as much as ours, not a defect here.
+    rng = np.random.default_rng(15)
+    disagreements = []
+    for kind, norm in (("rotated triangular", 300.0), ("rotated triangular", 1e3),
+                       ("triangular", 1e3), ("jordan", 1e3), ("eigenvectors", 1e3)):
+        a = _test_matrix(kind, norm, N, rng)
+        e = rng.standard_normal((N, N))
+        ref = _mp_frechet(a, e)
+        ours = np.asarray(frechet_jit(a, e)[1])
+        scipy = sla.expm_frechet(a, e)[1]
+        ours_err, scipy_err = _rel_err(ours, ref), _rel_err(scipy, ref)
+        assert ours_err <= max(10 * scipy_err, 1e-13), (kind, norm, ours_err, scipy_err)
+        disagreements.append((_rel_err(ours, scipy), ours_err, scipy_err))
+    # the first two are the ill-conditioned cases: disagreement > 1e-11 is possible there,
+    # and then SciPy's own error accounts for at least a third of it
+    for gap, ours_err, scipy_err in disagreements:
+        assert gap <= 1e-11 or scipy_err >= gap / 3, disagreements
+
+
 @pytest.mark.parametrize("norm", [1e5, 1e6, 1e8])
-@pytest.mark.parametrize("kind", ["normal", "nonnormal"])
+@pytest.mark.parametrize("kind", ["normal", "rotated triangular", "triangular"])
 def test_huge_norms_finite_and_right(norm, kind):
+    # Reference: mpmath (40 digits; 60 and 90 digits agree exactly here). The rotated
+    # triangular matrices are so ill-conditioned (κ_exp up to 5e10) that ours and SciPy
+    # differ by 1e-6..1e-4; against the exact answer ours is within 10x of SciPy's error.
     rng = np.random.default_rng(4)
     a = _test_matrix(kind, norm, 4, rng)
-    ref = sla.expm(a)
+    ref = _mp_expm(a)
     out = np.asarray(expm_jit(a))
     assert np.all(np.isfinite(out))
-    assert _rel_err(out, ref) <= 1e-6
+    assert _rel_err(out, ref) <= 10 * max(_rel_err(sla.expm(a), ref), UNIT_ROUNDOFF)
+    # L(A, I) = e^A (A and I commute): the Fréchet path against the same reference
     expm_a, frechet_ae = frechet_jit(a, np.eye(4))
     _, scipy_frechet = sla.expm_frechet(a, np.eye(4))
     assert np.all(np.isfinite(np.asarray(frechet_ae)))
-    assert _rel_err(frechet_ae, scipy_frechet) <= 1e-6
+    assert _rel_err(frechet_ae, ref) <= 10 * max(_rel_err(scipy_frechet, ref), UNIT_ROUNDOFF)
+    assert _rel_err(frechet_ae, scipy_frechet) <= 1e-3
 
 
 def test_badly_scaled_upper_triangular():
@@ -166,8 +269,9 @@ def test_badly_scaled_upper_triangular():
     ref = _mp_expm(t)
     out = np.asarray(expm_jit(t))
     assert np.all(np.isfinite(out))
-    assert _rel_err(out, ref) <= _error_budget(t, ref)
-    assert np.allclose(np.tril(out, -1), 0.0)
+    ok, (ours, scipy) = _within_10x_of_scipy(t, ref)
+    assert ok, (ours, scipy)
+    assert np.all(np.tril(out, -1) == 0.0)
     # SciPy's expm_frechet scales by ‖A‖₁ and overscales here (error 4e-9); ours chooses s
     # from ‖A^k‖^{1/k}. Reference: mpmath on the 2n×2n block.
     e = np.random.default_rng(12).standard_normal((4, 4))
@@ -179,7 +283,7 @@ def test_badly_scaled_upper_triangular():
 
 
 @pytest.mark.parametrize("norm", [1e-3, 0.5, 3.0, 10.0])
-@pytest.mark.parametrize("kind", ["normal", "nonnormal"])
+@pytest.mark.parametrize("kind", ["normal", "rotated triangular"])
 def test_float32_accuracy(norm, kind):
     rng = np.random.default_rng(5)
     a = _test_matrix(kind, norm, 4, rng).astype(np.float32)
