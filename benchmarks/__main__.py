@@ -16,6 +16,8 @@ import importlib
 import io
 import pathlib
 import sys
+import time
+import traceback
 
 import jax
 
@@ -48,25 +50,37 @@ def main(argv=None) -> int:
         parser.error(f"unknown areas {unknown}; choose from {AREAS}")
     jax.config.update("jax_enable_x64", True)
     output = args.output or (None if args.quick else RESULTS)
+    shown = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        "# Benchmark results\n\n"
+        f"Written by `{shown}` on {stamp}.\n\n"
+        f"Machine: {machine_info()}.\n\n"
+        "Every figure is a median of repeated jitted calls after a warm-up; each ratio "
+        "compares two figures taken in the same run. Compare ratios, not absolute times, "
+        "across machines.\n"
+    )
     sections = []
+    failed = []
     for area in args.areas:
         print(f"\n## {area}\n", flush=True)
         tee = _Tee(sys.stdout)
-        with contextlib.redirect_stdout(tee):
-            importlib.import_module(f"benchmarks.{area}").main(["--quick"] if args.quick else [])
-        sections.append(f"## {area}\n\n{tee.copy.getvalue().strip()}\n")
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(tee):
+                importlib.import_module(f"benchmarks.{area}").main(["--quick"] if args.quick else [])
+        except Exception:  # one broken area must not lose the others' tables
+            failed.append(area)
+            tee.write("\n**This area failed:**\n\n```\n" + traceback.format_exc() + "```\n")
+        minutes = (time.perf_counter() - start) / 60
+        sections.append(f"## {area}\n\n{tee.copy.getvalue().strip()}\n\n_({minutes:.1f} min)_\n")
+        if output is not None:  # written after every area, so an interrupted run keeps its tables
+            output.write_text(header + "\n" + "\n".join(sections))
     if output is not None:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        header = (
-            "# Benchmark results\n\n"
-            f"Written by `python -m benchmarks` on {stamp}.\n\n"
-            f"Machine: {machine_info()}.\n\n"
-            "Every figure is a median of repeated jitted calls after a warm-up; each ratio "
-            "compares two figures taken in the same run. Compare ratios, not absolute times, "
-            "across machines.\n"
-        )
-        output.write_text(header + "\n" + "\n".join(sections))
         print(f"\nwrote {output}")
+    if failed:
+        print(f"failed areas: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
