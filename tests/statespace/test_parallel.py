@@ -11,7 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 from statespace._model import LinearGaussianSSM
-from statespace._parallel import parallel_filter, parallel_smoother
+from statespace._parallel import _prefix_scan, parallel_filter, parallel_smoother
 from tests.statespace import dense_oracle as oracle
 
 FORMS = ("cov", "sqrt")
@@ -229,3 +229,40 @@ def test_public_functions_route_parallel_true_here():
     ) < 1e-9
     with pytest.raises(NotImplementedError, match="diffuse"):
         statespace.log_likelihood(model.replace(diffuse=True), y, parallel=True)
+
+
+def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed():
+    # A non-commutative associative operation (composition of affine maps x -> A x + v) at
+    # lengths that exercise one block, padding of the last block, and several doubling levels,
+    # in both directions, against the products accumulated one by one in NumPy.
+    def combine(earlier, later):
+        return later[0] @ earlier[0], later[0] @ earlier[1] + later[1]
+
+    scan = jax.jit(lambda elems, reverse: _prefix_scan(combine, elems, reverse=reverse),
+                   static_argnums=1)
+    rng = np.random.default_rng(0)
+    for T, reverse in ((1, False), (17, False), (16, True), (50, True)):
+        A, v = 0.6 * rng.standard_normal((T, 3, 3)), rng.standard_normal((T, 3))
+        order = range(T - 1, -1, -1) if reverse else range(T)
+        expected_A, expected_v = np.empty_like(A), np.empty_like(v)
+        acc = None
+        for k in order:
+            acc = (A[k], v[k]) if acc is None else combine(acc, (A[k], v[k]))
+            expected_A[k], expected_v[k] = acc
+        got_A, got_v = scan((jnp.asarray(A), jnp.asarray(v)), reverse)
+        np.testing.assert_allclose(got_A, expected_A, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_v, expected_v, rtol=1e-12, atol=1e-12)
+
+    # The lowered log-likelihood has (nearly: the padding of the last block) the same number of
+    # operations at T = 64 and T = 65536; lax.associative_scan adds two copies of the
+    # combination per doubling of T.
+    params, _ = _case("basic")
+
+    def ops(T):
+        y = jax.ShapeDtypeStruct((T, 1), jnp.float64)
+        loglik = jax.jit(parallel_filter, static_argnames="moments")
+        return loglik.lower(LinearGaussianSSM(**params), y, moments=False).as_text().count(
+            "stablehlo.")
+
+    short, long = ops(64), ops(65536)
+    assert abs(short - long) < 0.02 * short, (short, long)
