@@ -5,7 +5,10 @@ The naive peer (what users write today, DESIGN §5): Van Loan's ``2n x 2n`` bloc
 stationary ``P0`` from the dense ``n² x n²`` Kronecker solve, and a ``lax.scan`` covariance
 Kalman filter differentiated by autodiff. Ours: ``statespace.log_likelihood`` on a
 ``ContinuousLinearSSM`` at the same irregular times. Also our discrete-time gradient at the
-same sizes (time-invariant ``F``, ``Q``), the cost the continuous-time model should approach.
+same sizes (time-invariant ``F``, ``Q``), the cost the continuous-time model should approach,
+and the exact discretisation alone (``(F, Qd)`` for all ``T`` intervals): its forward time and
+the time of its VJP with respect to ``(A, Q)`` given random cotangents, so its reverse/forward
+ratio stands on its own whatever the filter costs.
 
 Run: ``python -m benchmarks.continuous [--quick]``. Ratios are only meaningful inside one run.
 """
@@ -98,6 +101,19 @@ def ours_discrete_log_likelihood(F, Q, H, R, m0, P0, y):
     return statespace.log_likelihood(statespace.LinearGaussianSSM(F, Q, H, R, m0, P0), y)
 
 
+def discretization_fns():
+    """Jitted forward ``(A, Q, dt) -> (F, Qd)`` and its VJP ``(A, Q, dt, F̄, Q̄d) -> (Ā, Q̄)``."""
+    from statespace._continuous import _discretize_matrices
+
+    def forward(A, Q, dt):
+        return _discretize_matrices(A, Q, None, dt)[:2]
+
+    def vjp(A, Q, dt, F_bar, Qd_bar):
+        return jax.vjp(lambda A, Q: forward(A, Q, dt), A, Q)[1]((F_bar, Qd_bar))
+
+    return jax.jit(forward), jax.jit(vjp)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.continuous", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
@@ -144,6 +160,11 @@ def main(argv=None):
         t_ng = time_fn(naive_grad, *args_c, repeats=repeats)
         t_og = time_fn(ours_grad, *args_c, repeats=repeats)
         t_dg = time_fn(disc_grad, *args_d, repeats=repeats)
+        dt = jnp.concatenate([jnp.diff(p["times"]), jnp.zeros(1, p["times"].dtype)])
+        cotangents = tuple(jnp.asarray(np.random.default_rng(1).normal(size=(2, T, n, n))).astype(F.dtype))
+        disc_fwd, disc_vjp = discretization_fns()
+        t_xf = time_fn(disc_fwd, p["A"], p["Q"], dt, repeats=repeats)
+        t_xb = time_fn(disc_vjp, p["A"], p["Q"], dt, *cotangents, repeats=repeats)
         rows.append(
             {
                 "n,m,T": f"{n},{m},{T}",
@@ -155,6 +176,9 @@ def main(argv=None):
                 "grad_speedup": t_ng["median_s"] / t_og["median_s"],
                 "disc_grad_s": t_dg["median_s"],
                 "cont/disc_grad": t_og["median_s"] / t_dg["median_s"],
+                "discretize_s": t_xf["median_s"],
+                "discretize_vjp_s": t_xb["median_s"],
+                "vjp/fwd": t_xb["median_s"] / t_xf["median_s"],
                 "ll_rel_diff": abs(v_naive - v_ours) / abs(v_naive),
                 "grad_rel_diff": grad_err,
                 "compile_ours_grad_s": t_og["compile_s"],

@@ -59,17 +59,18 @@ class Discretization(NamedTuple):
 # relative to r ||Q|| is ≈ (2θ)^{K+1}/(K+2)! (1e-17 for θ=2, K=30; 1e-10 for θ=1, K=14) and the
 # rounding amplification of the alternating sum is at most e^{2θ}/(2θ) (≈14 for θ=2).
 _SERIES = {8: (2.0, 30, 6), 4: (1.0, 14, 4), 2: (0.5, 8, 3)}
-# Steps up to _TABLE δ (δ = θ/α) take one table look-up and composition; longer ones (rare) take
-# one composition per binary digit of dt/δ, up to _BITS digits (beyond 2^_BITS δ: NaN).
+# Each step dt = q δ + r is looked up digit by digit of q in base _TABLE, one table per digit
+# (_LEVELS look-ups and compositions per step): steps up to _TABLE**_LEVELS δ = 262144 δ
+# (≈ 5e5 / α time units in float64, 2.6e5 / α in float32); longer steps give NaN.
 _TABLE = 64
-_BITS = 48
+_LEVELS = 3
 
 
 def _mm(a, b):
     """Batched matmul; for tiny matrices as broadcast-multiply-sum, which XLA fuses on CPU."""
-    if a.shape[-1] <= 8 and b.shape[-1] <= 8:
+    if a.shape[-1] <= 4 and b.shape[-1] <= 4:
         return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-    return a @ b
+    return jnp.matmul(a, b)
 
 
 def _mv(a, v):
@@ -80,17 +81,27 @@ def _taylor_terms(A, Q, b, degree):
     """``A^k``, ``L_k = (A ⊕ A)^k Q`` (``L_{k+1} = A L_k + L_k Aᵀ``) and ``A^k b``, k = 0..degree.
 
     These do not depend on the step, so they are computed once per model and every interval is a
-    polynomial in its own step: one ``(T, degree+1) @ (degree+1, n²)`` product.
+    polynomial in its own step: one ``(T, degree+1) @ (degree+1, n²)`` product. Built by doubling
+    (terms ``m .. 2m−1`` are ``A^m`` resp. ``(A ⊕ A)^m`` times terms ``0 .. m−1``), so the chain
+    of small products that autodiff stores and replays has log2(degree) links, not degree.
     """
     n = A.shape[-1]
-    powers = [jnp.eye(n, dtype=A.dtype)]
-    lyap_terms = [0.5 * (Q + Q.T)]
-    for _ in range(degree):
-        powers.append(A @ powers[-1])
-        AL = A @ lyap_terms[-1]
-        lyap_terms.append(AL + AL.T)  # L_k stays symmetric
-    offsets = None if b is None else [P @ b for P in powers]
-    return jnp.stack(powers), jnp.stack(lyap_terms), None if b is None else jnp.stack(offsets)
+    eye = jnp.eye(n, dtype=A.dtype)
+    # vec(A L + L Aᵀ) = (A ⊗ I + I ⊗ A) vec(L) in row-major vec
+    kron_sum = jnp.kron(A, eye) + jnp.kron(eye, A)
+    powers = jnp.stack([eye, A])
+    lyap_terms = jnp.stack([0.5 * (Q + Q.T)]).reshape(1, n * n)
+    lyap_terms = jnp.concatenate([lyap_terms, lyap_terms @ kron_sum.T])
+    power_m, kron_m = A, kron_sum  # A^m, (A ⊕ A)^m for m = current count
+    while powers.shape[0] < degree + 1:
+        power_m, kron_m = power_m @ power_m, kron_m @ kron_m
+        powers = jnp.concatenate([powers, jnp.matmul(power_m, powers)])
+        lyap_terms = jnp.concatenate([lyap_terms, lyap_terms @ kron_m.T])
+    powers = powers[: degree + 1]
+    lyap_terms = lyap_terms[: degree + 1].reshape(degree + 1, n, n)
+    lyap_terms = 0.5 * (lyap_terms + jnp.swapaxes(lyap_terms, -1, -2))  # L_k is symmetric
+    offsets = None if b is None else powers @ b
+    return powers, lyap_terms, offsets
 
 
 def _taylor(terms, h):
@@ -131,13 +142,12 @@ def _compose(first, second):
 def _table(step, size):
     """Transitions over ``j δ`` for ``j = 0 .. size−1`` from the one over ``δ`` (``step``).
 
+    ``step`` may carry leading batch axes (one table per level); the table axis comes first.
     Built in log2(size) batched block steps (entries ``m .. 2m−1`` from ``0 .. m−1`` and ``m``),
     each an exact composition, so rounding grows like log(size), not like size.
     """
     F1, Q1, c1 = step
-    n = F1.shape[-1]
-    eye = jnp.eye(n, dtype=F1.dtype)
-    F = jnp.stack([eye, F1])
+    F = jnp.stack([jnp.broadcast_to(jnp.eye(F1.shape[-1], dtype=F1.dtype), F1.shape), F1])
     Qd = jnp.stack([jnp.zeros_like(Q1), Q1])
     c = None if c1 is None else jnp.stack([jnp.zeros_like(c1), c1])
     while F.shape[0] < size:
@@ -151,7 +161,20 @@ def _table(step, size):
     return F[:size], Qd[:size], None if c is None else c[:size]
 
 
-def _take(table, index):
+def _level_steps(step, levels):
+    """Transitions over ``δ, 64 δ, 64² δ, …`` (``levels`` of them, stacked) by repeated squaring."""
+    steps = [step]
+    for _ in range(levels - 1):
+        current = steps[-1]
+        for _ in range(int(np.log2(_TABLE))):
+            current = _compose(current, current)
+        steps.append(current)
+    return tuple(None if step[i] is None else jnp.stack([s[i] for s in steps]) for i in range(3))
+
+
+def _lookup(table, digit):
+    """``table[digit]`` for each step (``digit`` a float array of integers in [0, _TABLE))."""
+    index = digit.astype(jnp.int32)
     return tuple(None if t is None else t[index] for t in table)
 
 
@@ -163,63 +186,67 @@ def _growth_rate(powers, p):
     return jnp.maximum(jnp.minimum(alpha, norm1(powers[1])), norm1(powers[1]) * 2.0**-10)
 
 
+def _table_dtype(dtype):
+    """The precision of the step-independent part (Taylor terms, grid step, tables).
+
+    A table entry over ``q δ`` is a product of ~log2(q) rounded transitions whose relative error
+    grows like ``q δ ||A|| ε`` (the condition number of ``e^{A t}`` for oscillatory ``A``): in
+    float32 that is 3e-5 at ``dt ||A|| = 1e3``. Building this small, step-independent part in
+    float64 (when JAX has it, i.e. ``jax_enable_x64``) keeps float32 results at ~1e-7; the
+    per-step work stays in the input precision.
+    """
+    if jnp.dtype(dtype).itemsize < 8 and jax.config.read("jax_enable_x64"):
+        return jnp.float64
+    return dtype
+
+
 def _discretize_matrices(A, Q, b, dt):
     """(F, Qd, bd) at every ``dt >= 0`` (any shape) for time-invariant ``A``, ``Q``, ``b``.
 
-    Method: a grid step ``δ = θ/α`` (α the growth rate of ``||A^k||^{1/k}``, θ = 2 in float64)
-    is chosen outside the differentiated path (``stop_gradient``). Each step is split as
-    ``dt = q δ + r`` with an integer ``q`` and ``0 <= r < δ``: the transition over ``r`` comes from
-    the Taylor series (``α r <= θ``: fast convergence, nothing cancels, and for tiny ``dt``
-    ``Qd ≈ r Q`` to full relative precision), the one over ``q δ`` from a table of exact
-    compositions of the transition over ``δ`` (shared by all steps, so the per-step work is one
-    table look-up and one composition). Every identity used is exact, so the derivative of this
-    map is the derivative of the exact map (to the truncation error); autodiff sees only matmuls
-    in straight-line code (steps longer than 64 δ, if any, go through a compact loop over the
-    binary digits of q, under ``lax.cond`` and rematerialised in the backward pass). No ``e^{−A dt}`` block is ever formed (Van Loan's
-    ``[[−A, Q], [0, Aᵀ]]`` overflows once ``dt ||A||`` reaches a few hundred for stable ``A``).
+    Method: a grid step ``δ`` (a power of two near ``θ/α``, α the growth rate of
+    ``||A^k||^{1/k}``, θ = 2 in float64) is chosen outside the differentiated path
+    (``stop_gradient``). Each step is split as ``dt = q δ + r`` with an integer ``q`` and
+    ``0 <= r < δ`` (exactly: δ is a power of two): the transition over ``r`` comes from the Taylor
+    series (``α r <= θ``: fast convergence, nothing cancels, and for tiny ``dt`` ``Qd ≈ r Q`` to
+    full relative precision), the one over ``q δ`` from one look-up per base-64 digit of ``q`` in
+    tables of exact compositions of the transition over ``δ``, ``64 δ``, ``64² δ`` (shared by all
+    steps), so the per-step work is a polynomial, three look-ups and three compositions. Every
+    identity used is exact, so the derivative of this map is the derivative of the exact map (to
+    the truncation error); autodiff sees only matmuls, gathers and elementwise products in
+    straight-line code (no ``lax.cond`` or loop, whose reverse passes cost several times their
+    forward). No ``e^{−A dt}`` block is ever formed (Van Loan's ``[[−A, Q], [0, Aᵀ]]`` overflows
+    once ``dt ||A||`` reaches a few hundred for stable ``A``).
     """
     dtype = jnp.result_type(A, Q, dt)
-    A = A.astype(dtype)
-    Q = Q.astype(dtype)
+    table_dtype = _table_dtype(dtype)
     dt = jnp.asarray(dt, dtype)
-    if b is not None:
-        b = b.astype(dtype)
     n = A.shape[-1]
     theta, degree, p = _SERIES.get(jnp.dtype(dtype).itemsize, _SERIES[8])
-    terms = _taylor_terms(A, Q, b, degree)
+    # The table's series must be accurate to its own precision over α δ <= θ.
+    table_degree = degree if table_dtype == dtype else _SERIES[8][1]
+    A_t, Q_t = A.astype(table_dtype), Q.astype(table_dtype)
+    b_t = None if b is None else b.astype(table_dtype)
+    terms_t = _taylor_terms(A_t, Q_t, b_t, max(degree, table_degree))
+    terms = tuple(None if t is None else t[: degree + 1].astype(dtype) for t in terms_t)
 
     # The grid: no derivative flows through δ or q (r = dt − q δ carries dt's derivative).
-    alpha = _growth_rate(terms[0], p)
-    delta = jnp.where(alpha > 0, theta / jnp.where(alpha > 0, alpha, 1.0), jnp.inf).astype(dtype)
+    alpha = _growth_rate(terms_t[0], p).astype(dtype)
+    finite = alpha > 0
+    delta = 2.0 ** jnp.floor(jnp.log2(theta / jnp.where(finite, alpha, 1.0)))
+    delta = jnp.where(finite, delta, jnp.inf).astype(dtype)
     q = jnp.floor(lax.stop_gradient(dt) / delta)
     q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
-    r = dt - q * jnp.where(jnp.isfinite(delta), delta, 0.0)
-    delta_finite = jnp.where(jnp.isfinite(delta), delta, 0.0)
-    base = _taylor(terms, r)
-    grid_step = _taylor(terms, delta_finite)
+    r = dt - q * jnp.where(finite, delta, 0.0)  # exact: δ is a power of two
+    delta_t = jnp.where(finite, delta, 0.0).astype(table_dtype)
 
-    def one_level(_):
-        table = _table(grid_step, _TABLE)
-        return _compose(_take(table, q.astype(jnp.int32)), base)
-
-    def long_steps_branch(_):
-        # q δ by its binary digits: P_j is the transition over 2^j δ (shared), composed into the
-        # steps whose digit j is set. A compact loop: this branch is rare (q >= _TABLE somewhere).
-        def body(j, carry):
-            out, step = carry
-            digit = jnp.mod(jnp.floor(q / 2.0**j), 2.0) > 0
-            new = _compose(tuple(None if x is None else jnp.broadcast_to(x, y.shape) for x, y in zip(step, out)), out)
-            out = tuple(None if x is None else jnp.where(digit.reshape(digit.shape + (1,) * (x.ndim - digit.ndim)), x_new, x) for x, x_new in zip(out, new))
-            return out, _compose(step, step)
-
-        out, _ = lax.fori_loop(0, _BITS, body, (base, grid_step))
-        bad = q >= 2.0**_BITS
-        return tuple(None if x is None else jnp.where(bad.reshape(bad.shape + (1,) * (x.ndim - bad.ndim)), jnp.nan, x) for x in out)
-
-    long_steps = jnp.any(q >= _TABLE) if q.size else jnp.asarray(False)
-    # The rare long-step branch is rematerialised in the backward pass, so lax.cond's reverse rule
-    # does not store its residuals when the short-step branch is the one taken.
-    F, Qd, bd = lax.cond(long_steps, jax.checkpoint(long_steps_branch), one_level, None)
+    out = _taylor(terms, r)
+    tables = _table(_level_steps(_taylor(terms_t, delta_t), _LEVELS), _TABLE)
+    tables = tuple(None if t is None else t.astype(dtype) for t in tables)
+    for level in range(_LEVELS):
+        digit = jnp.mod(jnp.floor(q / float(_TABLE) ** level), float(_TABLE))
+        out = _compose(_lookup(tuple(None if t is None else t[:, level] for t in tables), digit), out)
+    too_long = q >= float(_TABLE) ** _LEVELS
+    F, Qd, bd = (None if x is None else jnp.where(too_long.reshape(too_long.shape + (1,) * (x.ndim - too_long.ndim)), jnp.nan, x) for x in out)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)
@@ -236,15 +263,20 @@ def discretize(model, dt) -> Discretization:
         bd = ∫_0^dt e^{A s} ds b
 
     Exact for every ``A`` (singular, defective, unstable) and every ``dt >= 0``: with a grid step
-    ``δ = θ/α`` (α ≈ the spectral growth rate ``||A^k||^{1/k}``, chosen outside the differentiated
-    path) each step is split as ``dt = q δ + r``; the transition over ``r`` is a Taylor series
-    (``α r <= θ``), the one over ``q δ`` a look-up in a table of exact compositions
+    ``δ`` (a power of two near ``θ/α``, α ≈ the spectral growth rate ``||A^k||^{1/k}``, chosen
+    outside the differentiated path) each step is split exactly as ``dt = q δ + r``; the
+    transition over ``r`` is a Taylor series (``α r <= θ``), the one over ``q δ`` is looked up,
+    one base-64 digit of ``q`` at a time, in tables of exact compositions
     ``F(a+b) = F(b) F(a)``, ``Qd(a+b) = F(b) Qd(a) F(b)ᵀ + Qd(b)``, ``bd(a+b) = F(b) bd(a) + bd(b)``
     shared by all steps. Relative error ~1e-14 in float64 against a 50-digit mpmath reference
     for ``dt ||A||`` from 1e-8 to 1e3 (tests/statespace/test_continuous.py); it never forms
-    ``P∞ − F P∞ Fᵀ`` (which cancels for small ``dt``) nor ``e^{−A dt}``. Derivatives (forward,
-    reverse, second order) are those of this exact map. ``dt = 0`` gives ``F = I``, ``Qd = 0``,
-    ``bd = 0``. Steps beyond ``2^48 δ`` give NaN.
+    ``P∞ − F P∞ Fᵀ`` (which cancels for small ``dt``) nor ``e^{−A dt}``. In float32 the
+    step-independent tables are built in float64 when ``jax_enable_x64`` is on (relative error
+    ~2e-7 up to ``dt ||A|| = 1e3``); without x64 they are float32 and the error of an oscillatory
+    ``e^{A dt}`` grows like ``dt ||A|| · 6e-8`` (its condition number). Derivatives (forward,
+    reverse, second order) are those of this exact map; the differentiated code is straight-line
+    (no ``lax.cond`` or loop). ``dt = 0`` gives ``F = I``, ``Qd = 0``, ``bd = 0``. Steps beyond
+    ``64³ δ`` (≈ 5e5/α) give NaN.
 
     Args:
         model: a :class:`ContinuousLinearSSM` (only ``A``, ``Q`` and ``b`` are used).

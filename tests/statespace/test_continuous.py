@@ -78,12 +78,13 @@ def test_discretize_matches_mpmath_float64(name):
 
 @pytest.mark.parametrize("name", ["stable_random", "integrated_rw", "oscillator_nonnormal"])
 def test_discretize_float32(name):
-    # dt ||A|| up to 1e2: beyond, e^{A dt} of an oscillatory A has relative condition number
-    # ~ dt ||A||, so a backward-stable float32 result is only ~dt ||A|| 6e-8 accurate (5e-5 at 1e3).
+    # dt ||A|| up to 1e3, also for the oscillatory A, where e^{A dt} has relative condition number
+    # ~ dt ||A||: a table built in float32 reached 3e-5 there; the step-independent tables are
+    # built in float64 (x64 is on in the tests), the per-step work stays float32.
     A = _drifts()[name]
     Q = _spd(np.random.default_rng(2), 3)
     norm = np.abs(A).sum(0).max() or 1.0
-    dts = np.array(SCALES if name == "integrated_rw" else SCALES[:-1]) / norm
+    dts = np.array(SCALES) / norm
     model = ContinuousLinearSSM(jnp.asarray(A, jnp.float32), jnp.asarray(Q, jnp.float32),
                                 jnp.ones((1, 3), jnp.float32), jnp.eye(1, dtype=jnp.float32))
     F, Qd, _ = discretize(model, jnp.asarray(dts, jnp.float32))
