@@ -4,8 +4,13 @@ Run ``python -m benchmarks.parallel [--quick] [--T 100,1000] [--form cov|sqrt]``
 log-likelihood and its gradient (with respect to all of F, Q, H, R, m0, P0) are timed for the
 sequential filter (``statespace.log_likelihood``) and the parallel filter
 (``statespace._parallel.parallel_filter``; Särkkä & García-Fernández 2021) in this process:
-medians of jitted calls, compile time excluded and reported separately. ``speedup`` is
-sequential time / parallel time, so > 1 means the parallel form is faster. n = 4, m = 2, float64.
+medians of jitted calls, compile time excluded and reported separately (``*_compile_s``: the
+first call, tracing + XLA compilation + one run). ``speedup`` is sequential time / parallel
+time, so > 1 means the parallel form is faster. n = 4, m = 2, float64.
+
+Compile time: the parallel scan is blocked (``statespace._parallel._prefix_scan``), so its
+compiled program has the same size for every T; with ``lax.associative_scan`` (one unrolled
+level per doubling of T) the gradient's compile time grew with log T, to minutes at T = 1e5.
 
 On CPU the parallel form is expected to LOSE: it does ~5x the arithmetic of the scan and a CPU
 has few cores to spread the O(log T)-deep tree over. It is meant for GPU/TPU, where the scan
@@ -80,7 +85,8 @@ def main(argv=None) -> list[dict]:
         for what, seq_fn, par_fn in (("loglik", seq_ll, par_ll), ("grad", seq_grad, par_grad)):
             seq = time_fn(seq_fn, params, y, repeats=reps, min_time=0.1)
             par = time_fn(par_fn, params, y, repeats=reps, min_time=0.1)
-            print(f"T={T} {what}: sequential {seq['median_s']:.4g} s, parallel {par['median_s']:.4g} s "
+            print(f"T={T} {what}: sequential {seq['median_s']:.4g} s, "
+                  f"parallel {par['median_s']:.4g} s "
                   f"(compile {seq['compile_s']:.3g} s / {par['compile_s']:.3g} s)", flush=True)
             timed.append({
                 "T": T,
