@@ -90,10 +90,12 @@ def _observation_parts(H, R, y):
 #     m_f = m + K v,    P_f = P - K S K^T = P - K H P,
 #     ell = -1/2 (v^T alpha + log|S| + m_obs log 2 pi),
 #     m+ = F m_f + b,   P+ = F P_f F^T + Q.
-# Reverse step (cotangents of the total; mb = m-bar etc., all covariance cotangents symmetric;
-# derivation as in Särkkä, "Bayesian Filtering and Smoothing" (2013) ch. 4 differentiated by
-# matrix calculus, cf. the "Kalman filter adjoint"/sensitivity equations of Gupta & Mehra
-# (1974) and Parker et al. (2022, "Kalman filter sensitivities by the adjoint method")):
+# Reverse step (cotangents of the total; mb = m-bar etc., all covariance cotangents symmetric).
+# Derivation: the filter of Särkkä, "Bayesian Filtering and Smoothing" (2013), section 4.3,
+# differentiated in reverse with the matrix rules of Giles (2008), "Collected matrix derivative
+# results for forward and reverse mode algorithmic differentiation" (d log|S| = tr(S^{-1} dS),
+# d S^{-1} = -S^{-1} dS S^{-1}); the forward-mode counterpart is the sensitivity recursion of
+# Gupta & Mehra (1974, IEEE TAC 19(6)). With ell-bar = 1 for every step:
 #   prediction, given (mb+, Pb+) of step k+1 (zero after the last step):
 #     Fb = mb+ m_f^T + 2 Pb+ F P_f,  Qb = Pb+,  bb = mb+,
 #     mb_f = F^T mb+,                Pb_f = F^T Pb+ F;
