@@ -32,6 +32,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+import rules
 from rules._checks import as_float_array
 from statespace._continuous import ContinuousLinearSSM
 
@@ -430,8 +431,9 @@ def sum_of(*components, noise_var=0.0):
 def product_of(a, b, noise_var=0.0):
     """Product of two independent stationary components: kernel ``k(τ) = k_a(τ) k_b(τ)``.
 
-    The state is ``x_a ⊗ x_b`` (``n = n_a n_b``, row-major Kronecker): ``A = A_a ⊕ A_b =
-    A_a ⊗ I + I ⊗ A_b``, ``H = H_a ⊗ H_b`` and ``Q = Q_a ⊗ P_b + P_a ⊗ Q_b`` with ``P_a, P_b``
+    The state is ``x_a ⊗ x_b`` (``n = n_a n_b``, row-major Kronecker, built with
+    :func:`rules.kron` and :func:`rules.kron_sum`): ``A = A_a ⊕ A_b = A_a ⊗ I + I ⊗ A_b``,
+    ``H = H_a ⊗ H_b`` and ``Q = Q_a ⊗ P_b + P_a ⊗ Q_b`` with ``P_a, P_b``
     the components' stationary covariances, so that ``P∞ = P_a ⊗ P_b`` and
     ``H e^{Aτ} P∞ Hᵀ = (H_a e^{A_a τ} P_a H_aᵀ)(H_b e^{A_b τ} P_b H_bᵀ)``. The observation noise
     is ``R = noise_var`` (the components' own ``R`` are not used).
@@ -461,11 +463,13 @@ def product_of(a, b, noise_var=0.0):
     dtype = _dtype(a.dtype, b.dtype, noise_var)
     _, Pa, _ = a.initial()
     _, Pb, _ = b.initial()
-    # Dense Kronecker factors: the discretisation works on the dense (n_a n_b)² drift.
-    Ia, Ib = jnp.eye(a.state_dim, dtype=dtype), jnp.eye(b.state_dim, dtype=dtype)
-    A = jnp.kron(a.A, Ib) + jnp.kron(Ia, b.A)
-    Q = jnp.kron(a.Q, Pb) + jnp.kron(Pa, b.Q)
+    # The structure is built by rules.kron / rules.kron_sum (row-major, the convention of
+    # x.reshape); ContinuousLinearSSM stores dense matrices (the discretisation needs the dense
+    # (n_a n_b)² drift), so each lazy operator is formed once here.
+    A = rules.kron_sum(a.A.astype(dtype), b.A.astype(dtype)).to_dense()
+    Qa, Qb, Pa, Pb = (M.astype(dtype) for M in (a.Q, b.Q, Pa, Pb))
+    Q = rules.kron(Qa, Pb).to_dense() + rules.kron(Pa, Qb).to_dense()
     Q = 0.5 * (Q + Q.T)
-    H = jnp.kron(a.H, b.H)
+    H = rules.kron(a.H.astype(dtype), b.H.astype(dtype)).to_dense()
     R = jnp.reshape(jnp.asarray(noise_var, dtype), (1, 1))
     return ContinuousLinearSSM(A.astype(dtype), Q.astype(dtype), H.astype(dtype), R)

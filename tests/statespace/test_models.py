@@ -220,3 +220,24 @@ def test_hyperparameter_gradients_and_hessian():
     e0 = jnp.zeros(7).at[0].set(1.0)
     g = jax.jit(jax.grad(ll))
     np.testing.assert_allclose(hess[0], (g(p + eps * e0) - g(p - eps * e0)) / (2 * eps), rtol=1e-5, atol=1e-6)
+
+
+def test_product_of_is_the_kronecker_model_and_differentiates():
+    """P∞ of the product is P_a ⊗ P_b (so its kernel is k_a k_b; the likelihood is checked in
+    test_log_likelihood_matches_dense_gp), and hyperparameter gradients pass through rules.kron
+    and rules.kron_sum."""
+    a, b = models.matern32(2.0, 1.3), models.sho(3.0, 4.0, 0.9)
+    prod = models.product_of(a, b, noise_var=0.1)
+    Pa, Pb = (np.asarray(c.initial()[1]) for c in (a, b))
+    np.testing.assert_allclose(prod.initial()[1], np.kron(Pa, Pb), rtol=1e-9, atol=1e-12)
+
+    def summary(p):  # every matrix of the product model, weighted
+        m = models.product_of(models.matern32(p[0], 1.3), models.sho(p[1], 4.0, 0.9), noise_var=0.1)
+        w = jnp.arange(1.0, 17.0).reshape(4, 4)
+        return jnp.sum(w * m.A) + jnp.sum(w * m.Q) + jnp.sum(w[0] * m.H[0])
+
+    p = jnp.array([2.0, 3.0])
+    g = jax.grad(summary)(p)
+    eps = 1e-6
+    fd = [(summary(p.at[i].add(eps)) - summary(p.at[i].add(-eps))) / (2 * eps) for i in range(2)]
+    np.testing.assert_allclose(g, fd, rtol=1e-7, atol=1e-9)
