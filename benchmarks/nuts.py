@@ -30,10 +30,13 @@ its compile time reported separately); ESS per second of sampling; the warm-up t
 draw; divergences; and ``max |mean - mean_ours| / sd_ours`` over the parameters, a check that
 the three write-ups sample the same posterior (a few tenths is Monte Carlo noise).
 
-Sizes: the default (300 times, 500 warm-up + 500 draws, one chain each) takes about
-2-3 minutes on an idle 2-core machine, most of it in the latent-state method; ``--quick``
-(60 times, 60 + 60) is a smoke run of well under a minute. ESS from one chain of 500 draws is
-itself noisy (±20 % or so): read the ratios as orders of magnitude, not to the percent.
+Sizes: the default is 300 times, 300 warm-up + 300 draws, one chain per method. Its cost is
+dominated by the naive method (its gradient is 15-40x ours at this size) and the latent method
+(a few hundred leapfrog steps per draw), plus about three compiles; on the shared, heavily
+loaded 2-core machine 150 + 150 took ~3 minutes for ours + naive alone, so expect a few
+minutes on an idle 2-core machine. ``--quick`` (60 times, 60 + 60) is a smoke run.
+ESS from one chain of a few hundred draws is itself noisy (±20-30 %): read the ratios as
+orders of magnitude, not to the percent.
 
 Run: ``python -m benchmarks.nuts [--quick] [--num-times T] [--num-warmup W] [--num-samples S]``.
 """
@@ -218,15 +221,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.nuts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--num-times", type=int, default=None, help="observation times (default 300)")
-    parser.add_argument("--num-warmup", type=int, default=None, help="warm-up iterations (default 500)")
-    parser.add_argument("--num-samples", type=int, default=None, help="draws (default 500)")
+    parser.add_argument("--num-warmup", type=int, default=None, help="warm-up iterations (default 300)")
+    parser.add_argument("--num-samples", type=int, default=None, help="draws (default 300)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     num_times = args.num_times or (60 if args.quick else 300)
-    num_warmup = args.num_warmup or (60 if args.quick else 500)
-    num_samples = args.num_samples or (60 if args.quick else 500)
+    num_warmup = args.num_warmup or (60 if args.quick else 300)
+    num_samples = args.num_samples or (60 if args.quick else 300)
 
     print(machine_info())
     print(f"T = {num_times} irregular times, {num_warmup} warm-up + {num_samples} draws, 1 chain per method")
