@@ -16,6 +16,13 @@ last time (``dt = 0``) with NaN observations, which contribute nothing to the li
 The likelihood is one ``LinearGaussianStateSpace`` with ``batch_shape = (num_subjects,)``
 inside ``numpyro.plate``: the per-subject Kalman filters are ``vmap``-ed, not a Python loop.
 
+The script prints NumPyro's summary of the population parameters, a table of true values
+against posterior means and 95 % intervals, the wall time (compile included), the largest
+r-hat and the number of divergences; it exits with status 1 when an r-hat is >= 1.05 or a
+true population value falls outside its interval. Early warm-up (identity mass matrix)
+takes long trajectories (up to 1023 leapfrog steps): with ~1300 observations the
+population parameters are far more concentrated than the unit-scale ``z``.
+
 Run::
 
     python examples/panel_continuous.py                     # 50 subjects
@@ -51,6 +58,7 @@ TRUE_RHO = np.array([0.3, 0.3])
 TRUE_SIGMA = np.array([0.7, 0.5])
 TRUE_NOISE = np.array([0.25, 0.25])
 EFFECT_INDEX = np.array([0, 2])  # entries of u that carry random effects (log-diagonal of L)
+TRUTH = {"A_pop": TRUE_A_POP, "rho": TRUE_RHO, "sigma": TRUE_SIGMA, "noise": TRUE_NOISE}
 
 
 def build(A, sigma, noise):
@@ -141,17 +149,27 @@ def main(argv=None):
     print_summary(wanted, prob=0.95)
     stats = summary(wanted, prob=0.95)
     max_rhat = max(float(np.nanmax(stats[k]["r_hat"])) for k in wanted)
-    truth = {"A_pop": TRUE_A_POP, "sigma": TRUE_SIGMA, "noise": TRUE_NOISE}
+    divergences = int(np.sum(mcmc.get_extra_fields()["diverging"]))
     covered = {}
-    for k, value in truth.items():
+    print("population parameters, true vs recovered (posterior mean, 95 % interval):")
+    for k, value in TRUTH.items():
         flat = wanted[k].reshape(-1, *value.shape)
         lo, hi = np.quantile(flat, 0.025, axis=0), np.quantile(flat, 0.975, axis=0)
-        covered[k] = bool(np.all((lo <= value) & (value <= hi)))
-    print(f"sampling: {seconds:.1f} s for {chains} chain(s) ({method}); max r-hat {max_rhat:.3f}")
+        inside = (lo <= value) & (value <= hi)
+        covered[k] = bool(np.all(inside))
+        for idx in np.ndindex(value.shape):
+            name = k + ("[" + ", ".join(map(str, idx)) + "]" if idx else "")
+            print(f"  {name:<12} true {value[idx]:+.3f}   mean {flat.mean(0)[idx]:+.3f}   "
+                  f"[{lo[idx]:+.3f}, {hi[idx]:+.3f}]   {'inside' if inside[idx] else 'OUTSIDE'}")
+    print(f"sampling: {seconds:.1f} s (compile included) for {chains} chain(s) ({method}), "
+          f"{args.num_warmup} warm-up + {args.num_samples} draws each; max r-hat {max_rhat:.3f}; "
+          f"{divergences} divergences")
     print("true population parameters inside their 95 % intervals:", covered)
+    ok = max_rhat < 1.05 and all(covered.values())
+    print("checks:", "passed" if ok else "FAILED")
     return {"summary": stats, "max_rhat": max_rhat, "covered": covered, "seconds": seconds,
-            "samples": wanted}
+            "divergences": divergences, "ok": ok, "samples": wanted}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["ok"] else 1)
