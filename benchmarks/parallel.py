@@ -44,7 +44,32 @@ def _functions(form: str, parallel: bool):
         def loglik(params, y):
             return log_likelihood(LinearGaussianSSM(**params), y, form=form)
 
-    return jax.jit(loglik), jax.jit(jax.grad(loglik))
+    return _compiled(loglik), _compiled(jax.grad(loglik))
+
+
+# With XLA:CPU's concurrency-optimised scheduler (on by default), repeated calls of the
+# parallel gradient at T = 1e4-1e5 deadlocked here (every thread waiting, jax 0.10.2, 2 loaded
+# cores; 3 of 3 runs), with it off 8 of 8 calls finished. Both filters are compiled with the
+# same option, per computation (no global XLA flag).
+_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+
+
+def _compiled(fn):
+    """``fn`` jitted and compiled with ``_COMPILER_OPTIONS`` on the first call (so the first
+    call's time still includes tracing and compilation)."""
+    cache = {}
+
+    def call(*args):
+        key = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args))
+        if key not in cache:
+            lowered = jax.jit(fn).lower(*args)
+            try:
+                cache[key] = lowered.compile(compiler_options=_COMPILER_OPTIONS)
+            except Exception:  # an XLA without the option: its default scheduler
+                cache[key] = lowered.compile()
+        return cache[key](*args)
+
+    return call
 
 
 def main(argv=None) -> list[dict]:
