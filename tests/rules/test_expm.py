@@ -356,9 +356,16 @@ def test_check_grads_second_order(norm):
     rng = np.random.default_rng(6)
     a = _grad_test_matrix(norm, rng)
     check_grads(rules.expm, (a,), order=2, modes=("fwd", "rev"))
-    if norm >= 12:  # the squaring phase is exercised
-        _, _, s, _, _ = _expm._select(jnp.asarray(a)[None], _expm._THETA["double"], -53.0)
-        assert int(s[0]) > 0
+    if norm >= 12:  # the squaring phases of expm and of the Fréchet derivative are exercised
+        assert min(int(s[0]) for s in _squarings(jnp.asarray(a)[None])) > 0
+
+
+@jax.jit
+def _squarings(a):
+    """The number of squarings expm and expm_frechet choose for each matrix of a batch (one
+    compiled program: run eagerly, _select would compile each of its operations)."""
+    return tuple(_expm._select(a, thresholds, -53.0)[2]
+                 for thresholds in (_expm._THETA["double"], _expm._FRECHET_ELL))
 
 
 def test_check_grads_under_vmap():
