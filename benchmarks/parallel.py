@@ -47,10 +47,11 @@ def _functions(form: str, parallel: bool):
     return _compiled(loglik), _compiled(jax.grad(loglik))
 
 
-# With XLA:CPU's concurrency-optimised scheduler (on by default), repeated calls of the
-# parallel gradient at T = 1e4-1e5 deadlocked here (every thread waiting, jax 0.10.2, 2 loaded
-# cores; 3 of 3 runs), with it off 8 of 8 calls finished. Both filters are compiled with the
-# same option, per computation (no global XLA flag).
+# Repeated calls of the parallel filter at T = 1e4-1e5 sometimes deadlock in XLA:CPU (jax
+# 0.10.2, 2 loaded cores: every thread waiting, the executable blocked in BlockUntilReady).
+# With the concurrency-optimised scheduler off, 8 of 8 gradient calls finished once, but a full
+# run still hung at T = 1e5: the option does not cure it. Both filters get the same option, per
+# computation (no global XLA flag).
 _COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 
