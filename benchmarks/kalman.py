@@ -67,9 +67,9 @@ def _unfused_adjoint_grad():
     plain = {
         "_mm": lambda A, B: A @ B,
         "_mmm": lambda A, B, C: A @ B @ C,
-        "_cholesky": jnp.linalg.cholesky,
-        "_lower_inverse": lambda L: jax.lax.linalg.triangular_solve(
-            L, jnp.eye(L.shape[-1], dtype=L.dtype), left_side=True, lower=True),
+        "_inverse_cholesky": lambda S: jax.lax.linalg.triangular_solve(
+            jnp.linalg.cholesky(S), jnp.eye(S.shape[-1], dtype=S.dtype), left_side=True,
+            lower=True),
     }
     grad = _ours("cov")[1]
 

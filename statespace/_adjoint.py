@@ -22,11 +22,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from statespace._kalman import (
-    _UNROLL_MAX,
-    _cholesky,
+    _chol_solve,
     _filter_single,
     _mm,
-    _solve_lower,
+    _mmm,
     _steps_params,
     _symmetrise,
 )
@@ -51,25 +50,9 @@ def _mmt(A, B):
     return _mm(A, B.T)
 
 
-# Triple products with every dimension up to this size are one fused reduction over two
-# indices (n^4 multiply-adds, one kernel) instead of two chained reductions (two kernels).
-_TRIPLE_MAX = 4
-
-
-def _mmm(A, B, C):
-    """``A @ B @ C`` for small matrices as ONE broadcast-multiply-sum over both inner indices."""
-    if max(A.shape + B.shape + C.shape) > _TRIPLE_MAX:
-        return _mm(_mm(A, B), C)
-    return jnp.sum(A[:, :, None, None] * B[None, :, :, None] * C[None, None, :, :], axis=(1, 2))
-
-
-def _lower_inverse(L):
-    """``L^{-1}`` of a lower-triangular ``L`` (unrolled forward substitution for small sizes)."""
-    m = L.shape[-1]
-    eye = jnp.eye(m, dtype=L.dtype)
-    if m > _UNROLL_MAX:
-        return lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
-    return _solve_lower(L, eye)
+def _inverse_cholesky(S):
+    """``L^{-1}`` with ``L = chol(S)`` (fused factorisation and substitution for small sizes)."""
+    return _chol_solve(S, jnp.eye(S.shape[-1], dtype=S.dtype))[1]
 
 
 def _observation_parts(H, R, y):
@@ -124,7 +107,7 @@ def _adjoint_step(const, sqrt, carry, xs):
     v = jnp.where(observed, y - _mm(H, m) - d, 0.0)
     HP = _mm(Hm, P)
     S = _mmt(HP, Hm) + Rm
-    Linv = _lower_inverse(_cholesky(S))
+    Linv = _inverse_cholesky(S)
     Sinv = _mtm(Linv, Linv)
     K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
     alpha = _mm(Sinv, v)

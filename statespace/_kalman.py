@@ -63,6 +63,12 @@ def _cholesky(S):
     m = S.shape[-1]
     if m > _UNROLL_MAX:
         return jnp.linalg.cholesky(S)
+    return _assemble_lower(_cholesky_entries(S), S)
+
+
+def _cholesky_entries(S):
+    """Unrolled Cholesky of a small ``S`` as nested lists of scalars ``cols[i][j]`` (i >= j)."""
+    m = S.shape[-1]
     cols = [[None] * m for _ in range(m)]
     for j in range(m):
         acc = S[..., j, j]
@@ -76,7 +82,28 @@ def _cholesky(S):
             for k in range(j):
                 acc = acc - cols[i][k] * cols[j][k]
             cols[i][j] = acc * inv
-    return _assemble_lower(cols, S)
+    return cols
+
+
+def _chol_solve(S, B):
+    """``(diag(L), L^{-1} B)`` with ``L = chol(S)`` for ``S (m, m)``, ``B (m, k)``.
+
+    For small ``m`` the factor is never assembled: the substitution reads the scalar entries
+    of the unrolled factorisation directly, so XLA fuses factorisation and solve (fewer kernels
+    per scan step than ``_solve_lower(_cholesky(S), B)``, same arithmetic).
+    """
+    m = S.shape[-1]
+    if m > _UNROLL_MAX:
+        L = jnp.linalg.cholesky(S)
+        return jnp.diagonal(L), lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
+    cols = _cholesky_entries(S)
+    rows = []
+    for i in range(m):
+        acc = B[i]
+        for j in range(i):
+            acc = acc - cols[i][j] * rows[j]
+        rows.append(acc / cols[i][i])
+    return jnp.stack([cols[i][i] for i in range(m)]), jnp.stack(rows, axis=0)
 
 
 def _psd_cholesky(A):
@@ -140,6 +167,18 @@ def _mm(A, B):
     if B.ndim == 1:
         return jnp.sum(A * B[None, :], axis=1)
     return jnp.sum(A[:, :, None] * B[None, :, :], axis=1)
+
+
+# Triple products with every dimension up to this size are one fused reduction over two
+# indices (n^4 multiply-adds, one kernel) instead of two chained reductions (two kernels).
+_TRIPLE_MAX = 4
+
+
+def _mmm(A, B, C):
+    """``A @ B @ C`` for small matrices as ONE broadcast-multiply-sum over both inner indices."""
+    if max(A.shape + B.shape + C.shape) > _TRIPLE_MAX:
+        return _mm(_mm(A, B), C)
+    return jnp.sum(A[:, :, None, None] * B[None, :, :, None] * C[None, None, :, :], axis=(1, 2))
 
 
 def _symmetrise(P):
@@ -300,15 +339,13 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
             P = cov
             HP = _mm(Hm, P)
             S = _mm(HP, Hm.T) + Rm
-            L = _cholesky(S)
             parts = [HP, v[:, None]] + ([_mm(Hm, A)] if q else [])
-            sol = _solve_lower(L, jnp.concatenate(parts, axis=1))
+            diag, sol = _chol_solve(S, jnp.concatenate(parts, axis=1))
             W, e, E = sol[:, :n], sol[:, n], sol[:, n + 1:]
             G = W.T
             mean_f = mean + _mm(G, e)
             cov_f = P - _mm(G, W)
             finite_in = jnp.isfinite(S).all()
-            diag = jnp.diagonal(L)
         ok = jnp.all(jnp.abs(diag) > 0)
         failed = failed | (finite_in & ~ok)
         ll = -0.5 * (jnp.sum(e * e) + 2.0 * jnp.sum(jnp.log(jnp.abs(diag))) + jnp.sum(w) * _LOG_2PI)
