@@ -24,6 +24,7 @@ from jax import lax
 from statespace._kalman import (
     _chol_solve,
     _filter_single,
+    _mask_observation,
     _mm,
     _mmm,
     _steps_params,
@@ -55,20 +56,10 @@ def _inverse_cholesky(S):
     return _chol_solve(S, jnp.eye(S.shape[-1], dtype=S.dtype))[1]
 
 
-def _observation_parts(H, R, y):
-    """Missing-data masking exactly as the forward step does it: the observed indicator ``w``,
-    ``H`` with unobserved rows zeroed and ``R`` with unit variance and no correlation there."""
-    observed = ~jnp.isnan(y)
-    w = observed.astype(H.dtype)
-    Hm = H * w[:, None]
-    Rm = R * _outer(w, w) + jnp.eye(R.shape[-1], dtype=R.dtype) * (1.0 - w)
-    return observed, w, Hm, Rm
-
-
 # ------------------------------------------------------------------------------------------
 # The adjoint step
 # ------------------------------------------------------------------------------------------
-# Forward step k (predicted mean m, covariance P; missing entries masked as above):
+# Forward step k (predicted mean m, covariance P; missing entries masked by _mask_observation):
 #     v = y - H m - d,  S = H P H^T + R,  K = P H^T S^{-1},  alpha = S^{-1} v,
 #     m_f = m + K v,    P_f = P - K S K^T = P - K H P,
 #     ell = -1/2 (v^T alpha + log|S| + m_obs log 2 pi),
@@ -101,7 +92,8 @@ def _adjoint_step(const, sqrt, carry, xs):
     if sqrt:  # the square-root filter stored lower factors
         P = _mmt(P, P)
     F, b, H, d, R = par["F"], par["b"], par["H"], par["d"], par["R"]
-    observed, w, Hm, Rm = _observation_parts(H, R, y)
+    observed = ~jnp.isnan(y)
+    w, Hm, Rm = _mask_observation(H, R, observed)
 
     # recompute the update (cheap, fused) instead of storing it
     v = jnp.where(observed, y - _mm(H, m) - d, 0.0)

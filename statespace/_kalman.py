@@ -181,6 +181,18 @@ def _mmm(A, B, C):
     return jnp.sum(A[:, :, None, None] * B[None, :, :, None] * C[None, None, :, :], axis=(1, 2))
 
 
+def _mask_observation(H, R, observed):
+    """Observation model of one step restricted to its observed entries (shapes unchanged).
+
+    Returns ``(w, Hm, Rm)``: the 0/1 indicator ``w`` of ``observed``, ``H`` with unobserved
+    rows zeroed, and ``R`` with unit variance and no correlation at unobserved entries, so a
+    missing entry contributes nothing to the likelihood or the update.
+    """
+    w = observed.astype(H.dtype)
+    Rm = R * (w[:, None] * w[None, :]) + jnp.eye(R.shape[-1], dtype=R.dtype) * (1.0 - w)
+    return w, H * w[:, None], Rm
+
+
 def _symmetrise(P):
     return 0.5 * (P + jnp.swapaxes(P, -1, -2))
 
@@ -317,10 +329,8 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         H, d, R = param("H", xs), param("d", xs), param("R", xs)
         F, b = param("F", xs), param("b", xs)
         observed = ~jnp.isnan(yk)
-        w = observed.astype(dtype)
-        Hm = H * w[:, None]
+        w, Hm, Rm = _mask_observation(H, R, observed)
         m = Hm.shape[0]
-        Rm = R * (w[:, None] * w[None, :]) + jnp.eye(m, dtype=dtype) * (1.0 - w)
         v = jnp.where(observed, yk - _mm(H, mean) - d, 0.0)
         if sqrt:
             L_pred = cov

@@ -72,7 +72,7 @@ import numpy as np
 from jax import lax
 
 from rules import tria
-from statespace._kalman import FilterResult
+from statespace._kalman import FilterResult, _mask_observation
 from statespace._kalman import _psd_cholesky as _kalman_psd_cholesky
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
@@ -181,9 +181,7 @@ def _normalise(model, y):
 
 def _mask_step(H, R, d, observed):
     """Observation model restricted to the observed entries (shapes unchanged)."""
-    w = observed.astype(H.dtype)
-    Hm = H * w[:, None]
-    Rm = R * (w[:, None] * w[None, :]) + jnp.diag(1.0 - w)
+    w, Hm, Rm = _mask_observation(H, R, observed)
     return Hm, Rm, d * w
 
 
