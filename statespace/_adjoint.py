@@ -22,11 +22,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from statespace._kalman import (
+    _SMALL_M,
+    _UNROLL_MAX,
     _chol_solve,
     _filter_single,
     _mask_observation,
     _mm,
+    _mm_fused,
     _mmm,
+    _spd_solve_small,
     _steps_params,
     _symmetrise,
 )
@@ -96,15 +100,31 @@ def _adjoint_step(const, sqrt, carry, xs):
     w, Hm, Rm = _mask_observation(H, R, observed)
 
     # recompute the update (cheap, fused) instead of storing it
-    v = jnp.where(observed, y - _mm(H, m) - d, 0.0)
-    HP = _mm(Hm, P)
-    S = _mmt(HP, Hm) + Rm
-    Linv = _inverse_cholesky(S)
-    Sinv = _mtm(Linv, Linv)
-    K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
-    alpha = _mm(Sinv, v)
-    m_f = m + _mm(K, v)
-    P_f = P - _mm(K, HP)
+    n, k = P.shape[0], Hm.shape[0]
+    if k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
+        # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
+        # solve, [K v | K H P] in one product (fewer XLA kernels per step)
+        X = jnp.concatenate([m[:, None], P], axis=1)
+        HX = _mm_fused(H, X)
+        v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
+        HP = HX[:, 1:] * w[:, None]
+        S = _mm_fused(HP, Hm.T) + Rm
+        Z = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))[0]
+        Sinv = _spd_solve_small(S, jnp.eye(k, dtype=S.dtype))[0]
+        alpha, K = Z[:, 0], Z[:, 1:].T  # S^{-1} v, P H^T S^{-1}
+        corr = _mm_fused(HP.T, Z)
+        m_f = m + corr[:, 0]
+        P_f = P - corr[:, 1:]
+    else:
+        v = jnp.where(observed, y - _mm(H, m) - d, 0.0)
+        HP = _mm(Hm, P)
+        S = _mmt(HP, Hm) + Rm
+        Linv = _inverse_cholesky(S)
+        Sinv = _mtm(Linv, Linv)
+        K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
+        alpha = _mm(Sinv, v)
+        m_f = m + _mm(K, v)
+        P_f = P - _mm(K, HP)
 
     # prediction adjoint
     grads = {

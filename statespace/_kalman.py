@@ -2,7 +2,8 @@
 
 The filter is a ``lax.scan`` over time whose step is an update (condition ``x[k]`` on ``y[k]``)
 followed by a prediction (``x[k+1]`` from ``x[k]``). The ``m x m`` innovation covariance is
-factored once per step (Cholesky, unrolled for small ``m``) and every solve is triangular; no
+factored once per step (Cholesky, unrolled for small ``m``; for ``m <= 2`` in the covariance
+form a square-root-free ``L D L^T`` written as scalar code) and every solve is triangular; no
 inverse is formed.
 """
 
@@ -104,6 +105,37 @@ def _chol_solve(S, B):
             acc = acc - cols[i][j] * rows[j]
         rows.append(acc / cols[i][i])
     return jnp.stack([cols[i][i] for i in range(m)]), jnp.stack(rows, axis=0)
+
+
+# Innovation covariances up to this size are solved with an unrolled square-root-free
+# Cholesky (L D L^T) written as scalar arithmetic: no sqrt and a short chain of pivots, so XLA
+# needs fewer kernels per scan step than for the unrolled Cholesky (an expensive scalar -- sqrt,
+# divide -- with several users becomes a kernel of its own). Same accuracy as Cholesky.
+_SMALL_M = 2
+
+
+def _spd_solve_small(S, B):
+    """``(S^{-1} B, det(S), pd)`` for symmetric ``S (m, m)``, ``m <= _SMALL_M``, ``B (m, k)``
+    by ``S = L D L^T`` (reads the lower triangle of ``S``).
+
+    ``pd`` is True exactly when ``S`` is positive definite (both pivots positive; False on
+    NaN). Written as scalar arithmetic so XLA fuses it into its consumers.
+    """
+    m = S.shape[-1]
+    if m == 1:
+        return B / S[0, 0], S[0, 0], S[0, 0] > 0
+    a, b, c = S[0, 0], S[1, 0], S[1, 1]
+    # S = L diag(a, p) L^T with L = [[1, 0], [l, 1]] (Cholesky without square roots)
+    l = b / a
+    p = c - l * b
+    z1 = (B[1] - l * B[0]) / p
+    sol = jnp.stack([B[0] / a - l * z1, z1], axis=0)
+    return sol, a * p, (a > 0) & (p > 0)
+
+
+def _mm_fused(A, B):
+    """``A @ B`` as broadcast-multiply-sum whatever the size (callers keep sizes small)."""
+    return jnp.sum(A[:, :, None] * B[None, :, :], axis=1)
 
 
 def _psd_cholesky(A):
@@ -349,16 +381,19 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
             P = cov
             HP = _mm(Hm, P)
             S = _mm(HP, Hm.T) + Rm
+            finite_in = jnp.isfinite(S).all()
+        if not sqrt:
             parts = [HP, v[:, None]] + ([_mm(Hm, A)] if q else [])
             diag, sol = _chol_solve(S, jnp.concatenate(parts, axis=1))
             W, e, E = sol[:, :n], sol[:, n], sol[:, n + 1:]
             G = W.T
             mean_f = mean + _mm(G, e)
             cov_f = P - _mm(G, W)
-            finite_in = jnp.isfinite(S).all()
         ok = jnp.all(jnp.abs(diag) > 0)
         failed = failed | (finite_in & ~ok)
+        # -inf from the first failed factorisation on (NaN input stays NaN: finite_in is False)
         ll = -0.5 * (jnp.sum(e * e) + 2.0 * jnp.sum(jnp.log(jnp.abs(diag))) + jnp.sum(w) * _LOG_2PI)
+        ll = jnp.where(failed, -jnp.inf, ll)
         A_f = A
         if q:
             A_f = A - _mm(G, E)
@@ -371,7 +406,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
             cov_next = tria(jnp.concatenate([_mm(F, cov_f), param("LQ", xs)], axis=1))
         else:
             cov_next = _symmetrise(_mm(_mm(F, cov_f), F.T) + param("Q", xs))
-        out = (ll, failed)
+        out = (ll,)
         if moments == "predicted":
             out = out + (mean, cov)
         elif moments:
@@ -380,11 +415,56 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
                 out = out + (A_f, A, S_acc, s_acc)
         return (mean_next, cov_next, A_next, S_acc, s_acc, failed), out
 
-    carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
+    def packed_step(carry, xs):
+        # Covariance form for small m without diffuse states: the carry is X = [m | P] (one
+        # array), S^{-1} comes from the scalar L D L^T solve, products share operands and every
+        # product is fused, so the step needs about 2/3 of the XLA kernels of `step` (at these
+        # sizes a kernel launch costs about as much as its arithmetic). Same formulas as `step`: K^T = S^{-1} H P, m_f = m + (HP)^T S^{-1} v,
+        # P_f = P - (HP)^T K^T, [m+ | P+] = [F X_f | b | Q] blockdiag(1, F^T; I).
+        X = carry
+        yk = xs["y"]
+        H, d, R = param("H", xs), param("d", xs), param("R", xs)
+        F = param("F", xs)
+        observed = ~jnp.isnan(yk)
+        w, Hm, Rm = _mask_observation(H, R, observed)
+        mean, P = X[:, 0], X[:, 1:]
+        HX = _mm_fused(H, X)
+        v = jnp.where(observed, yk - HX[:, 0] - d, 0.0)
+        HP = HX[:, 1:] * w[:, None]
+        S = _mm_fused(HP, Hm.T) + Rm
+        Z, det, ok = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))
+        corr = _mm_fused(HP.T, Z)  # [K v | K H P]
+        X_f = X + jnp.concatenate([corr[:, :1], -corr[:, 1:]], axis=1)
+        # -inf on a failed factorisation (NaN input stays NaN); later steps are set to -inf
+        # after the scan (a carried flag would cost a kernel per step)
+        ll = -0.5 * (jnp.sum(v * Z[:, 0]) + jnp.log(det) + jnp.sum(w) * _LOG_2PI)
+        ll = jnp.where(jnp.isfinite(S).all() & ~ok, -jnp.inf, ll)
+        FX = _mm_fused(F, X_f)
+        eye = jnp.eye(n + 1, dtype=dtype)
+        blk = jnp.zeros((n + 1, n + 1), dtype).at[0, 0].set(1.0).at[1:, 1:].set(F.T)
+        X_next = _mm_fused(
+            jnp.concatenate([FX, param("b", xs)[:, None], param("Q", xs)], axis=1),
+            jnp.concatenate([blk, eye], axis=0),
+        )
+        out = (ll,)
+        # the carried P is symmetric to rounding only (not symmetrised in the loop: a kernel)
+        if moments == "predicted":  # one stacked output (one kernel), split after the scan
+            out = out + (jnp.concatenate([mean[:, None], _symmetrise(P)], axis=1),)
+        elif moments:
+            out = out + (X_f[:, 0], _symmetrise(X_f[:, 1:]), mean, _symmetrise(P))
+        return X_next, out
+
     xs = dict(scanned, y=y)
-    (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
-    ll_raw, failed = out[0], out[1]
-    log_likelihoods = jnp.where(failed, -jnp.inf, ll_raw)
+    if not sqrt and not q and model.obs_dim <= _SMALL_M and n + 1 <= _UNROLL_MAX:
+        _, out = lax.scan(packed_step, jnp.concatenate([m0[:, None], cov0], axis=1), xs)
+        failed = lax.cummax(jnp.isneginf(out[0]).astype(jnp.int32)) > 0
+        out = (jnp.where(failed, -jnp.inf, out[0]),) + out[1:]
+        if moments == "predicted":
+            out = (out[0], out[1][:, :, 0], out[1][:, :, 1:])
+    else:
+        carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
+        (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
+    log_likelihoods = out[0]
     if q:
         # Collapse the diffuse part (de Jong 1991; Durbin & Koopman 2012, section 5.7):
         # log L_d = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S|.
@@ -396,16 +476,16 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     if not moments:
         return total, log_likelihoods
     if moments == "predicted":  # what the adjoint pass needs (statespace._adjoint)
-        return total, log_likelihoods, out[2], out[3]
+        return total, log_likelihoods, out[1], out[2]
 
-    mean_f, cov_f, mean_p, cov_p = out[2:6]
+    mean_f, cov_f, mean_p, cov_p = out[1:5]
     chol_f = chol_p = None
     if sqrt:
         chol_f, chol_p = cov_f, cov_p
         cov_f = chol_f @ jnp.swapaxes(chol_f, -1, -2)
         cov_p = chol_p @ jnp.swapaxes(chol_p, -1, -2)
     if q:
-        A_f, A_p, S_f, s_f = out[6:10]
+        A_f, A_p, S_f, s_f = out[5:9]
         S_p = jnp.concatenate([jnp.zeros((1, q, q), dtype), S_f[:-1]])
         s_p = jnp.concatenate([jnp.zeros((1, q), dtype), s_f[:-1]])
         mean_f, cov_f = _collapse(mean_f, cov_f, A_f, S_f, s_f)
