@@ -7,7 +7,7 @@ Rows:
   arguments) and value-and-grad for n ∈ {16, 64, 256};
 * numbers stored for reverse mode per matrix (in units of n²).
 
-Run: ``python -m benchmarks.expm [--quick]``. Times are medians of jitted calls after a warm-up
+Run: ``python -m benchmarks.expm [--quick] [--only batched|single] [--n 4 64 ...]``. Times are medians of jitted calls after a warm-up
 (compile time reported separately); compare only ratios from one run. ``speedup`` and
 ``ours/our_primal`` are ratios of medians; the ``_min`` columns are the same ratios of the
 fastest calls, steadier on a shared machine.
@@ -55,6 +55,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.expm", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--float32", action="store_true", help="run in float32")
+    parser.add_argument("--only", choices=("batched", "single"),
+                        help="run only the batched rows or only the single-matrix rows")
+    parser.add_argument("--n", type=int, nargs="+",
+                        help="restrict to these matrix sizes (batched and single rows)")
     args = parser.parse_args(argv)
     if not args.float32:
         jax.config.update("jax_enable_x64", True)
@@ -63,6 +67,13 @@ def main(argv=None):
     timer = dict(repeats=repeats, min_time=min_time)
     batched = [(4, 50), (8, 20)] if args.quick else [(4, 1000), (8, 1000), (32, 200)]
     singles = [16] if args.quick else [16, 64, 256]
+    if args.only == "single":
+        batched = []
+    if args.only == "batched":
+        singles = []
+    if args.n:
+        batched = [(n, b) for n, b in batched if n in args.n]
+        singles = [n for n in singles if n in args.n]
 
     print(machine_info())
     rows = []
