@@ -60,7 +60,7 @@ class Discretization(NamedTuple):
 # rounding amplification of the alternating sum is at most e^{2θ}/(2θ) (≈14 for θ=2).
 _SERIES = {8: (2.0, 30, 6), 4: (1.0, 14, 4), 2: (0.5, 8, 3)}
 # Each step dt = q δ + r is looked up digit by digit of q in base _TABLE, one table per digit
-# (_LEVELS look-ups and compositions per step): steps up to _TABLE**_LEVELS δ = 262144 δ
+# (up to _LEVELS look-ups and compositions per step): steps up to _TABLE**_LEVELS δ = 262144 δ
 # (≈ 5e5 / α time units in float64, 2.6e5 / α in float32); longer steps give NaN.
 _TABLE = 64
 _LEVELS = 3
@@ -161,21 +161,16 @@ def _table(step, size):
     return F[:size], Qd[:size], None if c is None else c[:size]
 
 
-def _level_steps(step, levels):
-    """Transitions over ``δ, 64 δ, 64² δ, …`` (``levels`` of them, stacked) by repeated squaring."""
-    steps = [step]
-    for _ in range(levels - 1):
-        current = steps[-1]
-        for _ in range(int(np.log2(_TABLE))):
-            current = _compose(current, current)
-        steps.append(current)
-    return tuple(None if step[i] is None else jnp.stack([s[i] for s in steps]) for i in range(3))
+def _compose_digit(step, q, level, out, dtype):
+    """``out`` followed by the transition over ``digit_level(q) · 64^level δ``.
 
-
-def _lookup(table, digit):
-    """``table[digit]`` for each step (``digit`` a float array of integers in [0, _TABLE))."""
-    index = digit.astype(jnp.int32)
-    return tuple(None if t is None else t[index] for t in table)
+    ``step`` is the transition over ``64^level δ``; its table of multiples ``0 .. 63`` is built
+    in the table precision and looked up per step.
+    """
+    table = _table(step, _TABLE)
+    digit = jnp.mod(jnp.floor(q / float(_TABLE) ** level), float(_TABLE)).astype(jnp.int32)
+    looked_up = tuple(None if t is None else t.astype(dtype)[digit] for t in table)
+    return _compose(looked_up, out)
 
 
 def _growth_rate(powers, p):
@@ -210,11 +205,12 @@ def _discretize_matrices(A, Q, b, dt):
     series (``α r <= θ``: fast convergence, nothing cancels, and for tiny ``dt`` ``Qd ≈ r Q`` to
     full relative precision), the one over ``q δ`` from one look-up per base-64 digit of ``q`` in
     tables of exact compositions of the transition over ``δ``, ``64 δ``, ``64² δ`` (shared by all
-    steps), so the per-step work is a polynomial, three look-ups and three compositions. Every
-    identity used is exact, so the derivative of this map is the derivative of the exact map (to
-    the truncation error); autodiff sees only matmuls, gathers and elementwise products in
-    straight-line code (no ``lax.cond`` or loop, whose reverse passes cost several times their
-    forward). No ``e^{−A dt}`` block is ever formed (Van Loan's ``[[−A, Q], [0, Aᵀ]]`` overflows
+    steps), so the per-step work is a polynomial, one to three look-ups and as many
+    compositions (the second and third digits only when some step of the batch reaches 64 δ: one
+    batch-wide ``lax.cond``, which halves the discretisation's reverse pass in the common case).
+    Every identity used is exact, so the derivative of this map is the derivative of the exact
+    map (to the truncation error); autodiff sees only matmuls, gathers and elementwise products
+    (no per-step branch or loop, whose reverse passes cost several times their forward). No ``e^{−A dt}`` block is ever formed (Van Loan's ``[[−A, Q], [0, Aᵀ]]`` overflows
     once ``dt ||A||`` reaches a few hundred for stable ``A``).
     """
     dtype = jnp.result_type(A, Q, dt)
@@ -240,11 +236,22 @@ def _discretize_matrices(A, Q, b, dt):
     delta_t = jnp.where(finite, delta, 0.0).astype(table_dtype)
 
     out = _taylor(terms, r)
-    tables = _table(_level_steps(_taylor(terms_t, delta_t), _LEVELS), _TABLE)
-    tables = tuple(None if t is None else t.astype(dtype) for t in tables)
-    for level in range(_LEVELS):
-        digit = jnp.mod(jnp.floor(q / float(_TABLE) ** level), float(_TABLE))
-        out = _compose(_lookup(tuple(None if t is None else t[:, level] for t in tables), digit), out)
+    step = _taylor(terms_t, delta_t)  # the transition over δ
+    out = _compose_digit(step, q, 0, out, dtype)
+    # Levels 1, 2 (steps of 64 δ or more) only when some step needs them: one predicate for
+    # the whole batch (steps are rarely that long), so the common case skips two thirds of the
+    # per-step work and of its reverse pass. A digit 0 composes with (I, 0, 0), which leaves
+    # ``out`` bitwise unchanged, so both branches give the same numbers where both apply.
+    # (Under vmap the predicate is batched and both branches run: the cost of no skipping.)
+    def longer_steps(out):
+        level_step = step
+        for level in range(1, _LEVELS):
+            for _ in range(int(np.log2(_TABLE))):
+                level_step = _compose(level_step, level_step)
+            out = _compose_digit(level_step, q, level, out, dtype)
+        return out
+
+    out = lax.cond(jnp.max(q) >= _TABLE, longer_steps, lambda out: out, out)
     too_long = q >= float(_TABLE) ** _LEVELS
     F, Qd, bd = (None if x is None else jnp.where(too_long.reshape(too_long.shape + (1,) * (x.ndim - too_long.ndim)), jnp.nan, x) for x in out)
     if bd is None:
@@ -274,8 +281,8 @@ def discretize(model, dt) -> Discretization:
     step-independent tables are built in float64 when ``jax_enable_x64`` is on (relative error
     ~2e-7 up to ``dt ||A|| = 1e3``); without x64 they are float32 and the error of an oscillatory
     ``e^{A dt}`` grows like ``dt ||A|| · 6e-8`` (its condition number). Derivatives (forward,
-    reverse, second order) are those of this exact map; the differentiated code is straight-line
-    (no ``lax.cond`` or loop). ``dt = 0`` gives ``F = I``, ``Qd = 0``, ``bd = 0``. Steps beyond
+    reverse, second order) are those of this exact map; the differentiated code has no per-step
+    branch or loop. ``dt = 0`` gives ``F = I``, ``Qd = 0``, ``bd = 0``. Steps beyond
     ``64³ δ`` (≈ 5e5/α) give NaN.
 
     Args:
