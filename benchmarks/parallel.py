@@ -15,6 +15,20 @@ level per doubling of T) the gradient's compile time grew with log T, to minutes
 On CPU the parallel form is expected to LOSE: it does ~5x the arithmetic of the scan and a CPU
 has few cores to spread the O(log T)-deep tree over. It is meant for GPU/TPU, where the scan
 leaves the device idle (published figures: 25-30x at T = 1e3-1e5 on one GPU).
+
+XLA:CPU deadlock at T = 1e5 (fixed in ``statespace._parallel``, see ``_cpu_chunk`` there): with
+jax/jaxlib 0.10.2 the parallel filter used to hang at T = 1e5 (and could at 1e4), every thread
+idle, the main thread in ``BlockUntilReady``. Native stacks (gdb) showed both threads of the
+2-thread XLA intra-op pool inside ``jax::ParallelBatchMap`` -> ``BlockingCounter::Wait``, called
+from the LAPACK FFI kernels (``lapack_dtrsm_ffi``, also potrf/getrf): jaxlib splits a batched
+LAPACK call over that same pool once ``batch x per-matrix flops >= 200 000`` and blocks the
+calling pool thread until the pieces are done, so two such calls run side by side by the thunk
+executor leave no thread to run the pieces. Not an XLA scheduling option (turning the
+concurrency-optimised scheduler off did not help) and not specific to the gradient. jaxlib
+0.11 removed that parallel path (the H200 run, jax 0.11.2, never hung). The parallel filter
+now maps its per-element functions over chunks small enough for every LAPACK call to run
+inline on CPU (plain ``vmap`` on other backends); the cost on CPU is losing LAPACK's own
+2-thread batch split. Each T still runs in its own process under a time limit.
 """
 
 from __future__ import annotations
@@ -34,8 +48,8 @@ from benchmarks.kalman import _problem
 T_VALUES = [100, 1_000, 10_000, 100_000]
 QUICK_T_VALUES = [100, 1_000]
 N, M = 4, 2
-# Each T runs in its own process under this limit, so that the XLA:CPU deadlock described
-# below costs one row, not the whole `python -m benchmarks` run.
+# Each T runs in its own process under this limit, so that a hang (such as the XLA:CPU deadlock
+# described above, now avoided) costs one row, not the whole `python -m benchmarks` run.
 _PER_T_TIMEOUT_S = 420
 _ROWS_MARKER = "PARALLEL_ROWS_JSON "
 
@@ -54,30 +68,9 @@ def _functions(form: str, parallel: bool):
     return _compiled(loglik), _compiled(jax.grad(loglik))
 
 
-# Repeated calls of the parallel filter at T = 1e4-1e5 sometimes deadlock in XLA:CPU (jax
-# 0.10.2, 2 loaded cores: every thread waiting, the executable blocked in BlockUntilReady).
-# With the concurrency-optimised scheduler off, 8 of 8 gradient calls finished once, but a full
-# run still hung at T = 1e5: the option does not cure it. Both filters get the same option, per
-# computation (no global XLA flag).
-_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-
-
 def _compiled(fn):
-    """``fn`` jitted and compiled with ``_COMPILER_OPTIONS`` on the first call (so the first
-    call's time still includes tracing and compilation)."""
-    cache = {}
-
-    def call(*args):
-        key = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args))
-        if key not in cache:
-            lowered = jax.jit(fn).lower(*args)
-            try:
-                cache[key] = lowered.compile(compiler_options=_COMPILER_OPTIONS)
-            except Exception:  # an XLA without the option: its default scheduler
-                cache[key] = lowered.compile()
-        return cache[key](*args)
-
-    return call
+    """``fn`` jitted (its first call, timed as ``*_compile_s``, traces and compiles)."""
+    return jax.jit(fn)
 
 
 def _measure(T_list, form, repeats) -> list[dict]:
@@ -153,8 +146,8 @@ def main(argv=None) -> list[dict]:
             done = subprocess.run(command, capture_output=True, text=True,
                                   timeout=_PER_T_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
-            print(f"T={T}: no result within {_PER_T_TIMEOUT_S} s (the XLA:CPU deadlock noted in "
-                  "this script; the row is left out)", flush=True)
+            print(f"T={T}: no result within {_PER_T_TIMEOUT_S} s (a hang such as the XLA:CPU "
+                  "deadlock noted in this script; the row is left out)", flush=True)
             rows.append({"T": T, "quantity": f"timed out after {_PER_T_TIMEOUT_S} s"})
             continue
         found = [line for line in done.stdout.splitlines() if line.startswith(_ROWS_MARKER)]

@@ -351,6 +351,70 @@ def _step_log_likelihood(mp, Pp_or_Up, H, R_or_LR, d, y, observed, sqrt):
 
 
 # ------------------------------------------------------------------------------------------
+# Batched LAPACK calls on CPU: chunks small enough to run on the calling thread
+# ------------------------------------------------------------------------------------------
+# jaxlib 0.10's CPU LAPACK kernels (potrf, getrf, trsm, geqrf, ...; one custom call per
+# batched Cholesky / LU / triangular solve / QR) split a batch over XLA:CPU's intra-op thread
+# pool (``jax::ParallelBatchMap``) once ``batch x (their per-matrix flop estimate)`` reaches
+# 200 000, and the calling pool thread then BLOCKS until the pieces have run. When the thunk
+# executor runs as many such calls side by side as the pool has threads (2 on a 2-core
+# machine: e.g. the Cholesky factors of the element construction and of the log-likelihood
+# in the gradient), every pool thread waits for work queued behind it and the program never
+# finishes (0 % CPU, BlockUntilReady; seen at T = 1e5, where a 2 x 2 Cholesky over 1e5 steps
+# crosses the threshold). jaxlib 0.11 no longer has that parallel path. So on CPU every
+# per-element function that reaches LAPACK is mapped over chunks of at most
+# ``_cpu_chunk(d)`` elements (``lax.map(..., batch_size=...)``), with ``d`` the largest
+# matrix dimension it hands to LAPACK: ``chunk x d^3 < 200 000`` bounds every kernel's
+# estimate, so each call runs inline on its thread and nothing waits on the pool. The
+# arithmetic per element is unchanged; other backends keep the plain ``vmap`` (identical
+# programs), decided by ``jax.default_backend()`` at trace time. An enclosing ``jax.vmap``
+# (a batch of series) multiplies the batch of each call by its size, which this cannot see.
+_LAPACK_INLINE_WORK = 200_000
+
+
+def _cpu_chunk(d: int) -> int | None:
+    """Largest element batch whose LAPACK calls on ``d x d`` (or smaller) matrices stay below
+    jaxlib's threshold for parallel dispatch on CPU; None (no chunking) on other backends."""
+    if jax.default_backend() != "cpu":
+        return None
+    return max(1, (_LAPACK_INLINE_WORK - 1) // d**3)
+
+
+def _vmap(fn, chunk: int | None):
+    """``jax.vmap(fn)`` over the leading axis, as ``lax.map`` over batches of ``chunk``
+    elements when the axis is longer than ``chunk`` (see :func:`_cpu_chunk`)."""
+    vmapped = jax.vmap(fn)
+    if chunk is None:
+        return vmapped
+
+    def mapped(*args):
+        size = jax.tree_util.tree_leaves(args)[0].shape[0]
+        if size <= chunk:
+            return vmapped(*args)
+        # k equal batches, padded with copies of the last element (valid inputs, results
+        # dropped): one instance of ``fn`` in the program, not a second one for a remainder.
+        k = -(-size // chunk)
+        c = -(-size // k)
+        pad = k * c - size
+
+        def split(x):
+            x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
+            return x.reshape((k, c) + x.shape[1:])
+
+        out = lax.map(lambda a: vmapped(*a), jax.tree_util.tree_map(split, args))
+        return jax.tree_util.tree_map(lambda y: y.reshape((k * c,) + y.shape[2:])[:size], out)
+
+    return mapped
+
+
+def _lapack_dim(form: str, n: int, m: int) -> int:
+    """Largest matrix dimension the elements of ``form`` hand to LAPACK: the ``m x m`` and
+    ``n x n`` factors and solves (cov), the ``(n + m) x (n + 2m)`` and ``2n x 2n`` blocks of
+    ``tria`` (sqrt)."""
+    return max(n, m) if form == "cov" else max(2 * n, n + 2 * m)
+
+
+# ------------------------------------------------------------------------------------------
 # The associative scan: blocked, with a program whose size does not grow with T
 # ------------------------------------------------------------------------------------------
 # ``lax.associative_scan`` unrolls its ~log2(T) levels into the program, two instances of the
@@ -373,17 +437,20 @@ def _block_size(T: int) -> int:
     return max(1, int(np.ceil(np.log2(T)))) if T > 1 else 1
 
 
-def _prefix_scan(combine, elems, *, reverse: bool = False):
+def _prefix_scan(combine, elems, *, reverse: bool = False, chunk: int | None = None):
     """Inclusive scan of ``elems`` (a tuple of arrays with a leading time axis) under the
     associative ``combine(earlier, later)`` (``reverse=True``: ``combine(later, earlier)``
-    accumulated from the end, as ``lax.associative_scan(..., reverse=True)``)."""
+    accumulated from the end, as ``lax.associative_scan(..., reverse=True)``). ``chunk``:
+    batch the combinations in groups of at most this many (see :func:`_cpu_chunk`)."""
     if reverse:
         flipped = tuple(jnp.flip(x, axis=0) for x in elems)
-        return tuple(jnp.flip(x, axis=0) for x in _prefix_scan(combine, flipped))
+        return tuple(
+            jnp.flip(x, axis=0) for x in _prefix_scan(combine, flipped, chunk=chunk)
+        )
     T = elems[0].shape[0]
     if T == 1:
         return elems
-    batched = jax.vmap(combine)
+    batched = _vmap(combine, chunk)
     S = _block_size(T)
     B = -(-T // S)
     pad = B * S - T
@@ -500,15 +567,16 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     F, Q, H, R, b, d = (params[k] for k in ("F", "Q", "H", "R", "b", "d"))
     Fp, mp, Pp = _prior_of_elements(params)
     sqrt = form == "sqrt"
+    chunk = _cpu_chunk(_lapack_dim(form, F.shape[-1], H.shape[-2]))
     if sqrt:
-        Up = _psd_cholesky(Pp)
-        LR = _psd_cholesky(R)
-        elems = jax.vmap(_filter_element_sqrt)(Fp, mp, Up, H, LR, d, y0, observed)
+        Up = _vmap(_psd_cholesky, chunk)(Pp)
+        LR = _vmap(_psd_cholesky, chunk)(R)
+        elems = _vmap(_filter_element_sqrt, chunk)(Fp, mp, Up, H, LR, d, y0, observed)
         combine = _filter_combine_sqrt
     else:
-        elems = jax.vmap(_filter_element_cov)(Fp, mp, Pp, H, R, d, y0, observed)
+        elems = _vmap(_filter_element_cov, chunk)(Fp, mp, Pp, H, R, d, y0, observed)
         combine = _filter_combine_cov
-    _, means, covs, _, _ = _prefix_scan(combine, elems)
+    _, means, covs, _, _ = _prefix_scan(combine, elems, chunk=chunk)
 
     # One-step predictions from the filtered moments, in parallel over k.
     pred_means = jnp.concatenate(
@@ -516,21 +584,23 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     )
     if sqrt:
         chols_f = covs
-        LQ = _psd_cholesky(Q)
-        tail = tria(jnp.concatenate([F[:-1] @ chols_f[:-1], LQ[:-1]], axis=-1))
+        LQ = _vmap(_psd_cholesky, chunk)(Q)
+        tail = _vmap(tria, chunk)(jnp.concatenate([F[:-1] @ chols_f[:-1], LQ[:-1]], axis=-1))
         chols_p = jnp.concatenate([Up[:1], tail])
-        lls, failed = jax.vmap(
+        lls, failed = _vmap(
             lambda mp_, Up_, H_, LR_, d_, y_, o_: _step_log_likelihood(
                 mp_, Up_, H_, LR_, d_, y_, o_, True
-            )
+            ),
+            chunk,
         )(pred_means, chols_p, H, LR, d, y0, observed)
     else:
         tail = _sym(F[:-1] @ covs[:-1] @ _mT(F[:-1]) + Q[:-1])
         pred_covs = jnp.concatenate([params["P0"][None], tail])
-        lls, failed = jax.vmap(
+        lls, failed = _vmap(
             lambda mp_, Pp_, H_, R_, d_, y_, o_: _step_log_likelihood(
                 mp_, Pp_, H_, R_, d_, y_, o_, False
-            )
+            ),
+            chunk,
         )(pred_means, pred_covs, H, R, d, y0, observed)
     failed = lax.cummax(failed.astype(jnp.int32), axis=0) > 0
     lls = jnp.where(failed, -jnp.inf, lls)
@@ -589,26 +659,32 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
     F, Q, b = (params[k].astype(dtype) for k in ("F", "Q", "b"))
     if T == 1:
         return ParallelSmootherResult(means, _sym(covs), jnp.zeros((0, n, n), dtype))
+    chunk = _cpu_chunk(_lapack_dim(form, n, 1))
     if form == "sqrt":
         chols = getattr(filter_result, "filtered_chols", None)
         if chols is None:
-            chols = _psd_cholesky(covs)
-        LQ = _psd_cholesky(Q[:-1])
-        E, g, D = jax.vmap(_smoother_element_sqrt)(means[:-1], chols[:-1], F[:-1], LQ, b[:-1])
+            chols = _vmap(_psd_cholesky, chunk)(covs)
+        LQ = _vmap(_psd_cholesky, chunk)(Q[:-1])
+        E, g, D = _vmap(_smoother_element_sqrt, chunk)(
+            means[:-1], chols[:-1], F[:-1], LQ, b[:-1]
+        )
         elems = (
             jnp.concatenate([E, jnp.zeros((1, n, n), dtype)]),
             jnp.concatenate([g, means[-1:]]),
             jnp.concatenate([D, chols[-1:]]),
         )
-        _, sm, sD = _prefix_scan(_smoother_combine_sqrt, elems, reverse=True)
+        _, sm, sD = _prefix_scan(_smoother_combine_sqrt, elems, reverse=True, chunk=chunk)
         sP = _sym(sD @ _mT(sD))
     else:
-        E, g, Lk = jax.vmap(_smoother_element_cov)(means[:-1], covs[:-1], F[:-1], Q[:-1], b[:-1])
+        E, g, Lk = _vmap(_smoother_element_cov, chunk)(
+            means[:-1], covs[:-1], F[:-1], Q[:-1], b[:-1]
+        )
         elems = (
             jnp.concatenate([E, jnp.zeros((1, n, n), dtype)]),
             jnp.concatenate([g, means[-1:]]),
             jnp.concatenate([Lk, _sym(covs[-1:])]),
         )
+        # The covariance-form combination is matrix products only (no LAPACK): one vmap.
         _, sm, sP = _prefix_scan(_smoother_combine_cov, elems, reverse=True)
     cross = sP[1:] @ _mT(E)
     return ParallelSmootherResult(sm, sP, cross)

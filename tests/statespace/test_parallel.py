@@ -231,7 +231,7 @@ def test_public_functions_route_parallel_true_here():
         statespace.log_likelihood(model.replace(diffuse=True), y, parallel=True)
 
 
-def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed():
+def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed(monkeypatch):
     # A non-commutative associative operation (composition of affine maps x -> A x + v) at
     # lengths that exercise one block, padding of the last block, and several doubling levels,
     # in both directions, against the products accumulated one by one in NumPy.
@@ -255,7 +255,11 @@ def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed():
 
     # The lowered log-likelihood has (nearly: the padding of the last block) the same number of
     # operations at T = 64 and T = 65536; lax.associative_scan adds two copies of the
-    # combination per doubling of T.
+    # combination per doubling of T. Without the CPU batching of the LAPACK calls (its
+    # while loops appear once a batch outgrows the chunk size; tested separately).
+    import statespace._parallel as par
+
+    monkeypatch.setattr(par, "_cpu_chunk", lambda d: None)
     params, _ = _case("basic")
 
     def ops(T):
@@ -266,3 +270,25 @@ def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed():
 
     short, long = ops(64), ops(65536)
     assert abs(short - long) < 0.02 * short, (short, long)
+
+
+@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_cpu_chunked_batches_match_one_vmap(monkeypatch, grad):
+    # On CPU the per-element functions run in batches small enough for jaxlib's LAPACK kernels
+    # to stay on the calling thread (their thread-pool path deadlocked XLA:CPU at T = 1e5;
+    # see statespace._parallel._cpu_chunk). Forcing tiny batches (with padding: 11 = 3 x 4 - 1)
+    # must give the one-vmap log-likelihood (and gradient: slow to compile).
+    import statespace._parallel as par
+
+    params, y = _case("offsets_missing")
+    model = LinearGaussianSSM(**params)
+
+    def run(chunk):
+        monkeypatch.setattr(par, "_cpu_chunk", lambda d: chunk)
+        # A new function per setting, so each is traced afresh.
+        loglik = lambda F: parallel_filter(model.replace(F=F), y, moments=False)[0]
+        fn = jax.value_and_grad(loglik) if grad else lambda F: (loglik(F),)
+        return jax.jit(fn)(jnp.asarray(params["F"]))
+
+    for a, b in zip(run(4), run(None)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
