@@ -66,7 +66,11 @@ def _unfused_adjoint_grad():
 
     plain = {
         "_mm": lambda A, B: A @ B,
+        "_mm_fused": lambda A, B: A @ B,
         "_mmm": lambda A, B, C: A @ B @ C,
+        "_spd_solve_small": lambda S, B: (
+            jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(S, lower=True), B), None, None
+        ),
         "_inverse_cholesky": lambda S: jax.lax.linalg.triangular_solve(
             jnp.linalg.cholesky(S), jnp.eye(S.shape[-1], dtype=S.dtype), left_side=True,
             lower=True),

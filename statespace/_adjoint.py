@@ -90,7 +90,8 @@ def _inverse_cholesky(S):
 def _adjoint_step(const, sqrt, carry, xs):
     """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
     accumulated gradients of the time-constant parameters."""
-    mb_next, Pb_next, acc = carry
+    Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
+    mb_next, Pb_next = Xb_next[:, 0], Xb_next[:, 1:]
     par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
     y, m, P = xs["y"], xs["m"], xs["P"]
     if sqrt:  # the square-root filter stored lower factors
@@ -109,10 +110,11 @@ def _adjoint_step(const, sqrt, carry, xs):
         v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
         HP = HX[:, 1:] * w[:, None]
         S = _mm_fused(HP, Hm.T) + Rm
-        Z = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))[0]
-        Sinv = _spd_solve_small(S, jnp.eye(k, dtype=S.dtype))[0]
-        alpha, K = Z[:, 0], Z[:, 1:].T  # S^{-1} v, P H^T S^{-1}
-        corr = _mm_fused(HP.T, Z)
+        # one solve S^{-1} [v | H P | I] (one kernel)
+        B = jnp.concatenate([v[:, None], HP, jnp.eye(k, dtype=S.dtype)], axis=1)
+        Z = _spd_solve_small(S, B)[0]
+        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]  # S^{-1} v, P H^T S^{-1}
+        corr = _mm_fused(HP.T, Z[:, :n + 1])
         m_f = m + corr[:, 0]
         P_f = P - corr[:, 1:]
     else:
@@ -150,10 +152,13 @@ def _adjoint_step(const, sqrt, carry, xs):
     a = _mm(Hm.T, alpha)
     Pb = _mmm(J.T, Pb_f, J) + _mmm(Hm.T, D, Hm) + _symmetrise(_outer(mb_f, a))
 
-    acc = {k: acc[k] + grads[k] for k in acc}
+    # one flat accumulator for all time-constant parameters: one fused update per step
+    # instead of one kernel per parameter
+    if const:
+        acc = acc + jnp.concatenate([grads[k].ravel() for k in sorted(const)])
     per_step = {k: grads[k] for k in xs if k not in ("y", "m", "P")}
     per_step["y"] = vb
-    return (mb, Pb, acc), per_step
+    return (jnp.concatenate([mb[:, None], Pb], axis=1), acc), per_step
 
 
 def _value_and_grad(model, y, form):
@@ -169,16 +174,20 @@ def _value_and_grad(model, y, form):
     const = {k: _symmetrise(v) if k == "R" else v for k, v in const.items()}
     scanned = {k: _symmetrise(v) if k == "R" else v for k, v in scanned.items()}
     n = model.state_dim
-    acc0 = {k: jnp.zeros_like(v) for k, v in const.items()}
-    carry0 = (jnp.zeros((n,), dtype), jnp.zeros((n, n), dtype), acc0)
+    names = sorted(const)
+    sizes = [const[k].size for k in names]
+    acc0 = jnp.zeros((sum(sizes),), dtype)
+    carry0 = (jnp.zeros((n, n + 1), dtype), acc0)
     xs = dict(scanned, y=y, m=means, P=covs)
-    (mb0, Pb0, acc), per_step = lax.scan(
+    (Xb0, acc), per_step = lax.scan(
         lambda c, x: _adjoint_step(const, form == "sqrt", c, x), carry0, xs, reverse=True
     )
+    mb0, Pb0 = Xb0[:, 0], Xb0[:, 1:]
     grads = {"m0": mb0, "P0": Pb0}
     for name in const:
         x = getattr(model, name)
-        grads[name] = acc[name].reshape(x.shape)
+        start = sum(sizes[: names.index(name)])
+        grads[name] = acc[start:start + const[name].size].reshape(x.shape)
     for name in scanned:
         grads[name] = per_step[name]
     # A failed factorisation (-inf) has no gradient: NaN everywhere, never a finite value.

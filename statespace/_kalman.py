@@ -448,19 +448,21 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         )
         out = (ll,)
         # the carried P is symmetric to rounding only (not symmetrised in the loop: a kernel)
-        if moments == "predicted":  # one stacked output (one kernel), split after the scan
-            out = out + (jnp.concatenate([mean[:, None], _symmetrise(P)], axis=1),)
+        if moments == "predicted":  # X_next itself (no copy of the carry), split after the scan
+            out = out + (X_next,)
         elif moments:
             out = out + (X_f[:, 0], _symmetrise(X_f[:, 1:]), mean, _symmetrise(P))
         return X_next, out
 
     xs = dict(scanned, y=y)
     if not sqrt and not q and model.obs_dim <= _SMALL_M and n + 1 <= _UNROLL_MAX:
-        _, out = lax.scan(packed_step, jnp.concatenate([m0[:, None], cov0], axis=1), xs)
+        X0 = jnp.concatenate([m0[:, None], cov0], axis=1)
+        _, out = lax.scan(packed_step, X0, xs)
         failed = lax.cummax(jnp.isneginf(out[0]).astype(jnp.int32)) > 0
         out = (jnp.where(failed, -jnp.inf, out[0]),) + out[1:]
-        if moments == "predicted":
-            out = (out[0], out[1][:, :, 0], out[1][:, :, 1:])
+        if moments == "predicted":  # predictions of steps 1..T -> of steps 0..T-1
+            Xs = jnp.concatenate([X0[None], out[1][:-1]], axis=0)
+            out = (out[0], Xs[:, :, 0], _symmetrise(Xs[:, :, 1:]))
     else:
         carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
         (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
