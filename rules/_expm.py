@@ -505,6 +505,26 @@ def _frechet_impl(a, e):
     return [r.reshape(shape), el.reshape(shape)]
 
 
+# Eager calls: one compiled program per (batch size, n, dtype), whatever the leading dims.
+_expm_flat = jax.jit(_expm_batched)
+_frechet_flat = jax.jit(_frechet_batched)
+
+
+def _expm_eager(a):
+    if a.size == 0:
+        return a
+    n = a.shape[-1]
+    return _expm_flat(a.reshape((-1, n, n))).reshape(a.shape)
+
+
+def _frechet_eager(a, e):
+    if a.size == 0:
+        return [a, e]
+    n = a.shape[-1]
+    r, el = _frechet_flat(a.reshape((-1, n, n)), e.reshape((-1, n, n)))
+    return [r.reshape(a.shape), el.reshape(a.shape)]
+
+
 def _swap_last(x):
     return jnp.swapaxes(x, -1, -2)
 
@@ -513,13 +533,13 @@ def _swap_last(x):
 # The primitives.
 
 expm_p = Primitive("rules_expm")
-expm_p.def_impl(jax.jit(_expm_impl))
+expm_p.def_impl(_expm_eager)
 expm_p.def_abstract_eval(lambda a: jax.core.ShapedArray(a.shape, a.dtype))
 mlir.register_lowering(expm_p, mlir.lower_fun(_expm_impl, multiple_results=False))
 
 frechet_p = Primitive("rules_expm_frechet")
 frechet_p.multiple_results = True
-frechet_p.def_impl(jax.jit(_frechet_impl))
+frechet_p.def_impl(_frechet_eager)
 frechet_p.def_abstract_eval(
     lambda a, e: [jax.core.ShapedArray(a.shape, a.dtype), jax.core.ShapedArray(e.shape, e.dtype)]
 )
