@@ -95,20 +95,24 @@ def _precision_name(dtype) -> str:
 # Small batched helpers. Every array below is (batch, n, n); per-matrix scalars are (batch,).
 
 
-# Up to this size a batch of matrix products is faster as a sum of n outer products
-# (elementwise operations that XLA fuses, also across consecutive products) than as
-# XLA:CPU's batched dot, which pays per matrix. Measured on 1000 matrices, ten chained
-# products: n = 4 0.11 ms vs 1.8 ms, n = 6 0.4 vs 3.1 ms, n = 8 0.85 vs 0.74 ms; the whole
-# Fréchet derivative at n = 8 was slower this way (8.0 vs 4.7 ms), so n = 8 keeps the dot. A
-# single ``sum(x[..., :, :, None] * y[..., None, :, :], -2)`` reduce was 4x slower than the
-# unrolled sum.
+# Up to this size a batch of matrix products is faster as elementwise operations that XLA
+# fuses than as XLA:CPU's batched dot, which pays per matrix. Measured on 1000 matrices, ten
+# chained products: n = 4 dot 1.8 ms, one broadcast-multiply-reduce 0.43 ms, a sum of n outer
+# products 0.11 ms; n = 6 dot 3.1 ms, outer products 0.4 ms; at n = 8 the whole Fréchet
+# derivative was slower without the dot (8.0 vs 4.7 ms), so n = 8 keeps it. The outer-product
+# sum compiles to more code, though: used in all five Padé branches it added ~0.8 s of
+# compile time per program, so it is kept (``unroll=True``) for the products compiled once
+# and run on every call (powers and norms in the degree choice, the solve's right-hand side,
+# the squarings), and the branches use the reduce.
 _SMALL_N = 6
 
 
-def _mm(x, y):
+def _mm(x, y, unroll=False):
     n = x.shape[-1]
-    if n <= _SMALL_N:
+    if n <= _SMALL_N and unroll:
         return sum(x[..., :, k, None] * y[..., None, k, :] for k in range(n))
+    if n <= _SMALL_N:
+        return jnp.sum(x[..., :, :, None] * y[..., None, :, :], axis=-2)
     return jnp.matmul(x, y, precision=_HIGHEST)
 
 
@@ -177,7 +181,7 @@ def _log2_abs_power_norms(abs_a, powers):
     squares = {1: abs_a}
     while 2 * max(squares) < max(powers):
         top = max(squares)
-        squares[2 * top] = _mm(squares[top], squares[top])
+        squares[2 * top] = _mm(squares[top], squares[top], unroll=True)
     rows = {1: jnp.sum(abs_a, axis=-2)}
 
     def row(q):
@@ -292,9 +296,9 @@ def _select(a, theta, log2_u):
     norm = _onenorm(a)
     p = jnp.where(norm > 1.0, _ceil_int(jnp.log2(jnp.where(norm > 1.0, norm, 1.0))), 0)
     a1 = _scale_pow2(a, -p)
-    a2 = _mm(a1, a1)
-    a4 = _mm(a2, a2)
-    a6 = _mm(a4, a2)
+    a2 = _mm(a1, a1, unroll=True)
+    a4 = _mm(a2, a2, unroll=True)
+    a6 = _mm(a4, a2, unroll=True)
     pf = p.astype(a.dtype)
     log2_norm = {k: jnp.log2(_onenorm(x)) for k, x in ((1, a1), (2, a2), (4, a4), (6, a6))}
     # log2 d_k, d_k = ‖A^k‖₁^{1/k}: exact for k = 4, 6; for k = 8, 10 the submultiplicative
@@ -372,7 +376,7 @@ def _expm_general(a):
 
     def square(i, x):
         active = i < s
-        return triangular.fix(jnp.where(_bcast(active), _mm(x, x), x), s - i - 1, active)
+        return triangular.fix(jnp.where(_bcast(active), _mm(x, x, unroll=True), x), s - i - 1, active)
 
     r = lax.fori_loop(0, jnp.max(s), square, r)
     return jnp.where(_bcast(finite), r, jnp.nan)
@@ -472,12 +476,13 @@ def _frechet_batched(a, e):
     # One LU of (V - U), used twice: R = (V-U)^{-1}(V+U), L = (V-U)^{-1}(L_U + L_V + (L_U - L_V) R).
     factors = _lu_factor(v - u)
     r = _eye_like(u) + 2.0 * _lu_solve(factors, u)
-    el = _lu_solve(factors, lu + lv + _mm(lu - lv, r))
+    el = _lu_solve(factors, lu + lv + _mm(lu - lv, r, unroll=True))
 
     def square(i, carry):
         r, el = carry
         active = _bcast(i < s)
-        return jnp.where(active, _mm(r, r), r), jnp.where(active, _mm(r, el) + _mm(el, r), el)
+        return (jnp.where(active, _mm(r, r, unroll=True), r),
+                jnp.where(active, _mm(r, el, unroll=True) + _mm(el, r, unroll=True), el))
 
     r, el = lax.fori_loop(0, jnp.max(s), square, (r, el))
     nan_unless_finite = partial(jnp.where, _bcast(finite))
