@@ -28,8 +28,8 @@ Derivative rules (all on the solution, never by differentiating the iteration):
   one ``frechet_p`` call on ``2n × 2n`` blocks, so derivatives of any order work.
 
 Batching: both primitives take ``(..., n, n)`` arrays and work on the whole batch at once;
-for ``n ≤ 6`` the products and the LU solve are unrolled into elementwise operations (XLA:CPU's
-batched dot and LU custom calls pay per matrix, which dominated at n = 4).
+for ``n ≤ 6`` the products and the LU solve are elementwise operations that XLA fuses (XLA:CPU's
+batched dot and LU custom calls pay per matrix, which dominated at n = 4; see ``_mm``).
 The Padé degree is the batch maximum (one scalar ``lax.switch``, not a ``select`` over all
 branches) and the squaring loop runs to the batch maximum of ``s`` with per-matrix masking,
 so a batch never pays for branches or squarings beyond what its hardest matrix needs.
