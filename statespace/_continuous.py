@@ -161,13 +161,10 @@ def _table(step, size):
     return F[:size], Qd[:size], None if c is None else c[:size]
 
 
-def _compose_digit(step, q, level, out, dtype):
-    """``out`` followed by the transition over ``digit_level(q) · 64^level δ``.
-
-    ``step`` is the transition over ``64^level δ``; its table of multiples ``0 .. 63`` is built
-    in the table precision and looked up per step.
-    """
-    table = _table(step, _TABLE)
+def _compose_digit(table, q, level, out, dtype):
+    """``out`` followed by the transition over ``digit_level(q) · 64^level δ``, looked up per
+    step in ``table`` (the transitions over ``j · 64^level δ``, ``j = 0 .. 63``, in the table
+    precision)."""
     digit = jnp.mod(jnp.floor(q / float(_TABLE) ** level), float(_TABLE)).astype(jnp.int32)
     looked_up = tuple(None if t is None else t.astype(dtype)[digit] for t in table)
     return _compose(looked_up, out)
@@ -237,18 +234,26 @@ def _discretize_matrices(A, Q, b, dt):
 
     out = _taylor(terms, r)
     step = _taylor(terms_t, delta_t)  # the transition over δ
-    out = _compose_digit(step, q, 0, out, dtype)
+    out = _compose_digit(_table(step, _TABLE), q, 0, out, dtype)
     # Levels 1, 2 (steps of 64 δ or more) only when some step needs them: one predicate for
     # the whole batch (steps are rarely that long), so the common case skips two thirds of the
     # per-step work and of its reverse pass. A digit 0 composes with (I, 0, 0), which leaves
     # ``out`` bitwise unchanged, so both branches give the same numbers where both apply.
     # (Under vmap the predicate is batched and both branches run: the cost of no skipping.)
     def longer_steps(out):
-        level_step = step
-        for level in range(1, _LEVELS):
+        # the transitions over 64 δ, 64² δ, … by repeated squaring, and their tables built
+        # together (one batched table build: less to compile)
+        level_steps, current = [], step
+        for _ in range(1, _LEVELS):
             for _ in range(int(np.log2(_TABLE))):
-                level_step = _compose(level_step, level_step)
-            out = _compose_digit(level_step, q, level, out, dtype)
+                current = _compose(current, current)
+            level_steps.append(current)
+        stacked = tuple(None if step[i] is None else jnp.stack([s[i] for s in level_steps])
+                        for i in range(3))
+        tables = _table(stacked, _TABLE)  # axes: (table entry, level, ...)
+        for j, level in enumerate(range(1, _LEVELS)):
+            out = _compose_digit(tuple(None if t is None else t[:, j] for t in tables),
+                                 q, level, out, dtype)
         return out
 
     out = lax.cond(jnp.max(q) >= _TABLE, longer_steps, lambda out: out, out)

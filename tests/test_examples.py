@@ -26,6 +26,8 @@ def test_fit_continuous_recovers_sho_parameters():
     assert out["result"].num_steps <= 100
 
 
+# Slow (CI time): NUTS through the distribution also runs in tests/test_demo.py.
+@pytest.mark.slow
 def test_nuts_continuous_smoke():
     out = load("nuts_continuous").main(
         ["--num-times", "40", "--num-warmup", "20", "--num-samples", "20", "--num-chains", "1",

@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kronecker_spatiotemporal.py"
 
@@ -15,6 +16,8 @@ def load():
     return module
 
 
+# Slow (CI time): rules.kron and product_of are tested in test_kron.py / test_models.py.
+@pytest.mark.slow
 def test_kronecker_spatiotemporal_smoke():
     out = load().main(["--num-sites", "6", "--num-times", "25", "--num-steps", "60", "--no-progress"])
     # the Kronecker-eigenbasis likelihood and the per-mode Kalman filters are the same function

@@ -361,6 +361,8 @@ def test_predict_and_smoother_match_dense_gp():
     np.testing.assert_allclose(draws.mean(0), mu_s, atol=5 * np.sqrt(np.diag(cov_s).max() / 4000) + 1e-3)
 
 
+# Slow (CI time): the default run checks predict against dense GP conditioning.
+@pytest.mark.slow
 def test_predict_is_differentiable_and_jits():
     model, _ = _matern32_model(0.8, 1.7, 0.05)
     times = np.linspace(0.0, 5.0, 9)
