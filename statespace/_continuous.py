@@ -29,6 +29,7 @@ from jax import lax
 
 import rules
 from rules._checks import as_float_array
+from rules._smallmm import small_matmul
 
 __all__ = ["ContinuousLinearSSM", "Discretization", "Prediction", "discretize", "predict"]
 
@@ -67,10 +68,9 @@ _LEVELS = 3
 
 
 def _mm(a, b):
-    """Batched matmul; for tiny matrices as broadcast-multiply-sum, which XLA fuses on CPU."""
-    if a.shape[-1] <= 4 and b.shape[-1] <= 4:
-        return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-    return jnp.matmul(a, b)
+    """Batched matmul (for tiny matrices a sum of outer products with bilinear derivative
+    rules, several times faster than a batched dot on XLA:CPU; ``rules._smallmm``)."""
+    return small_matmul(a, b)
 
 
 def _mv(a, v):
