@@ -87,12 +87,16 @@ def _inverse_cholesky(S):
 # of Hb, Rb, vb exactly as the forward step masks H, R, v. The square-root form uses the same
 # recursion with P = L L^T rebuilt from its stored factors: the gradient is a property of the
 # function, not of the algorithm that evaluated it.
+# what the forward pass stores per step (the rest of ``xs`` are time-varying parameters)
+_STEP_DATA = ("y", "m", "P", "Xf", "Z")
+
+
 def _adjoint_step(const, sqrt, carry, xs):
     """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
     accumulated gradients of the time-constant parameters."""
     Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
     mb_next, Pb_next = Xb_next[:, 0], Xb_next[:, 1:]
-    par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
+    par = {**const, **{k: v for k, v in xs.items() if k not in _STEP_DATA}}
     y, m, P = xs["y"], xs["m"], xs["P"]
     if sqrt:  # the square-root filter stored lower factors
         P = _mmt(P, P)
@@ -102,7 +106,12 @@ def _adjoint_step(const, sqrt, carry, xs):
 
     # recompute the update (cheap, fused) instead of storing it
     n, k = P.shape[0], Hm.shape[0]
-    if k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
+    if "Z" in xs:
+        # stored by the forward's packed step: [m_f | P_f] and S^{-1} [v | H P | I]
+        Z = xs["Z"]
+        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]
+        m_f, P_f = xs["Xf"][:, 0], xs["Xf"][:, 1:]
+    elif k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
         # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
         # solve, [K v | K H P] in one product (fewer XLA kernels per step)
         X = jnp.concatenate([m[:, None], P], axis=1)
@@ -156,7 +165,7 @@ def _adjoint_step(const, sqrt, carry, xs):
     # instead of one kernel per parameter
     if const:
         acc = acc + jnp.concatenate([grads[k].ravel() for k in sorted(const)])
-    per_step = {k: grads[k] for k in xs if k not in ("y", "m", "P")}
+    per_step = {k: grads[k] for k in xs if k not in _STEP_DATA}
     per_step["y"] = vb
     return (jnp.concatenate([mb[:, None], Pb], axis=1), acc), per_step
 
@@ -164,7 +173,7 @@ def _adjoint_step(const, sqrt, carry, xs):
 def _value_and_grad(model, y, form):
     """Log-likelihood and its gradient (a model-shaped pytree and ``y``-shaped array) by the
     forward filter and one adjoint scan."""
-    total, _, means, covs = _filter_single(model, y, form, "predicted")
+    total, _, means, covs, update = _filter_single(model, y, form, "predicted")
     const, scanned = _steps_params(model)
     dtype = y.dtype
     const = {k: v.astype(dtype) for k, v in const.items()}
@@ -179,6 +188,8 @@ def _value_and_grad(model, y, form):
     acc0 = jnp.zeros((sum(sizes),), dtype)
     carry0 = (jnp.zeros((n, n + 1), dtype), acc0)
     xs = dict(scanned, y=y, m=means, P=covs)
+    if update is not None:
+        xs["Xf"], xs["Z"] = update
     (Xb0, acc), per_step = lax.scan(
         lambda c, x: _adjoint_step(const, form == "sqrt", c, x), carry0, xs, reverse=True
     )

@@ -313,7 +313,9 @@ def _steps_params(model: LinearGaussianSSM):
 def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     """The filter on one series. ``moments``: False (log-likelihoods only), True (all
     moments, a :class:`FilterResult`) or ``"predicted"`` (``total, log_likelihoods, predicted
-    means, predicted covariances`` -- lower factors in sqrt form; non-diffuse models only)."""
+    means, predicted covariances`` -- lower factors in sqrt form -- and ``update``: from the
+    packed small-m step the per-step ``([m_f | P_f], S^{-1} [v | H P | I])``, else None;
+    non-diffuse models only)."""
     n = model.state_dim
     dtype = y.dtype
     const, scanned = _steps_params(model)
@@ -432,8 +434,11 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         v = jnp.where(observed, yk - HX[:, 0] - d, 0.0)
         HP = HX[:, 1:] * w[:, None]
         S = _mm_fused(HP, Hm.T) + Rm
-        Z, det, ok = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))
-        corr = _mm_fused(HP.T, Z)  # [K v | K H P]
+        rhs = [v[:, None], HP]
+        if moments == "predicted":  # the adjoint pass also needs S^{-1}: one more column block
+            rhs.append(jnp.eye(Hm.shape[0], dtype=dtype))
+        Z, det, ok = _spd_solve_small(S, jnp.concatenate(rhs, axis=1))
+        corr = _mm_fused(HP.T, Z[:, :n + 1])  # [K v | K H P]
         X_f = X + jnp.concatenate([corr[:, :1], -corr[:, 1:]], axis=1)
         # -inf on a failed factorisation (NaN input stays NaN); later steps are set to -inf
         # after the scan (a carried flag would cost a kernel per step)
@@ -448,8 +453,9 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         )
         out = (ll,)
         # the carried P is symmetric to rounding only (not symmetrised in the loop: a kernel)
-        if moments == "predicted":  # X_next itself (no copy of the carry), split after the scan
-            out = out + (X_next,)
+        if moments == "predicted":  # X_next itself (no copy of the carry), split after the scan;
+            # the update [m_f | P_f] and S^{-1} [v | H P | I], so the adjoint need not redo them
+            out = out + (X_next, X_f, Z)
         elif moments:
             out = out + (X_f[:, 0], _symmetrise(X_f[:, 1:]), mean, _symmetrise(P))
         return X_next, out
@@ -462,7 +468,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         out = (jnp.where(failed, -jnp.inf, out[0]),) + out[1:]
         if moments == "predicted":  # predictions of steps 1..T -> of steps 0..T-1
             Xs = jnp.concatenate([X0[None], out[1][:-1]], axis=0)
-            out = (out[0], Xs[:, :, 0], _symmetrise(Xs[:, :, 1:]))
+            out = (out[0], Xs[:, :, 0], _symmetrise(Xs[:, :, 1:]), (out[2], out[3]))
     else:
         carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
         (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
@@ -478,7 +484,8 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     if not moments:
         return total, log_likelihoods
     if moments == "predicted":  # what the adjoint pass needs (statespace._adjoint)
-        return total, log_likelihoods, out[1], out[2]
+        update = out[3] if len(out) > 3 else None  # (X_f, Z) of the packed step
+        return total, log_likelihoods, out[1], out[2], update
 
     mean_f, cov_f, mean_p, cov_p = out[1:5]
     chol_f = chol_p = None
