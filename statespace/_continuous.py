@@ -246,6 +246,9 @@ def _discretize_matrices(A, Q, b, dt):
     q = jnp.floor(lax.stop_gradient(dt) / delta)
     q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
     r = dt - q * jnp.where(finite, delta, 0.0)  # exact: δ is a power of two
+    # Steps beyond the tables give NaN: through r, so the NaN reaches F, Qd, bd (and their
+    # derivatives) without a select on every (n, n) output and its cotangent.
+    r = jnp.where(q >= float(_TABLE) ** _LEVELS, jnp.nan, r)
     delta_t = jnp.where(finite, delta, 0.0).astype(table_dtype)
 
     out = _taylor(terms, r)
@@ -277,8 +280,7 @@ def _discretize_matrices(A, Q, b, dt):
     # of (T, n, n) arrays each way, 8 of 34 ms of the gradient at T = 1e4. With
     # ``jax.checkpoint`` the reverse pass recomputes the (rare) branch instead.
     out = lax.cond(jnp.max(q) >= _TABLE, jax.checkpoint(longer_steps), lambda out: out, out)
-    too_long = q >= float(_TABLE) ** _LEVELS
-    F, Qd, bd = (None if x is None else jnp.where(too_long.reshape(too_long.shape + (1,) * (x.ndim - too_long.ndim)), jnp.nan, x) for x in out)
+    F, Qd, bd = out
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)
