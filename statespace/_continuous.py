@@ -504,9 +504,14 @@ class ContinuousLinearSSM:
             idx = np.flatnonzero(~np.asarray(self.diffuse))
         A = self.A[np.ix_(idx, idx)]
         Q = self.Q[np.ix_(idx, idx)]
-        P_sub = rules.lyap(A, Q)
+        # P∞ and the stability test's lyap(A, I) in ONE call (one Schur form, one batched
+        # triangular solve): as two calls their triangular solves ran side by side and, in a
+        # vmapped panel of ~2e4 subjects, deadlocked XLA:CPU's thread pool under jaxlib 0.10
+        # (see statespace._parallel).
+        eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+        P_sub, X_test = rules.lyap(A, jnp.stack([Q, eye]))
         P_sub = 0.5 * (P_sub + P_sub.T)
-        ok = _is_stable(A) & jnp.all(jnp.isfinite(P_sub))
+        ok = _is_positive_definite(lax.stop_gradient(X_test)) & jnp.all(jnp.isfinite(P_sub))
         P0 = jnp.zeros((n, n), dtype).at[np.ix_(idx, idx)].set(P_sub)
         if self.m0 is not None:
             m0 = self.m0.astype(dtype)
@@ -583,16 +588,16 @@ class ContinuousLinearSSM:
         return disc, ok
 
 
-def _is_stable(A):
-    """Traced test of ``max Re λ(A) < 0`` without an eigen-solver (works on every backend).
+def _is_positive_definite(X):
+    """Traced stability test, given ``X = lyap(A, I)``: ``max Re λ(A) < 0`` iff ``X`` is
+    positive definite (Lyapunov's theorem), so no eigen-solver is needed (every backend).
 
-    Lyapunov's theorem: A is stable iff ``A X + X Aᵀ + I = 0`` has a positive-definite solution.
-    No derivative flows through the flag.
-    """
-    A = lax.stop_gradient(A)
-    X = rules.lyap(A, jnp.eye(A.shape[-1], dtype=A.dtype))
-    X = 0.5 * (X + X.T)
-    L = jnp.linalg.cholesky(X)
+    The Cholesky is the filter's unrolled one for n <= 8 (no LAPACK call: in a vmapped panel's
+    gradient a batched LAPACK Cholesky ran beside the adjoint's triangular solve and
+    deadlocked XLA:CPU under jaxlib 0.10, see ``initial``)."""
+    from statespace._kalman import _cholesky
+
+    L = _cholesky(0.5 * (X + X.T))
     return jnp.all(jnp.isfinite(L))
 
 

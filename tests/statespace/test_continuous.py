@@ -381,3 +381,49 @@ def _matern32_model_jnp(ell):
     from statespace import models
 
     return models.matern32(ell, 1.7, noise_var=0.05), None
+
+
+def _panel(num_subjects, n=4, T=5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(num_subjects, n, n)) / 2
+    A = jnp.asarray(X - np.swapaxes(X, -1, -2) - 1.5 * np.eye(n))
+    times = jnp.asarray(np.cumsum(rng.exponential(1.0, size=(num_subjects, T)), axis=1))
+    y = jnp.asarray(rng.normal(size=(num_subjects, T, 1)))
+    Q, H, R = jnp.eye(n), jnp.ones((1, n)), jnp.eye(1)
+
+    def total(A):
+        loglik = lambda A, t, y: statespace.log_likelihood(ContinuousLinearSSM(A, Q, H, R), y, t)  # noqa: E731
+        return jnp.sum(jax.vmap(loglik)(A, times, y))
+
+    return A, total
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="LAPACK custom calls are CPU-only")
+def test_stationary_start_makes_one_chain_of_lapack_calls():
+    """P∞ and the stability test share one Schur form and one triangular solve, and the PD test
+    uses no LAPACK: independent batched LAPACK calls side by side deadlock XLA:CPU under
+    jaxlib 0.10 once a vmapped panel is large (test_large_panel_gradient_does_not_hang)."""
+    import collections
+    import re
+
+    A, _ = _panel(8)
+    Q, H, R = jnp.eye(4), jnp.ones((1, 4)), jnp.eye(1)
+
+    def start(A):  # the stationary start of every subject, and a scalar of it for the gradient
+        m0, P0, ok = jax.vmap(lambda A: ContinuousLinearSSM(A, Q, H, R).initial())(A)
+        return jnp.sum(jnp.where(ok, 1.0, 0.0)[:, None, None] * P0 ** 2)
+
+    for fn, solves in ((start, 1), (jax.grad(start), 2)):
+        hlo = jax.jit(fn).lower(A).compile().as_text()
+        calls = collections.Counter(re.findall(r'custom_call_target="(lapack_\w+)"', hlo))
+        assert calls["lapack_dgees_ffi"] == 1, calls
+        assert "lapack_dpotrf_ffi" not in calls, calls
+        assert calls["lapack_ztrsm_ffi"] == solves, calls
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_large_panel_gradient_does_not_hang():
+    A, total = _panel(20000)
+    value, grad = jax.jit(jax.value_and_grad(total))(A)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
