@@ -149,7 +149,7 @@ def test_discretize_long_steps_nan_beyond_range_and_finite_within():
         assert _rel(np.asarray(Qd[k]), Qd_ref) < 1e-12
 
 
-def test_discretize_gradients():
+def _discretize_first_order_checked():
     A = jnp.asarray(_drifts()["stable_random"][:2, :2])
     Q = jnp.asarray(_spd(np.random.default_rng(4), 2))
     b = jnp.array([0.4, -0.3])
@@ -161,6 +161,19 @@ def test_discretize_gradients():
     dts = jnp.array([0.0, 0.05, 0.7, 3.0])
     f = jax.jit(f)
     check_grads(f, (A, Q, b, dts), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    return f, A, Q, b, dts
+
+
+def test_discretize_gradients():
+    _discretize_first_order_checked()
+
+
+# Slow: the forward-over-reverse program takes ~15 s to compile (CI's 15 minutes). Second order
+# in the default run: rules/test_smallmm.py, rules' order-2 check_grads, and the filter's
+# Hessian in test_adjoint.py.
+@pytest.mark.slow
+def test_discretize_second_order():
+    f, A, Q, b, dts = _discretize_first_order_checked()
     # second order: forward-over-reverse equals finite differences of the gradient
     # (one compiled program: its primal output is the gradient, used for the differences)
     scalar = lambda A: sum(jnp.sum(jnp.sin(x)) for x in f(A, Q, b, dts))  # noqa: E731

@@ -199,7 +199,7 @@ def test_invalid_hyperparameter_gives_minus_inf():
     assert ll == -jnp.inf
 
 
-def test_hyperparameter_gradients_and_hessian():
+def _hyperparameter_log_likelihood():
     rng = np.random.default_rng(5)
     T = 12
     times = jnp.asarray(np.sort(rng.uniform(0, 5, T)))
@@ -211,8 +211,20 @@ def test_hyperparameter_gradients_and_hessian():
                               models.carma(p[3:5], jnp.array([1.0, 0.3]), p[5]), noise_var=p[6])
         return statespace.log_likelihood(model, y, times)
 
-    p = jnp.array([2.0, 3.0, 0.8, 1.5, 2.0, 0.7, 0.1])
+    return ll, jnp.array([2.0, 3.0, 0.8, 1.5, 2.0, 0.7, 0.1])
+
+
+def test_hyperparameter_gradients():
+    ll, p = _hyperparameter_log_likelihood()
     check_grads(ll, (p,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+# Slow: compiling forward-over-reverse of the whole likelihood takes ~30 s. The default run
+# keeps second order of its parts: test_discretize_gradients (the discretisation's HVP) and
+# test_adjoint.py::test_second_order_and_forward_mode (the filter's Hessian).
+@pytest.mark.slow
+def test_hyperparameter_hessian():
+    ll, p = _hyperparameter_log_likelihood()
     hess = jax.jit(jax.jacfwd(jax.grad(ll)))(p)
     assert np.all(np.isfinite(hess))
     np.testing.assert_allclose(hess, hess.T, rtol=1e-7, atol=1e-8)
