@@ -60,6 +60,10 @@ def _inverse_cholesky(S):
     return _chol_solve(S, jnp.eye(S.shape[-1], dtype=S.dtype))[1]
 
 
+# what the forward pass stores per step (the rest of ``xs`` are time-varying parameters)
+_STEP_DATA = ("y", "m", "P", "Xf", "Z")
+
+
 # ------------------------------------------------------------------------------------------
 # The adjoint step
 # ------------------------------------------------------------------------------------------
@@ -87,10 +91,6 @@ def _inverse_cholesky(S):
 # of Hb, Rb, vb exactly as the forward step masks H, R, v. The square-root form uses the same
 # recursion with P = L L^T rebuilt from its stored factors: the gradient is a property of the
 # function, not of the algorithm that evaluated it.
-# what the forward pass stores per step (the rest of ``xs`` are time-varying parameters)
-_STEP_DATA = ("y", "m", "P", "Xf", "Z")
-
-
 def _adjoint_step(const, sqrt, carry, xs):
     """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
     accumulated gradients of the time-constant parameters."""
@@ -104,7 +104,7 @@ def _adjoint_step(const, sqrt, carry, xs):
     observed = ~jnp.isnan(y)
     w, Hm, Rm = _mask_observation(H, R, observed)
 
-    # recompute the update (cheap, fused) instead of storing it
+    # the update: stored by the forward's packed step, else recomputed (cheap, fused)
     n, k = P.shape[0], Hm.shape[0]
     if "Z" in xs:
         # stored by the forward's packed step: [m_f | P_f] and S^{-1} [v | H P | I]

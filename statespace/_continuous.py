@@ -31,6 +31,7 @@ from jax import lax
 import rules
 from rules._checks import as_float_array
 from rules._smallmm import small_matmul
+from statespace._kalman import _cholesky
 
 __all__ = ["ContinuousLinearSSM", "Discretization", "Prediction", "discretize", "predict"]
 
@@ -595,8 +596,6 @@ def _is_positive_definite(X):
     The Cholesky is the filter's unrolled one for n <= 8 (no LAPACK call: in a vmapped panel's
     gradient a batched LAPACK Cholesky ran beside the adjoint's triangular solve and
     deadlocked XLA:CPU under jaxlib 0.10, see ``initial``)."""
-    from statespace._kalman import _cholesky
-
     L = _cholesky(0.5 * (X + X.T))
     return jnp.all(jnp.isfinite(L))
 
