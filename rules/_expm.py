@@ -628,7 +628,7 @@ ad.primitive_transposes[frechet_p] = _frechet_transpose
 
 # vmap: move mapped axes to the front; the implementation treats every leading axis as batch.
 def _move_to_front(x, dim, size):
-    if dim is batching.not_mapped:
+    if dim is None:
         return jnp.broadcast_to(x, (size,) + x.shape)
     return jnp.moveaxis(x, dim, 0)
 
@@ -639,7 +639,7 @@ def _expm_batch(args, dims):
 
 
 def _frechet_batch(args, dims):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
     a, e = (_move_to_front(x, d, size) for x, d in zip(args, dims))
     return frechet_p.bind(a, e), [0, 0]
 

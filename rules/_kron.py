@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rules._checks import as_float_array, check_square
+from rules._precision import full_precision
 
 
 def _as_factor(i: int, factor) -> jnp.ndarray:
@@ -136,6 +137,7 @@ class Kronecker:
                 )
 
     # ----------------------------------------------------------------- products
+    @full_precision
     def matmul(self, x):
         """``K @ x`` for x of shape ``(n,)`` or ``(n, m)`` (columns), ``n = K.shape[1]``."""
         x = _check_operand("K", self.shape, x)
@@ -157,6 +159,7 @@ class Kronecker:
             )
         return (self.T.matmul(x.T)).T
 
+    @full_precision
     def kron_matmul(self, other: Kronecker) -> Kronecker:
         """``(⊗ Aᵢ)(⊗ Bᵢ) = ⊗ (Aᵢ Bᵢ)`` for matching factor structure."""
         if len(other.factors) != len(self.factors) or any(
@@ -167,11 +170,13 @@ class Kronecker:
             )
         return Kronecker(*(a @ b for a, b in zip(self.factors, other.factors)))
 
+    @full_precision
     def to_dense(self) -> jnp.ndarray:
         """The dense ``(Π rows, Π cols)`` product (for tests and small sizes only)."""
         return reduce(jnp.kron, self.factors)
 
     # ----------------------------------------------------------------- solves
+    @full_precision
     def solve(self, b, *, assume_a: str = "gen"):
         """``K⁻¹ b = (F₁⁻¹ ⊗ … ⊗ F_N⁻¹) b`` by one factor-wise :func:`rules.solve` per factor.
 
@@ -190,6 +195,7 @@ class Kronecker:
         ops = [(lambda f: (lambda t: solve(f, t, assume_a=assume_a)))(f) for f in self.factors]
         return _apply_factorwise(ops, [f.shape[0] for f in self.factors], b)
 
+    @full_precision
     def inv(self, *, assume_a: str = "gen") -> Kronecker:
         """``K⁻¹ = F₁⁻¹ ⊗ … ⊗ F_N⁻¹`` (a ``Kronecker``), each by :func:`rules.inv`."""
         from rules._linalg import inv
@@ -197,6 +203,7 @@ class Kronecker:
         self._require_square("inv")
         return Kronecker(*(inv(f, assume_a=assume_a) for f in self.factors))
 
+    @full_precision
     def cholesky(self) -> Kronecker:
         """Lower Cholesky factor ``chol(F₁) ⊗ … ⊗ chol(F_N)`` (factors symmetric positive
         definite; a Kronecker of lower-triangular factors is lower triangular)."""
@@ -204,6 +211,7 @@ class Kronecker:
         return Kronecker(*(jnp.linalg.cholesky(f) for f in self.factors))
 
     # ----------------------------------------------------------------- scalars
+    @full_precision
     def slogdet(self):
         """``(sign, log|det K|)`` with ``log|det K| = Σᵢ (n / nᵢ) log|det Fᵢ|``, ``n = Π nᵢ``,
         and ``sign = Π sign(det Fᵢ)^(n / nᵢ)``."""
@@ -282,6 +290,7 @@ class KroneckerSum:
     def __repr__(self) -> str:
         return f"KroneckerSum({tuple(self.A.shape)} ⊕ {tuple(self.B.shape)})"
 
+    @full_precision
     def matmul(self, x):
         """``(A ⊕ B) x`` for x of shape ``(n,)`` or ``(n, m)``."""
         x = _check_operand("KroneckerSum", self.shape, x)
@@ -295,6 +304,7 @@ class KroneckerSum:
     def __matmul__(self, x):
         return self.matmul(x)
 
+    @full_precision
     def to_dense(self) -> jnp.ndarray:
         nA, nB = self.A.shape[0], self.B.shape[0]
         dtype = self.dtype

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rules._checks import as_float_array, check_square
+from rules._precision import full_precision
 
 _ASSUME_A = ("gen", "pos")
 
@@ -123,6 +124,7 @@ def _solve(A, B, assume_a):
     return lax.custom_linear_solve(matvec, B, solve, transpose_solve)
 
 
+@full_precision
 def solve(A, B, *, assume_a: str = "gen"):
     """Solve ``A X = B`` with one factorisation shared by the primal and all derivatives.
 
@@ -160,6 +162,7 @@ def solve(A, B, *, assume_a: str = "gen"):
     return X[..., 0] if vector else X
 
 
+@full_precision
 def inv(A, *, assume_a: str = "gen"):
     """Matrix inverse with the derivative rules of :func:`solve` (one factorisation).
 

@@ -103,6 +103,7 @@ import numpy as np
 from jax import lax
 
 from rules._checks import as_float_array, check_same_matrix_shape, check_square, common_dtype
+from rules._precision import full_precision
 
 __all__ = ["lyap", "dlyap"]
 
@@ -117,6 +118,7 @@ _CAYLEY_CONDITION_OK = 100.0
 # public API
 
 
+@full_precision
 def lyap(A, Q, *, method: str = "auto"):
     r"""Solve the continuous Lyapunov equation ``A X + X Aᵀ + Q = 0`` for ``X``.
 
@@ -160,6 +162,7 @@ def lyap(A, Q, *, method: str = "auto"):
     return jnp.vectorize(core, signature="(n,n),(n,n)->(n,n)")(A, Q)
 
 
+@full_precision
 def dlyap(A, Q, *, method: str = "auto"):
     r"""Solve the discrete Lyapunov (Stein) equation ``A X Aᵀ − X + Q = 0`` for ``X``.
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rules._checks import as_float_array
+from rules._precision import full_precision
 
 
 def _mT(x):
@@ -119,6 +120,7 @@ def _tria(M):
 
 
 @_tria.defjvp
+@full_precision
 def _tria_jvp(primals, tangents):
     (M,), (M_dot,) = primals, tangents
     L = _tria(M)
@@ -140,6 +142,7 @@ def _tria_tangent(M, L, M_dot):
     return (L_safe @ phi) * pivot[..., None, :].astype(L.dtype)
 
 
+@full_precision
 def tria(M):
     """Lower-triangular square root of ``M Mᵀ``: ``L`` with ``L Lᵀ = M Mᵀ``, ``diag(L) ≥ 0``.
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rules._precision import full_precision
 from statespace._kalman import (
     _SMALL_M,
     _UNROLL_MAX,
@@ -220,6 +221,7 @@ def _loglik_sqrt(model, y):
 
 
 def _make_jvp(form):
+    @full_precision
     def jvp(primals, tangents):
         model, y = primals
         model_dot, y_dot = tangents

@@ -30,6 +30,7 @@ from jax import lax
 
 import rules
 from rules._checks import as_float_array
+from rules._precision import full_precision
 from rules._smallmm import small_matmul
 from statespace._kalman import _cholesky
 
@@ -287,6 +288,7 @@ def _discretize_matrices(A, Q, b, dt):
     return Discretization(F, Qd, bd)
 
 
+@full_precision
 def discretize(model, dt) -> Discretization:
     """Exact discretisation of a :class:`ContinuousLinearSSM` over steps ``dt``.
 
@@ -483,6 +485,7 @@ class ContinuousLinearSSM:
         return jnp.result_type(self.A, self.Q, self.H, self.R)
 
     # initial state --------------------------------------------------------------------------
+    @full_precision
     def initial(self):
         """``(m0, P0, ok)``: the initial mean and covariance the filter uses.
 
@@ -523,6 +526,7 @@ class ContinuousLinearSSM:
             m0 = jnp.zeros((n,), dtype)
         return m0, P0, ok
 
+    @full_precision
     def check(self):
         """Eager validation: raise a clear error if the stationary start is impossible.
 
@@ -551,6 +555,7 @@ class ContinuousLinearSSM:
         return self
 
     # the filter's entry point ---------------------------------------------------------------
+    @full_precision
     def _to_discrete(self, times):
         """The exact discrete model at ``times`` and a validity flag.
 
@@ -622,6 +627,7 @@ class Prediction(NamedTuple):
     obs_covs: jax.Array
 
 
+@full_precision
 def predict(model, y, times, new_times) -> Prediction:
     """Predictive means and covariances at arbitrary ``new_times`` (inside or beyond the data).
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax import lax
 
 from rules import tria
+from rules._precision import full_precision
 from statespace._model import _BASE_RANK, _FIELDS, _TIME_PARAMS, LinearGaussianSSM, _split_axes
 
 # Matrices up to this size are factored / solved with unrolled scalar code that XLA fuses
@@ -554,6 +555,7 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
     return jnp.where(ok, total, -jnp.inf), per_step
 
 
+@full_precision
 def kalman_filter(
     model, y, times=None, *, form: str = "cov", parallel: bool = False
 ) -> FilterResult:
@@ -624,6 +626,7 @@ def kalman_filter(
     return _run(model, y, times, form, parallel, moments=True)
 
 
+@full_precision
 def log_likelihood(model, y, times=None, **kwargs):
     """Log-likelihood ``log p(y)`` of the observed entries of ``y`` (see :func:`kalman_filter`).
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from rules import dlyap
 from rules._checks import as_float_array
+from rules._precision import full_precision
 
 # Rank of one time step's value of each parameter ("base rank").
 _BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
@@ -241,6 +242,7 @@ class LinearGaussianSSM:
         return f"LinearGaussianSSM({shapes}, diffuse={self.diffuse})"
 
     # -- simulation --------------------------------------------------------------------------
+    @full_precision
     def simulate(self, key, num_steps: int):
         """Draw states and observations from the model.
 

@@ -72,6 +72,7 @@ import numpy as np
 from jax import lax
 
 from rules import tria
+from rules._precision import full_precision
 from statespace._kalman import FilterResult, _mask_observation
 from statespace._kalman import _psd_cholesky as _kalman_psd_cholesky
 
@@ -516,6 +517,7 @@ def _check_form(form):
         raise ValueError(f"form must be one of {_FORMS}; got {form!r}")
 
 
+@full_precision
 def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     r"""Associative-scan Kalman filter (Särkkä & García-Fernández 2021): ``O(log T)`` depth.
 
@@ -615,6 +617,7 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     return FilterResult(total, lls, means, covs, pred_means, pred_covs, None, None)
 
 
+@full_precision
 def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
     r"""Associative-scan RTS smoother (Särkkä & García-Fernández 2021): ``O(log T)`` depth.
 

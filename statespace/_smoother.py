@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from rules import tria
+from rules._precision import full_precision
 from statespace._kalman import _as_discrete, _psd_cholesky, kalman_filter
 from statespace._model import _FIELDS, _per_step, _psd_sqrt, _split_axes
 from statespace._parallel import parallel_filter, parallel_smoother
@@ -211,6 +212,7 @@ def _filtered_chols(result):
     return jnp.linalg.cholesky(_sym(result.filtered_covs))
 
 
+@full_precision
 def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = False) -> SmootherResult:
     """Rauch–Tung–Striebel smoother: moments of every state given all observations.
 
@@ -332,6 +334,7 @@ def _backward_sampling_factors(filtered_covs, predicted_covs, F, Q):
     return jax.vmap(one)(filtered_covs[:-1], predicted_covs[1:], F[:-1], Q[:-1])
 
 
+@full_precision
 def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str = "cov"):
     """Draw joint posterior samples of the states by forward-filtering backward-sampling.
 

@@ -17,3 +17,14 @@ def _release_compiled_programs():
     """
     yield
     jax.clear_caches()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Off CPU, skip what needs LAPACK's Schur form (``method="schur"``), which JAX has on CPU only."""
+    if jax.default_backend() == "cpu":
+        return
+    skip = pytest.mark.skip(reason="method='schur' needs LAPACK's Schur form: CPU only in JAX")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("cpu_only") or "schur" in params.values():
+            item.add_marker(skip)

@@ -382,6 +382,21 @@ def test_check_grads_frechet_both_arguments():
                 modes=("fwd", "rev"))
 
 
+def test_hessian_vmaps_tangents_against_an_unbatched_matrix():
+    # jax.hessian = jacfwd(jacrev): vmap over tangents with A itself not batched, which reaches
+    # the Fréchet primitive's batching rule with an unmapped argument. Reference: JAX's own
+    # expm, differentiated by tracing its algorithm.
+    rng = np.random.default_rng(10)
+    a = _grad_test_matrix(3.0, rng)
+    w = rng.standard_normal((N, N))
+
+    def objective(expm):
+        return lambda a: jnp.sum(w * expm(a) ** 2)
+
+    np.testing.assert_allclose(jax.hessian(objective(rules.expm))(a),
+                               jax.hessian(objective(jax.scipy.linalg.expm))(a), rtol=1e-9, atol=1e-9)
+
+
 def test_jvp_and_vjp_are_the_frechet_derivative_and_its_adjoint():
     rng = np.random.default_rng(9)
     a = _grad_test_matrix(12.0, rng)

@@ -138,6 +138,7 @@ def test_matches_kronecker_solve_nonsymmetric_q(func, method, oracle, n):
     assert rel_err(X, oracle(A, Q)) <= 1e-12
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("func", [lyap, dlyap])
 def test_schur_solves_non_stable_equations(func):
     # a unique solution exists without stability (λᵢ + λⱼ ≠ 0, resp. λᵢ λⱼ ≠ 1)
@@ -152,6 +153,7 @@ def test_schur_solves_non_stable_equations(func):
     assert rel_err(func(A, Q, method="schur"), ref(A, Q)) <= 1e-12
 
 
+@pytest.mark.cpu_only
 def test_dlyap_schur_eigenvalues_near_minus_one():
     # The Cayley transform's A + I is nearly singular here; ω = −1 (the Stein operator is
     # unchanged by A → −A) keeps the accuracy, where SciPy's ω = 1 loses ≈ 2 digits at n = 16.
@@ -180,6 +182,7 @@ def test_symmetric_q_gives_exactly_symmetric_x(func, method):
     assert np.all(np.linalg.eigvalsh(X) > 0)  # a covariance for Q ≻ 0 and stable A
 
 
+@pytest.mark.cpu_only
 def test_auto_picks_schur_on_cpu():
     assert jax.default_backend() == "cpu"
     A, Q = random_stable(5, 1), random_spd(5, 1)
@@ -252,6 +255,7 @@ def test_reverse_mode_matches_adjoint_formulas(func, method):
     np.testing.assert_allclose(A_bar, A_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cpu_only
 def test_forward_mode_matches_kronecker_derivative():
     A, Q = random_stable(4, 11), random_spd(4, 11)
     rng = np.random.default_rng(12)
@@ -329,6 +333,7 @@ def test_lyap_singular_a_gives_nan(method):
     assert np.all(np.isnan(lyap(A_zero_block, np.eye(2), method=method)))
 
 
+@pytest.mark.cpu_only
 def test_lyap_sign_needs_one_half_plane():
     A = np.diag([-1.0, 2.0, -3.0])  # λᵢ + λⱼ ≠ 0: unique solution, but sign(A) ≠ ±I
     Q = random_spd(3, 3)
@@ -356,6 +361,7 @@ def test_dlyap_unit_circle_pairs_give_nan(method):
     assert np.all(np.isnan(dlyap(np.diag([1.0, 0.3]), np.eye(2), method=method)))
 
 
+@pytest.mark.cpu_only
 def test_nan_under_jit_and_vmap_is_per_matrix():
     A = np.stack([np.diag([-1.0, -2.0]), np.diag([0.0, -2.0])])
     for method in LYAP_METHODS:

@@ -145,8 +145,11 @@ def test_discretize_long_steps_nan_beyond_range_and_finite_within():
     F, Qd, _ = discretize(model, dts)
     for k, dt in enumerate(dts):
         F_ref, Qd_ref, _ = mp_discretize(A, np.eye(2), dt)
-        assert _rel(np.asarray(F[k]), F_ref) < 1e-12
-        assert _rel(np.asarray(Qd[k]), Qd_ref) < 1e-12
+        # 1e-12 up to dt ||A|| = 1e3 (issue #6); beyond, e^{A dt}'s relative condition number
+        # (~ dt ||A||) allows proportionally more: an H200 gave 2.4e-12 at dt ||A|| = 1e4.
+        tol = 1e-12 * max(1.0, dt * np.abs(A).sum(0).max() / 1e3)
+        assert _rel(np.asarray(F[k]), F_ref) < tol
+        assert _rel(np.asarray(Qd[k]), Qd_ref) < tol
 
 
 def _discretize_first_order_checked():
