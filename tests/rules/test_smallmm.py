@@ -11,7 +11,7 @@ from rules._smallmm import SMALL_MATMUL_MAX, small_matmul
 
 @pytest.mark.parametrize("shapes", [((3, 4, 4), (3, 4, 4)), ((5, 2, 3), (3, 4)), ((2, 3), (7, 3, 1)),
                                     ((6, 6), (6, 6)),
-                                    ((200, 4, 4), (200, 4, 4))])
+                                    ((200, 4, 4), (200, 4, 4)), ((200, 8, 8), (200, 8, 8))])
 def test_values_match_matmul(shapes):
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.normal(size=s)) for s in shapes)
@@ -19,10 +19,10 @@ def test_values_match_matmul(shapes):
     np.testing.assert_allclose(jax.jit(small_matmul)(a, b), jnp.matmul(a, b), rtol=1e-14, atol=1e-14)
 
 
-@pytest.mark.parametrize("batch", [3, 200])
-def test_second_order_both_modes(batch):
+@pytest.mark.parametrize("batch,n", [(3, 4), (200, 4), (200, 8)])  # reduction, unrolled, dot
+def test_second_order_both_modes(batch, n):
     rng = np.random.default_rng(1)
-    a, b = (jnp.asarray(rng.normal(size=(batch,) + s)) for s in [(4, 2), (2, 4)])
+    a, b = (jnp.asarray(rng.normal(size=(batch,) + s)) for s in [(n, 2), (2, n)])
     # a product of three, so second derivatives are not identically zero
     f = lambda a, b: small_matmul(small_matmul(a, b), a)  # noqa: E731
     check_grads(f, (a, b), order=2, modes=("fwd", "rev"))
