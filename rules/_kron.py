@@ -170,13 +170,11 @@ class Kronecker:
             )
         return Kronecker(*(a @ b for a, b in zip(self.factors, other.factors)))
 
-    @full_precision
     def to_dense(self) -> jnp.ndarray:
         """The dense ``(Π rows, Π cols)`` product (for tests and small sizes only)."""
         return reduce(jnp.kron, self.factors)
 
     # ----------------------------------------------------------------- solves
-    @full_precision
     def solve(self, b, *, assume_a: str = "gen"):
         """``K⁻¹ b = (F₁⁻¹ ⊗ … ⊗ F_N⁻¹) b`` by one factor-wise :func:`rules.solve` per factor.
 
@@ -195,7 +193,6 @@ class Kronecker:
         ops = [(lambda f: (lambda t: solve(f, t, assume_a=assume_a)))(f) for f in self.factors]
         return _apply_factorwise(ops, [f.shape[0] for f in self.factors], b)
 
-    @full_precision
     def inv(self, *, assume_a: str = "gen") -> Kronecker:
         """``K⁻¹ = F₁⁻¹ ⊗ … ⊗ F_N⁻¹`` (a ``Kronecker``), each by :func:`rules.inv`."""
         from rules._linalg import inv
@@ -203,7 +200,6 @@ class Kronecker:
         self._require_square("inv")
         return Kronecker(*(inv(f, assume_a=assume_a) for f in self.factors))
 
-    @full_precision
     def cholesky(self) -> Kronecker:
         """Lower Cholesky factor ``chol(F₁) ⊗ … ⊗ chol(F_N)`` (factors symmetric positive
         definite; a Kronecker of lower-triangular factors is lower triangular)."""
@@ -211,7 +207,6 @@ class Kronecker:
         return Kronecker(*(jnp.linalg.cholesky(f) for f in self.factors))
 
     # ----------------------------------------------------------------- scalars
-    @full_precision
     def slogdet(self):
         """``(sign, log|det K|)`` with ``log|det K| = Σᵢ (n / nᵢ) log|det Fᵢ|``, ``n = Π nᵢ``,
         and ``sign = Π sign(det Fᵢ)^(n / nᵢ)``."""
@@ -304,7 +299,6 @@ class KroneckerSum:
     def __matmul__(self, x):
         return self.matmul(x)
 
-    @full_precision
     def to_dense(self) -> jnp.ndarray:
         nA, nB = self.A.shape[0], self.B.shape[0]
         dtype = self.dtype

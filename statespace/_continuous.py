@@ -526,7 +526,6 @@ class ContinuousLinearSSM:
             m0 = jnp.zeros((n,), dtype)
         return m0, P0, ok
 
-    @full_precision
     def check(self):
         """Eager validation: raise a clear error if the stationary start is impossible.
 

@@ -105,8 +105,12 @@ def test_smoother_sampler_predict_simulate_trace_full_precision_products():
     rules.expm,
     lambda a: rules.kron(a, a) @ jnp.ones(_N * _N),
     lambda a: rules.kron(a, a).solve(jnp.ones(_N * _N)),
+    lambda a: rules.kron(a, a).inv().to_dense(),
+    lambda a: rules.kron(a + a.T, a + a.T).cholesky().to_dense(),
+    lambda a: rules.kron(a, a).slogdet()[1],
+    lambda a: rules.kron_sum(a, a).to_dense(),
 ], ids=["lyap_sign", "lyap_auto", "dlyap_doubling", "dlyap_auto", "solve", "inv", "tria", "expm",
-        "kron_matmul", "kron_solve"])
+        "kron_matmul", "kron_solve", "kron_inv", "kron_cholesky", "kron_slogdet", "kron_sum_dense"])
 def test_rules_and_their_derivatives_trace_full_precision_products(fn):
     scalar = lambda a: jnp.sum(fn(a) ** 2)  # noqa: E731
     _assert_full_precision(jax.grad(jax.jit(scalar)), _A)

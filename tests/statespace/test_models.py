@@ -220,8 +220,9 @@ def test_hyperparameter_gradients():
 
 
 # Slow: compiling forward-over-reverse of the whole likelihood takes ~30 s. The default run
-# keeps second order of its parts: test_discretize_gradients (the discretisation's HVP) and
-# test_adjoint.py::test_second_order_and_forward_mode (the filter's Hessian).
+# keeps second order of its parts: the discretisation's products and rules (test_smallmm.py,
+# the rules' order-2 check_grads) and test_adjoint.py::test_second_order_and_forward_mode (the
+# filter's Hessian); the discretisation's own HVP is test_discretize_second_order (slow too).
 @pytest.mark.slow
 def test_hyperparameter_hessian():
     ll, p = _hyperparameter_log_likelihood()
