@@ -80,13 +80,18 @@ def _mv(a, v):
     return jnp.sum(a * v[..., None, :], axis=-1)
 
 
-def _taylor_terms(A, Q, b, degree):
-    """``A^k``, ``L_k = (A ⊕ A)^k Q`` (``L_{k+1} = A L_k + L_k Aᵀ``) and ``A^k b``, k = 0..degree.
+def _series_weights(A, Q, b, degree):
+    """The Taylor series of the transition over ``x δ`` as a matrix ``W``: row ``k`` holds the
+    coefficients of ``x^k/k!`` (k = 0 .. degree+1), columns ``[vec F | vec Qd | bd]``.
 
-    These do not depend on the step, so they are computed once per model and every interval is a
-    polynomial in its own step: one ``(T, degree+1) @ (degree+1, n²)`` product. Built by doubling
-    (terms ``m .. 2m−1`` are ``A^m`` resp. ``(A ⊕ A)^m`` times terms ``0 .. m−1``), so the chain
-    of small products that autodiff stores and replays has log2(degree) links, not degree.
+    ``A``, ``Q``, ``b`` are the scaled ``δA``, ``δQ``, ``δb``; with them::
+
+        F  = Σ_{k<=K} x^k/k! A^k,     Qd = Σ_{k>=1} x^k/k! L_{k−1},     bd = Σ_{k>=1} x^k/k! A^{k−1} b,
+
+    ``L_k = (A ⊕ A)^k Q`` (``L_{k+1} = A L_k + L_k Aᵀ``). The rows do not depend on the step, so
+    all steps together are one ``(T, K+2) @ (K+2, 2n²+n)`` product. Built by doubling (terms
+    ``m .. 2m−1`` are ``A^m`` resp. ``(A ⊕ A)^m`` times terms ``0 .. m−1``), so the chain of
+    small products that autodiff stores and replays has log2(degree) links, not degree.
     """
     n = A.shape[-1]
     eye = jnp.eye(n, dtype=A.dtype)
@@ -100,45 +105,42 @@ def _taylor_terms(A, Q, b, degree):
         power_m, kron_m = power_m @ power_m, kron_m @ kron_m
         powers = jnp.concatenate([powers, jnp.matmul(power_m, powers)])
         lyap_terms = jnp.concatenate([lyap_terms, lyap_terms @ kron_m.T])
-    powers = powers[: degree + 1]
+    powers = powers[: degree + 1].reshape(degree + 1, n * n)
     lyap_terms = lyap_terms[: degree + 1].reshape(degree + 1, n, n)
     lyap_terms = 0.5 * (lyap_terms + jnp.swapaxes(lyap_terms, -1, -2))  # L_k is symmetric
-    offsets = None if b is None else powers @ b
-    return powers, lyap_terms, offsets
+    zero = jnp.zeros((1, n * n), A.dtype)
+    columns = [jnp.concatenate([powers, zero]),
+               jnp.concatenate([zero, lyap_terms.reshape(degree + 1, n * n)])]
+    if b is not None:
+        offsets = powers.reshape(degree + 1, n, n) @ b
+        columns.append(jnp.concatenate([jnp.zeros((1, n), A.dtype), offsets]))
+    return jnp.concatenate(columns, axis=1)
 
 
-def _power_coefficients(h, count):
-    """``[h^k/k! for k in range(count)]`` by doubling: ``c_{m+i} = c_m c_i m! i!/(m+i)!``.
+def _monomials(x, count):
+    """``[x^k/k! for k in range(count)]`` on a new last axis, for ``0 <= x <= 1``.
 
-    Products only: no intermediate overflow beyond the result's own size, and no
-    ``jnp.power`` (whose derivative at ``h = 0``, ``k = 0`` is NaN). A chain
-    ``c_k = c_{k−1} h/k`` is as exact but k deep, and XLA fuses each stacked ``c_k`` with its
-    whole chain: quadratic work in the degree (1 ms per stack at T = 1e4); doubling is log deep.
+    One elementwise expression: ``x^k`` is the product of ``x^{2^j}`` over the bits ``j`` of
+    ``k`` (relative error ~log2(k) ε; no ``jnp.power``, whose derivative at ``x = 0``, ``k = 0``
+    is NaN). With ``x <= 1`` nothing overflows; tiny ``x`` underflows only negligible terms.
     """
-    coef = [jnp.ones_like(h), h]
-    while len(coef) < count:
-        m = len(coef)
-        c_m = coef[m - 1] * (h / m)
-        coef += [c_m] + [
-            c_m * coef[i] * (math.factorial(m) * math.factorial(i) / math.factorial(m + i))
-            for i in range(1, m)
-        ]
-    return coef[:count]
+    k = np.arange(count)
+    out = jnp.asarray(1.0 / np.array([math.factorial(i) for i in k], dtype=np.float64), x.dtype)
+    out = jnp.broadcast_to(out, x.shape + (count,))
+    power = x[..., None]
+    for j in range(max(1, int(count - 1).bit_length())):
+        out = out * jnp.where((k >> j) & 1 == 1, power, 1.0)
+        power = power * power
+    return out
 
 
-def _taylor(terms, h):
-    """(F, Qd, bd) at steps ``h`` (any shape) from the Taylor series (``α |h| <= θ``)::
-
-        F = Σ_k h^k/k! A^k,   Qd = Σ_k h^{k+1}/(k+1)! L_k,   bd = Σ_k h^{k+1}/(k+1)! A^k b
-    """
-    powers, lyap_terms, offsets = terms
-    degree = powers.shape[0] - 1
-    coef = _power_coefficients(h, degree + 2)
-    coef_F = jnp.stack(coef[: degree + 1], axis=-1)
-    coef_Q = jnp.stack(coef[1:], axis=-1)
-    F = jnp.einsum("...k,kij->...ij", coef_F, powers)
-    Qd = jnp.einsum("...k,kij->...ij", coef_Q, lyap_terms)
-    bd = None if offsets is None else jnp.einsum("...k,ki->...i", coef_Q, offsets)
+def _series(weights, x):
+    """(F, Qd, bd) over ``x δ`` (``x`` any shape, ``0 <= x <= 1``) from :func:`_series_weights`."""
+    n = math.isqrt(weights.shape[1] // 2)
+    out = _monomials(x, weights.shape[0]) @ weights
+    F = out[..., : n * n].reshape(x.shape + (n, n))
+    Qd = out[..., n * n : 2 * n * n].reshape(x.shape + (n, n))
+    bd = out[..., 2 * n * n :] if weights.shape[1] > 2 * n * n else None
     return F, Qd, bd
 
 
@@ -161,39 +163,44 @@ def _table(step, size):
     """Transitions over ``j δ`` for ``j = 0 .. size−1`` from the one over ``δ`` (``step``).
 
     ``step`` may carry leading batch axes (one table per level); the table axis comes first.
-    Built in log2(size) batched block steps (entries ``m .. 2m−1`` from ``0 .. m−1`` and ``m``),
-    each an exact composition, so rounding grows like log(size), not like size.
+    Built in log2(size) rounds of one batched composition each: with entries ``0 .. m−1`` and
+    the transition over ``m δ``, composing the stack ``[entries, m δ]`` with ``m δ`` gives
+    entries ``m .. 2m−1`` and the transition over ``2m δ``. Every entry is an exact composition
+    and rounding grows like log(size), not like size.
     """
-    F1, Q1, c1 = step
-    F = jnp.stack([jnp.broadcast_to(jnp.eye(F1.shape[-1], dtype=F1.dtype), F1.shape), F1])
-    Qd = jnp.stack([jnp.zeros_like(Q1), Q1])
-    c = None if c1 is None else jnp.stack([jnp.zeros_like(c1), c1])
+    F_step, Q_step, c_step = step
+    F = jnp.broadcast_to(jnp.eye(F_step.shape[-1], dtype=F_step.dtype), F_step.shape)[None]
+    Qd = jnp.zeros_like(Q_step)[None]
+    c = None if c_step is None else jnp.zeros_like(c_step)[None]
+    over_m = step  # the transition over m δ, m = the current table size
     while F.shape[0] < size:
-        m = F.shape[0]
-        last = (F[m - 1], Qd[m - 1], None if c is None else c[m - 1])
-        F_m, Q_m, c_m = _compose(last, step)  # the transition over m δ
-        F_new, Q_new, c_new = _compose((F_m, Q_m, c_m), (F, Qd, c))  # over (m + j) δ
-        F = jnp.concatenate([F, F_new])
-        Qd = jnp.concatenate([Qd, Q_new])
-        c = None if c is None else jnp.concatenate([c, c_new])
+        F_m, Q_m, c_m = over_m
+        stacked = (jnp.concatenate([F, F_m[None]]), jnp.concatenate([Qd, Q_m[None]]),
+                   None if c is None else jnp.concatenate([c, c_m[None]]))
+        F_new, Q_new, c_new = _compose(stacked, over_m)
+        F, Qd = jnp.concatenate([F, F_new[:-1]]), jnp.concatenate([Qd, Q_new[:-1]])
+        c = None if c is None else jnp.concatenate([c, c_new[:-1]])
+        over_m = (F_new[-1], Q_new[-1], None if c is None else c_new[-1])
     return F[:size], Qd[:size], None if c is None else c[:size]
 
 
-def _compose_digit(table, q, level, out, dtype):
-    """``out`` followed by the transition over ``digit_level(q) · 64^level δ``, looked up per
-    step in ``table`` (the transitions over ``j · 64^level δ``, ``j = 0 .. 63``, in the table
-    precision)."""
+def _look_up(table, q, level, dtype):
+    """The transitions over ``digit_level(q) · 64^level δ`` per step, from ``table`` (those over
+    ``j · 64^level δ``, ``j = 0 .. 63``, in the table precision), in ``dtype``."""
     digit = jnp.mod(jnp.floor(q / float(_TABLE) ** level), float(_TABLE)).astype(jnp.int32)
-    looked_up = tuple(None if t is None else t.astype(dtype)[digit] for t in table)
-    return _compose(looked_up, out)
+    return tuple(None if t is None else t.astype(dtype)[digit] for t in table)
 
 
-def _growth_rate(powers, p):
+def _growth_rate(A, p):
     """α_p = max(||A^p||_1^{1/p}, ||A^{p+1}||_1^{1/(p+1)}) (<= ||A||_1), without derivative."""
-    norm1 = lambda M: jnp.max(jnp.sum(jnp.abs(lax.stop_gradient(M)), axis=-2))  # noqa: E731
-    alpha = jnp.maximum(norm1(powers[p]) ** (1.0 / p), norm1(powers[p + 1]) ** (1.0 / (p + 1)))
-    # Nilpotent A (trends) has α_p = 0; a floor keeps the steps, and so h^k/k!, finite.
-    return jnp.maximum(jnp.minimum(alpha, norm1(powers[1])), norm1(powers[1]) * 2.0**-10)
+    A = lax.stop_gradient(A)
+    norm1 = lambda M: jnp.max(jnp.sum(jnp.abs(M), axis=-2))  # noqa: E731
+    power = A
+    for _ in range(p - 1):
+        power = power @ A
+    alpha = jnp.maximum(norm1(power) ** (1.0 / p), norm1(power @ A) ** (1.0 / (p + 1)))
+    # Nilpotent A (trends) has α_p = 0; a floor keeps the grid step finite.
+    return jnp.maximum(jnp.minimum(alpha, norm1(A)), norm1(A) * 2.0**-10)
 
 
 def _table_dtype(dtype):
@@ -236,32 +243,42 @@ def _discretize_matrices(A, Q, b, dt):
     # The table's series must be accurate to its own precision over α δ <= θ.
     table_degree = degree if table_dtype == dtype else _SERIES[8][1]
     A_t, Q_t = A.astype(table_dtype), Q.astype(table_dtype)
-    b_t = None if b is None else b.astype(table_dtype)
-    terms_t = _taylor_terms(A_t, Q_t, b_t, max(degree, table_degree))
-    terms = tuple(None if t is None else t[: degree + 1].astype(dtype) for t in terms_t)
 
     # The grid: no derivative flows through δ or q (r = dt − q δ carries dt's derivative).
-    alpha = _growth_rate(terms_t[0], p).astype(dtype)
-    finite = alpha > 0
-    delta = 2.0 ** jnp.floor(jnp.log2(theta / jnp.where(finite, alpha, 1.0)))
-    delta = jnp.where(finite, delta, jnp.inf).astype(dtype)
+    alpha = _growth_rate(A_t, p)
+    scalable = alpha > 0  # False for A = 0 (and NaN)
+    delta = 2.0 ** jnp.floor(jnp.log2(theta / jnp.where(scalable, alpha, 1.0)))
+    # A = 0: every series is exact at any step; a grid step past the longest one keeps x <= 1.
+    longest = jnp.max(jnp.where(jnp.isfinite(dt), lax.stop_gradient(dt), 0.0), initial=1.0)
+    delta = jnp.where(scalable, delta, 2.0 ** jnp.ceil(jnp.log2(longest.astype(table_dtype))))
+    # The series in x = r/δ of the scaled δA, δQ, δb (δ a power of two: exact scaling): with
+    # x <= 1 the monomials x^k/k! cannot overflow, whatever the units of time.
+    weights_t = _series_weights(
+        delta * A_t, delta * Q_t, None if b is None else delta * b.astype(table_dtype),
+        max(degree, table_degree))
+    weights = weights_t[: degree + 2].astype(dtype)
+    delta = delta.astype(dtype)
     q = jnp.floor(lax.stop_gradient(dt) / delta)
     q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
-    r = dt - q * jnp.where(finite, delta, 0.0)  # exact: δ is a power of two
+    r = dt - q * delta  # exact: δ is a power of two
     # Steps beyond the tables give NaN: through r, so the NaN reaches F, Qd, bd (and their
     # derivatives) without a select on every (n, n) output and its cotangent.
     r = jnp.where(q >= float(_TABLE) ** _LEVELS, jnp.nan, r)
-    delta_t = jnp.where(finite, delta, 0.0).astype(table_dtype)
 
-    out = _taylor(terms, r)
-    step = _taylor(terms_t, delta_t)  # the transition over δ
-    out = _compose_digit(_table(step, _TABLE), q, 0, out, dtype)
-    # Levels 1, 2 (steps of 64 δ or more) only when some step needs them: one predicate for
-    # the whole batch (steps are rarely that long), so the common case skips two thirds of the
-    # per-step work and of its reverse pass. A digit 0 composes with (I, 0, 0), which leaves
-    # ``out`` bitwise unchanged, so both branches give the same numbers where both apply.
-    # (Under vmap the predicate is batched and both branches run: the cost of no skipping.)
-    def longer_steps(out):
+    out = _series(weights, r / delta)
+    step = _series(weights_t, jnp.ones((), table_dtype))  # the transition over δ
+    table = _table(step, _TABLE)
+
+    # The transition over q δ: one look-up when every step of the batch is shorter than 64 δ
+    # (the common case), else one per base-64 digit of q, composed. One predicate for the whole
+    # batch (under vmap it is batched and both branches run). Where both branches apply they
+    # give the same numbers: composing with a digit 0's (I, 0, 0) is exact. The branches take
+    # and return per-step arrays only as fresh results (no pass-through, which XLA copies),
+    # and only look-ups and the long branch's tables have cotangents.
+    def short_steps(table, step, q):
+        return _look_up(table, q, 0, dtype)
+
+    def long_steps(table, step, q):
         # the transitions over 64 δ, 64² δ, … by repeated squaring, and their tables built
         # together (one batched table build: less to compile)
         level_steps, current = [], step
@@ -272,17 +289,18 @@ def _discretize_matrices(A, Q, b, dt):
         stacked = tuple(None if step[i] is None else jnp.stack([s[i] for s in level_steps])
                         for i in range(3))
         tables = _table(stacked, _TABLE)  # axes: (table entry, level, ...)
+        over = _look_up(table, q, 0, dtype)
         for j, level in enumerate(range(1, _LEVELS)):
-            out = _compose_digit(tuple(None if t is None else t[:, j] for t in tables),
-                                 q, level, out, dtype)
-        return out
+            level_table = tuple(None if t is None else t[:, j] for t in tables)
+            over = _compose(_look_up(level_table, q, level, dtype), over)
+        return over
 
     # Rematerialised: otherwise reverse mode makes the cond return every per-step residual of
-    # the long-step branch, and the usual (false) branch fills them with zeros -- ~20 copies
-    # of (T, n, n) arrays each way, 8 of 34 ms of the gradient at T = 1e4. With
-    # ``jax.checkpoint`` the reverse pass recomputes the (rare) branch instead.
-    out = lax.cond(jnp.max(q) >= _TABLE, jax.checkpoint(longer_steps), lambda out: out, out)
-    F, Qd, bd = out
+    # the long-step branch, and the usual branch fills them with zeros. With
+    # ``jax.checkpoint`` the reverse pass recomputes the (rare) long branch instead.
+    over_q = lax.cond(jnp.max(q) >= _TABLE, jax.checkpoint(long_steps), short_steps,
+                      table, step, q)
+    F, Qd, bd = _compose(over_q, out)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)
