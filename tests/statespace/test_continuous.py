@@ -99,6 +99,23 @@ def test_discretize_float32(name):
         assert _rel(np.asarray(Qd[k], np.float64), Qd_ref) <= 1e-5, (dt, _rel(np.asarray(Qd[k], np.float64), Qd_ref))
 
 
+@pytest.mark.parametrize("rate", [1e-3, 2e3])
+def test_discretize_float32_any_time_unit(rate):
+    # The same dynamics in slow and in fast time units. The series is taken in x = r/δ of the
+    # scaled δA: unscaled, A^14 overflowed float32 once ||A|| passed ~500 (all-NaN output).
+    A = rate * np.array([[-1.0, 0.005], [0.0, -2.0]])
+    Q = np.array([[1.0, 0.2], [0.2, 0.5]]) * rate
+    dts = np.array([1e-6, 1e-3, 0.3, 1.0, 20.0]) / rate
+    model = ContinuousLinearSSM(jnp.asarray(A, jnp.float32), jnp.asarray(Q, jnp.float32),
+                                jnp.ones((1, 2), jnp.float32), jnp.eye(1, dtype=jnp.float32))
+    F, Qd, _ = discretize(model, jnp.asarray(dts, jnp.float32))
+    A32, Q32 = (np.asarray(jnp.asarray(M, jnp.float32), np.float64) for M in (A, Q))
+    for k, dt in enumerate(dts):
+        F_ref, Qd_ref, _ = mp_discretize(A32, Q32, float(np.float32(dt)))
+        assert _rel(np.asarray(F[k], np.float64), F_ref) <= 1e-5, (dt, np.asarray(F[k]))
+        assert _rel(np.asarray(Qd[k], np.float64), Qd_ref) <= 1e-5, (dt, np.asarray(Qd[k]))
+
+
 @pytest.mark.parametrize("name", ["stable_random", "integrated_rw", "strongly_nonnormal", "unstable"])
 def test_discretize_matches_scipy_van_loan(name):
     A = _drifts()[name]
