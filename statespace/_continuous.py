@@ -224,8 +224,10 @@ def _discretize_matrices(A, Q, b, dt):
     ``||A^k||^{1/k}``, θ = 2 in float64) is chosen outside the differentiated path
     (``stop_gradient``). Each step is split as ``dt = q δ + r`` with an integer ``q`` and
     ``0 <= r < δ`` (exactly: δ is a power of two): the transition over ``r`` comes from the Taylor
-    series (``α r <= θ``: fast convergence, nothing cancels, and for tiny ``dt`` ``Qd ≈ r Q`` to
-    full relative precision), the one over ``q δ`` from one look-up per base-64 digit of ``q`` in
+    series in ``x = r/δ <= 1`` of the scaled ``δA``, ``δQ``, ``δb`` (``α r <= θ``: fast
+    convergence, nothing cancels, nothing overflows in any time unit, and for tiny ``dt``
+    ``Qd ≈ r Q`` to full relative precision; all steps are one ``(T, K+2) @ (K+2, 2n²+n)``
+    product), the one over ``q δ`` from one look-up per base-64 digit of ``q`` in
     tables of exact compositions of the transition over ``δ``, ``64 δ``, ``64² δ`` (shared by all
     steps), so the per-step work is a polynomial, one to three look-ups and as many
     compositions (the second and third digits only when some step of the batch reaches 64 δ: one
