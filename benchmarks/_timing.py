@@ -45,6 +45,48 @@ def time_fn(fn: Callable, *args, repeats: int = 20, min_time: float = 0.2) -> di
     }
 
 
+def time_interleaved(calls: dict, repeats: int = 20, min_time: float = 0.2, block: int = 4) -> dict:
+    """Time several competitors in alternating blocks of calls: ``a a a a b b b b a a ...``.
+
+    On a machine whose speed drifts (a shared VM: this one's medians moved 1.5-2× within
+    minutes), timing one function after the other lets the drift land on one of them;
+    alternating makes every competitor see the same conditions, so their ratios stay stable.
+    Blocks, not single calls: right after another program ran, a call is slower (cold caches:
+    after the naive continuous-time gradient ours measured up to 1.5× its own steady time), so
+    the first call of each block is a warm-up and is not counted.
+
+    Args:
+        calls: ``{name: (fn, args)}``; each ``fn(*args)`` is blocked on.
+        repeats: the minimum number of timed calls per competitor.
+        min_time: keep going until this many seconds have been spent (at most 10× repeats).
+        block: calls per competitor in a row (the first one not timed).
+
+    Returns:
+        ``{name: {"compile_s", "median_s", "min_s", "n"}}`` as :func:`time_fn` gives.
+    """
+    compile_s, times = {}, {name: [] for name in calls}
+    for name, (fn, args) in calls.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        compile_s[name] = time.perf_counter() - start
+    spent = 0.0
+    while min(map(len, times.values())) < repeats or (
+        spent < min_time and min(map(len, times.values())) < 10 * repeats
+    ):
+        for name, (fn, args) in calls.items():
+            jax.block_until_ready(fn(*args))  # warm-up after the other competitors
+            for _ in range(block - 1):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                elapsed = time.perf_counter() - start
+                times[name].append(elapsed)
+                spent += elapsed
+    return {
+        name: {"compile_s": compile_s[name], "median_s": statistics.median(t), "min_s": min(t), "n": len(t)}
+        for name, t in times.items()
+    }
+
+
 def format_seconds(seconds: float) -> str:
     """Human units: µs below 1 ms, ms below 1 s."""
     if seconds != seconds:  # NaN
