@@ -51,9 +51,10 @@ def time_interleaved(calls: dict, repeats: int = 20, min_time: float = 0.2, bloc
     On a machine whose speed drifts (a shared VM: this one's medians moved 1.5-2× within
     minutes), timing one function after the other lets the drift land on one of them;
     alternating makes every competitor see the same conditions, so their ratios stay stable.
-    Blocks, not single calls: right after another program ran, a call is slower (cold caches:
-    after the naive continuous-time gradient ours measured up to 1.5× its own steady time), so
-    the first call of each block is a warm-up and is not counted.
+    Blocks, not single calls: right after another program ran, a call is slower (cold caches),
+    so the first call of each block is a warm-up and is not counted. Alternate competitors of
+    similar cost only: after the naive continuous-time gradient (30-150 ms a call) our 2-3 ms
+    gradient stayed up to 1.5× slower for its whole block.
 
     Args:
         calls: ``{name: (fn, args)}``; each ``fn(*args)`` is blocked on.
