@@ -3,8 +3,9 @@
 ``python -m benchmarks`` runs every area in turn (each in this one process, one after the
 other, so nothing else competes for the cores), prints each area's table as it finishes,
 and writes all tables with the machine's description to ``benchmarks/RESULTS.md``.
-``python -m benchmarks lyap expm --quick`` runs a subset at tiny sizes (a smoke test; the
-results file is then written to ``--output`` only if given).
+``python -m benchmarks lyap expm`` runs a subset, ``--quick`` at tiny sizes (a smoke test);
+then the results go to ``--output`` only if given, so a partial run never replaces the full
+``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown areas {unknown}; choose from {AREAS}")
     jax.config.update("jax_enable_x64", True)
-    output = args.output or (None if args.quick else RESULTS)
+    complete = not args.quick and set(args.areas) == set(AREAS)
+    output = args.output or (RESULTS if complete else None)
     shown = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
             output.write_text(header + "\n" + "\n".join(sections))
     if output is not None:
         print(f"\nwrote {output}")
+    else:
+        print(f"\n{RESULTS.name} not written (a subset or --quick run); pass --output to keep the tables")
     if failed:
         print(f"failed areas: {failed}", file=sys.stderr)
         return 1
