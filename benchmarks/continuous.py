@@ -158,10 +158,8 @@ def main(argv=None):
             float(jnp.max(jnp.abs(sym(a) - sym(b))) / (jnp.max(jnp.abs(sym(a))) + 1e-300))
             for a, b in zip(g_naive, g_ours)
         )
-        # Our continuous and discrete gradients are timed in alternating blocks
-        # (benchmarks._timing.time_interleaved), so their ratio compares figures taken under the
-        # same machine conditions. The naive peer is timed on its own: its 30-150 ms calls slow
-        # whichever call follows them (cold caches), which would bias an alternation.
+        # The naive peer is timed on its own: its 30-150 ms calls slow whichever call follows
+        # them (cold caches), which would bias the alternation (benchmarks._timing).
         t_nl = time_fn(naive_ll, *args_c, repeats=repeats)
         t_ol = time_fn(ours_ll, *args_c, repeats=repeats)
         t_ng = time_fn(naive_grad, *args_c, repeats=repeats)

@@ -105,15 +105,14 @@ def _series_weights(A, Q, b, degree):
         power_m, kron_m = power_m @ power_m, kron_m @ kron_m
         powers = jnp.concatenate([powers, jnp.matmul(power_m, powers)])
         lyap_terms = jnp.concatenate([lyap_terms, lyap_terms @ kron_m.T])
-    powers = powers[: degree + 1].reshape(degree + 1, n * n)
+    powers = powers[: degree + 1]
     lyap_terms = lyap_terms[: degree + 1].reshape(degree + 1, n, n)
     lyap_terms = 0.5 * (lyap_terms + jnp.swapaxes(lyap_terms, -1, -2))  # L_k is symmetric
     zero = jnp.zeros((1, n * n), A.dtype)
-    columns = [jnp.concatenate([powers, zero]),
+    columns = [jnp.concatenate([powers.reshape(degree + 1, n * n), zero]),
                jnp.concatenate([zero, lyap_terms.reshape(degree + 1, n * n)])]
     if b is not None:
-        offsets = powers.reshape(degree + 1, n, n) @ b
-        columns.append(jnp.concatenate([jnp.zeros((1, n), A.dtype), offsets]))
+        columns.append(jnp.concatenate([jnp.zeros((1, n), A.dtype), powers @ b]))
     return jnp.concatenate(columns, axis=1)
 
 
@@ -129,7 +128,7 @@ def _monomials(x, count):
     out = jnp.broadcast_to(out, x.shape + (count,))
     power = x[..., None]
     for j in range(max(1, int(count - 1).bit_length())):
-        out = out * jnp.where((k >> j) & 1 == 1, power, 1.0)
+        out = out * jnp.where(((k >> j) & 1) == 1, power, 1.0)
         power = power * power
     return out
 
