@@ -58,14 +58,17 @@ class Discretization(NamedTuple):
 
 # Per dtype: the bound θ on the Taylor step (α r <= θ, α the growth rate of ||A^k||^{1/k}), the
 # Taylor degree K and the power p of Al-Mohy & Higham's α_p = max(||A^p||^{1/p}, ||A^{p+1}||^{1/(p+1)})
-# (valid for remainders from degree p(p−1) <= K+1 on; 2009a, Thm 4.2). The k-th Taylor term of
-# Qd(r) is r^{k+1}/(k+1)! (A ⊕ A)^k Q, of size ≈ r ||Q|| (2αr)^k/(k+1)!, so the truncation error
-# relative to r ||Q|| is ≈ (2θ)^{K+1}/(K+2)! (1e-17 for θ=2, K=30; 1e-10 for θ=1, K=14) and the
-# rounding amplification of the alternating sum is at most e^{2θ}/(2θ) (≈14 for θ=2).
-_SERIES = {8: (2.0, 30, 6), 4: (1.0, 14, 4), 2: (0.5, 8, 3)}
+# (valid for remainders from degree p(p−1) <= K+1 on; 2009a, Thm 4.2). The k-th terms of F(r) and
+# G(r) (_series_weights) are of size θ^k/k! and ≈ k θ^{k−1}/k! · r||Q||, so relative to
+# ||F|| >~ e^{−θ} and ||Qd|| >~ r||Q||/3 the truncation errors are ≈ e^θ θ^{K+1}/(K+1)! and
+# 3 θ^K/K! (1e-18 and 2e-17 for θ=1, K=19; 4e-10 and 6e-9 for θ=1, K=12), and the rounding
+# amplification of the alternating sums is at most e^θ. A smaller θ shortens the per-step
+# series (the (T, K+2) @ (K+2, 2n²+n) product, K=30 for θ=2) at no per-step cost elsewhere:
+# every step is composed with a look-up anyway.
+_SERIES = {8: (1.0, 19, 5), 4: (1.0, 12, 4), 2: (0.5, 8, 3)}
 # Each step dt = q δ + r is looked up digit by digit of q in base _TABLE, one table per digit
 # (up to _LEVELS look-ups and compositions per step): steps up to _TABLE**_LEVELS δ = 262144 δ
-# (≈ 5e5 / α time units in float64, 2.6e5 / α in float32); longer steps give NaN.
+# (at least 1.3e5 / α time units, δ >= θ/(2α)); longer steps give NaN.
 _TABLE = 64
 _LEVELS = 3
 
@@ -235,7 +238,7 @@ def _discretize_matrices(A, Q, b, dt):
     """(F, Qd, bd) at every ``dt >= 0`` (any shape) for time-invariant ``A``, ``Q``, ``b``.
 
     Method: a grid step ``δ`` (a power of two near ``θ/α``, α the growth rate of
-    ``||A^k||^{1/k}``, θ = 2 in float64) is chosen outside the differentiated path
+    ``||A^k||^{1/k}``, θ = 1) is chosen outside the differentiated path
     (``stop_gradient``). Each step is split as ``dt = q δ + r`` with an integer ``q`` and
     ``0 <= r < δ`` (exactly: δ is a power of two): the transition over ``r`` comes from the Taylor
     series in ``x = r/δ <= 1`` of the scaled ``δA``, ``δQ``, ``δb`` (``α r <= θ``: fast
@@ -354,7 +357,7 @@ def discretize(model, dt) -> Discretization:
     ``e^{A dt}`` grows like ``dt ||A|| · 6e-8`` (its condition number). Derivatives (forward,
     reverse, second order) are those of this exact map; the differentiated code has no per-step
     branch or loop. ``dt = 0`` gives ``F = I``, ``Qd = 0``, ``bd = 0``. Steps beyond
-    ``64³ δ`` (≈ 5e5/α) give NaN.
+    ``64³ δ`` (at least 1.3e5/α) give NaN.
 
     Args:
         model: a :class:`ContinuousLinearSSM` (only ``A``, ``Q`` and ``b`` are used).
