@@ -54,6 +54,14 @@ accuracy (≈ ε times the condition of ``A ± I``). ``λᵢ λⱼ = 1`` ⇔ ``�
 eigenvalues ``μ = (ωλ − 1)/(ωλ + 1)`` of ``B``, so the same NaN test applies (to ``B``), e.g.
 for an orthogonal ``A``; NaN also when both ``A ± I`` are singular.
 
+``"kron"`` (``lyap``; small ``n``, any backend) — the Kronecker form: with row-major ``vec``,
+``vec(A X + X Aᵀ) = (A ⊗ I + I ⊗ A) vec(X)``, one ``n² × n²`` LU with partial pivoting made
+once (O(n⁶): for ``n <= 16``). The transposed operator is 𝓛 at ``Aᵀ``, whose matrix is the
+transpose, so it reuses the same LU. The output is NaN when a pivot is ``<= τ`` (``τ`` as for
+``"schur"``: ``λᵢ + λⱼ = 0`` makes the matrix singular, e.g. for a singular ``A``). Few and
+large operations: for the 4×4 stationary start of a continuous-time model it costs a fraction
+of the Schur sweep's column loop (``statespace.ContinuousLinearSSM.initial``).
+
 ``"sign"`` (``lyap``; runs on GPU/TPU, ``method="auto"`` there) — the matrix sign function
 (Roberts 1980) of ``M = [[A, Q], [0, −Aᵀ]]`` is ``[[−I, 2X], [0, I]]`` for a stable ``A``.
 Newton's iteration with Byers' (1987) determinant scaling ``cₖ = |det Aₖ|^{1/n}``,
@@ -107,7 +115,9 @@ from rules._precision import full_precision
 
 __all__ = ["lyap", "dlyap"]
 
-_LYAP_METHODS = ("auto", "schur", "sign")
+_LYAP_METHODS = ("auto", "schur", "sign", "kron")
+# the largest n for method="kron" (an n² × n² LU)
+KRON_MAX_N = 16
 _DLYAP_METHODS = ("auto", "schur", "doubling")
 _SIGN_MAX_ITERS = 40
 _DOUBLING_MAX_ITERS = 60
@@ -136,8 +146,9 @@ def lyap(A, Q, *, method: str = "auto"):
         Q: ``(..., n, n)`` real matrix. When ``Q`` is exactly symmetric, so is ``X``.
         method: ``"auto"`` (``"schur"`` on CPU, ``"sign"`` on GPU/TPU, by
             ``jax.default_backend()``), ``"schur"`` (Bartels–Stewart; CPU only; any ``A`` with
-            ``λᵢ + λⱼ ≠ 0``) or ``"sign"`` (Newton matrix-sign iteration; needs all
-            eigenvalues of ``A`` in one open half plane).
+            ``λᵢ + λⱼ ≠ 0``), ``"sign"`` (Newton matrix-sign iteration; needs all
+            eigenvalues of ``A`` in one open half plane) or ``"kron"`` (dense ``n² × n²`` LU;
+            any backend, ``n <= 16``; any ``A`` with ``λᵢ + λⱼ ≠ 0``).
 
     Returns:
         ``X`` of shape ``broadcast(batch(A), batch(Q)) + (n, n)`` in the common floating dtype.
@@ -146,7 +157,8 @@ def lyap(A, Q, *, method: str = "auto"):
 
     Raises:
         ValueError: if ``A`` is not ``(..., n, n)``, ``Q`` does not match it, the batch dims
-            do not broadcast, or ``method`` is unknown (the message names the shapes).
+            do not broadcast, ``method`` is unknown, or ``method="kron"`` with ``n > 16`` (the
+            message names the shapes).
         TypeError: for complex or non-numeric inputs.
 
     Example:
@@ -158,6 +170,8 @@ def lyap(A, Q, *, method: str = "auto"):
         True
     """
     A, Q, method = _prepare("lyap", A, Q, method, _LYAP_METHODS, "sign")
+    if method == "kron" and A.shape[-1] > KRON_MAX_N:
+        raise ValueError(f"lyap: method='kron' is for n <= {KRON_MAX_N} (an n² x n² LU); got A.shape = {A.shape}")
     core = partial(_lyap_single, method=method)
     return jnp.vectorize(core, signature="(n,n),(n,n)->(n,n)")(A, Q)
 
@@ -246,6 +260,9 @@ def _lyap_single(A, Q, *, method):
     if method == "schur":
         factors = _schur_factors(A_const)
         solver = _schur_solve
+    elif method == "kron":
+        factors = _kron_factors(A_const)
+        solver = _kron_solve
     else:
         factors = _sign_factors(A_const)
 
@@ -397,6 +414,34 @@ def _schur_solve(factors, B, *, transpose):
     GYGh = jnp.conj(_tridiag_right(jnp.conj(YGh).T, dh, subh, suph)).T  # G (Y Gᴴ)
     X = Z @ jnp.real(GYGh).astype(B.dtype) @ Z.T
     return _nan_unless(factors["ok"], X)
+
+
+# Kronecker form: vec(A X + X Aᵀ) = (A ⊗ I + I ⊗ A) vec(X) for the row-major vec, and
+# Aᵀ ⊗ I + I ⊗ Aᵀ = (A ⊗ I + I ⊗ A)ᵀ, so the transposed operator solves with the same LU
+# (K = P L U  ⇒  Kᵀ x = b ⇔ x = P L⁻ᵀ U⁻ᵀ b).
+def _kron_factors(A):
+    n = A.shape[-1]
+    eye = jnp.eye(n, dtype=A.dtype)
+    lu, _, perm = lax.linalg.lu(jnp.kron(A, eye) + jnp.kron(eye, A))
+    # a singular K (λᵢ + λⱼ = 0) leaves a pivot at rounding level; same τ as the Schur method
+    tol = 10 * np.sqrt(n) * jnp.finfo(A.dtype).eps * jnp.linalg.norm(A)
+    ok = (jnp.min(jnp.abs(jnp.diagonal(lu))) > tol) & jnp.all(jnp.isfinite(lu))
+    return dict(lu=lu, perm=perm, inverse_perm=jnp.argsort(perm), ok=ok)
+
+
+def _kron_solve(factors, B, *, transpose):
+    n = B.shape[-1]
+    lu, b = factors["lu"], B.reshape(n * n, 1)
+    if transpose:
+        x = lax.linalg.triangular_solve(lu, b, left_side=True, lower=False, transpose_a=True)
+        x = lax.linalg.triangular_solve(lu, x, left_side=True, lower=True, transpose_a=True,
+                                        unit_diagonal=True)
+        x = x[factors["inverse_perm"]]
+    else:
+        x = lax.linalg.triangular_solve(lu, b[factors["perm"]], left_side=True, lower=True,
+                                        unit_diagonal=True)
+        x = lax.linalg.triangular_solve(lu, x, left_side=True, lower=False)
+    return _nan_unless(factors["ok"], x.reshape(n, n))
 
 
 def _refined(solve, operator, B):

@@ -12,13 +12,14 @@ import scipy.linalg as sl
 from jax.test_util import check_grads
 
 import rules
+from rules._lyap import KRON_MAX_N
 
 # Every solve in these tests runs jitted: one compiled program per shape and method, where
 # eager dispatch compiles each primitive separately (≈ 3× the CPU time of the whole file).
 lyap = jax.jit(rules.lyap, static_argnames="method")
 dlyap = jax.jit(rules.dlyap, static_argnames="method")
 
-LYAP_METHODS = ["schur", "sign"]
+LYAP_METHODS = ["schur", "sign", "kron"]
 DLYAP_METHODS = ["schur", "doubling"]
 SIZES = [1, 2, 5, 16, 64]
 
@@ -81,6 +82,15 @@ def kron_dlyap(A, Q):
     return np.linalg.solve(np.eye(n * n) - np.kron(A, A), Q.ravel()).reshape(n, n)
 
 
+def _kron_too_big(method, n):
+    """True (after checking the error) where ``method="kron"`` refuses ``n``."""
+    if method != "kron" or n <= KRON_MAX_N:
+        return False
+    with pytest.raises(ValueError, match=rf"n <= {KRON_MAX_N}.*\({n}, {n}\)"):
+        rules.lyap(np.eye(n), np.eye(n), method="kron")
+    return True
+
+
 def rel_err(X, ref):
     X = np.asarray(X, np.float64)
     return np.linalg.norm(X - ref) / np.linalg.norm(ref)
@@ -93,6 +103,8 @@ def rel_err(X, ref):
 @pytest.mark.parametrize("method", LYAP_METHODS)
 def test_lyap_matches_scipy_float64(n, method):
     A, Q = random_stable(n, n), random_spd(n, n)
+    if _kron_too_big(method, n):
+        return
     X = lyap(A, Q, method=method)
     assert X.dtype == jnp.float64
     assert rel_err(X, sl.solve_continuous_lyapunov(A, -Q)) <= 1e-12
@@ -115,6 +127,8 @@ def test_float32_matches_scipy(func, method, n):
     discrete = func is dlyap
     A = random_stable(n, n, discrete=discrete).astype(np.float32)
     Q = random_spd(n, n).astype(np.float32)
+    if _kron_too_big(method, n):
+        return
     X = func(A, Q, method=method)
     assert X.dtype == jnp.float32
     # reference: SciPy in float64 on the same (float32-rounded) inputs
@@ -298,6 +312,16 @@ def test_schur_factorisation_computed_once_for_all_derivatives(func):
     for transformed in (jax.grad(loss, argnums=(0, 1)), jax.hessian(loss)):
         jaxpr = jax.make_jaxpr(transformed)(A, Q).jaxpr
         assert _count_primitive(jaxpr, "schur") == 1
+
+
+def test_kron_lu_computed_once_for_all_derivatives():
+    A, Q = random_stable(3, 3), random_spd(3, 3)
+
+    def loss(a, q):
+        return jnp.sum(rules.lyap(a, q, method="kron") ** 2)
+
+    for transformed in (jax.grad(loss, argnums=(0, 1)), jax.hessian(loss)):
+        assert _count_primitive(jax.make_jaxpr(transformed)(A, Q).jaxpr, "lu") == 1
 
 
 def test_sign_iteration_run_once_for_gradient():

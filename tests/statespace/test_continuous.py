@@ -439,26 +439,31 @@ def _panel(num_subjects, n=4, T=5, seed=0):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="LAPACK custom calls are CPU-only")
-def test_stationary_start_makes_one_chain_of_lapack_calls():
-    """P∞ and the stability test share one Schur form and one triangular solve, and the PD test
-    uses no LAPACK: independent batched LAPACK calls side by side deadlock XLA:CPU under
-    jaxlib 0.10 once a vmapped panel is large (test_large_panel_gradient_does_not_hang)."""
+@pytest.mark.parametrize("n", [4, 5])
+def test_stationary_start_makes_one_chain_of_lapack_calls(n):
+    """P∞ and the stability test share one factorisation (the Kronecker LU up to n = 4, a Schur
+    form beyond) and one chain of triangular solves, and the PD test uses no LAPACK:
+    independent batched LAPACK calls side by side deadlock XLA:CPU under jaxlib 0.10 once a
+    vmapped panel is large (test_large_panel_gradient_does_not_hang)."""
     import collections
     import re
 
-    A, _ = _panel(8)
-    Q, H, R = jnp.eye(4), jnp.ones((1, 4)), jnp.eye(1)
+    A, _ = _panel(8, n=n)
+    Q, H, R = jnp.eye(n), jnp.ones((1, n)), jnp.eye(1)
 
     def start(A):  # the stationary start of every subject, and a scalar of it for the gradient
         m0, P0, ok = jax.vmap(lambda A: ContinuousLinearSSM(A, Q, H, R).initial())(A)
         return jnp.sum(jnp.where(ok, 1.0, 0.0)[:, None, None] * P0 ** 2)
 
-    for fn, solves in ((start, 1), (jax.grad(start), 2)):
+    for fn, chain in ((start, 1), (jax.grad(start), 2)):
         hlo = jax.jit(fn).lower(A).compile().as_text()
         calls = collections.Counter(re.findall(r'custom_call_target="(lapack_\w+)"', hlo))
-        assert calls["lapack_dgees_ffi"] == 1, calls
         assert "lapack_dpotrf_ffi" not in calls, calls
-        assert calls["lapack_ztrsm_ffi"] == solves, calls
+        if n <= 4:  # LU, then L and U solves (forward), Uᵀ and Lᵀ solves (reverse)
+            assert calls == {"lapack_dgetrf_ffi": 1, "lapack_dtrsm_ffi": 2 * chain}, calls
+        else:
+            assert calls["lapack_dgees_ffi"] == 1, calls
+            assert calls["lapack_ztrsm_ffi"] == chain, calls
 
 
 @pytest.mark.slow
