@@ -246,9 +246,9 @@ def _discretize_matrices(A, Q, b, dt):
     series in ``x = r/δ <= 1`` of the scaled ``δA``, ``δQ``, ``δb`` (``α r <= θ``: fast
     convergence, nothing cancels, nothing overflows in any time unit, and for tiny ``dt``
     ``Qd ≈ r Q`` to full relative precision; all steps are one ``(T, K+2) @ (K+2, 2n²+n)``
-    product, see :func:`_series_weights`), the one over ``q δ`` from one look-up per base-64 digit of ``q`` in
-    tables of exact compositions of the transition over ``δ``, ``64 δ``, ``64² δ`` (shared by all
-    steps), so the per-step work is a polynomial, one to three look-ups and as many
+    product, see :func:`_series_weights`), the one over ``q δ`` from one look-up per base-64
+    digit of ``q`` in tables of exact compositions of the transition over ``δ``, ``64 δ``,
+    ``64² δ`` (shared by all steps), so the per-step work is a polynomial, one to three look-ups and as many
     compositions (the second and third digits only when some step of the batch reaches 64 δ: one
     batch-wide ``lax.cond``, which halves the discretisation's reverse pass in the common case).
     Every identity used is exact, so the derivative of this map is the derivative of the exact
@@ -554,12 +554,12 @@ class ContinuousLinearSSM:
             idx = np.flatnonzero(~np.asarray(self.diffuse))
         A = self.A[np.ix_(idx, idx)]
         Q = self.Q[np.ix_(idx, idx)]
-        # P∞ and the stability test's lyap(A, I) in ONE call (one Schur form, one batched
-        # triangular solve): as two calls their triangular solves ran side by side and, in a
-        # vmapped panel of ~2e4 subjects, deadlocked XLA:CPU's thread pool under jaxlib 0.10
-        # (see statespace._parallel).
-        # Small n: the Kronecker LU (few operations: 0.12 ms less than the Schur sweep in the
-        # (4, 2, 1000) gradient; at n = 8 its 64 x 64 solves made that gradient 0.17 ms slower).
+        # P∞ and the stability test's lyap(A, I) in ONE call (one factorisation, one chain of
+        # batched triangular solves): as two calls their triangular solves ran side by side
+        # and, in a vmapped panel of ~2e4 subjects, deadlocked XLA:CPU's thread pool under
+        # jaxlib 0.10 (see statespace._parallel). Small n: the Kronecker LU (few operations:
+        # 0.12 ms less than the Schur sweep in the (4, 2, 1000) gradient; at n = 8 its 64 x 64
+        # solves made that gradient 0.17 ms slower).
         eye = jnp.eye(A.shape[-1], dtype=A.dtype)
         method = "kron" if A.shape[-1] <= _KRON_LYAP_MAX else "auto"
         P_sub, X_test = rules.lyap(A, jnp.stack([Q, eye]), method=method)
