@@ -63,9 +63,12 @@ def time_interleaved(calls: dict, repeats: int = 20, min_time: float = 0.2, bloc
         block: calls per competitor in a row (the first one not timed).
 
     Returns:
-        ``{name: {"compile_s", "median_s", "min_s", "n"}}`` as :func:`time_fn` gives.
+        ``{name: {"compile_s", "median_s", "min_s", "n", "block_medians"}}``: what
+        :func:`time_fn` gives, and the median of each block in order (for
+        :func:`paired_ratio`).
     """
     compile_s, times = {}, {name: [] for name in calls}
+    blocks = {name: [] for name in calls}
     for name, (fn, args) in calls.items():
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
@@ -82,10 +85,23 @@ def time_interleaved(calls: dict, repeats: int = 20, min_time: float = 0.2, bloc
                 elapsed = time.perf_counter() - start
                 times[name].append(elapsed)
                 spent += elapsed
+            blocks[name].append(statistics.median(times[name][1 - block :]))
     return {
-        name: {"compile_s": compile_s[name], "median_s": statistics.median(t), "min_s": min(t), "n": len(t)}
+        name: {"compile_s": compile_s[name], "median_s": statistics.median(t), "min_s": min(t),
+               "n": len(t), "block_medians": blocks[name]}
         for name, t in times.items()
     }
+
+
+def paired_ratio(timings: dict, a: str, b: str) -> float:
+    """Median over rounds of ``a``'s block median / ``b``'s next block median.
+
+    From :func:`time_interleaved`. A burst of load that slows a few rounds moves the ratio of
+    two overall medians (one competitor can collect more slowed calls than the other); a
+    per-round ratio compares calls taken seconds apart, so it stays put.
+    """
+    pairs = zip(timings[a]["block_medians"], timings[b]["block_medians"])
+    return statistics.median(x / y for x, y in pairs)
 
 
 def format_seconds(seconds: float) -> str:

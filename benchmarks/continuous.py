@@ -13,7 +13,9 @@ ratio stands on its own whatever the filter costs.
 Run: ``python -m benchmarks.continuous [--quick]``. Ratios are only meaningful inside one run.
 Our continuous and discrete gradients are timed in alternating blocks of calls;
 ``cont/disc_grad`` is the ratio of their medians, ``cont/disc_grad_min`` that of their fastest
-calls (the least disturbed by other load).
+calls (the least disturbed by other load), ``cont/disc_grad_paired`` the median over rounds of
+the ratio within a round (blocks seconds apart: robust to bursts of load that move the overall
+medians).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._timing import machine_info, markdown_table, time_fn, time_interleaved
+from benchmarks._timing import machine_info, markdown_table, paired_ratio, time_fn, time_interleaved
 
 SIZES = [(2, 1, 1000), (4, 2, 1000), (8, 4, 1000), (4, 2, 10000)]
 QUICK_SIZES = [(2, 1, 100), (4, 2, 200)]
@@ -163,7 +165,10 @@ def main(argv=None):
         t_nl = time_fn(naive_ll, *args_c, repeats=repeats)
         t_ol = time_fn(ours_ll, *args_c, repeats=repeats)
         t_ng = time_fn(naive_grad, *args_c, repeats=repeats)
-        grads = time_interleaved({"ours": (ours_grad, args_c), "disc": (disc_grad, args_d)}, repeats=repeats)
+        # 1 s of each: enough rounds that a burst of load on this shared machine cannot tip
+        # the per-round ratio
+        grads = time_interleaved({"ours": (ours_grad, args_c), "disc": (disc_grad, args_d)},
+                                 repeats=repeats, min_time=1.0)
         t_og, t_dg = grads["ours"], grads["disc"]
         dt = jnp.concatenate([jnp.diff(p["times"]), jnp.zeros(1, p["times"].dtype)])
         cotangents = tuple(jnp.asarray(np.random.default_rng(1).normal(size=(2, T, n, n))).astype(F.dtype))
@@ -185,6 +190,7 @@ def main(argv=None):
                 "disc_grad_s": t_dg["median_s"],
                 "cont/disc_grad": t_og["median_s"] / t_dg["median_s"],
                 "cont/disc_grad_min": t_og["min_s"] / t_dg["min_s"],
+                "cont/disc_grad_paired": paired_ratio(grads, "ours", "disc"),
                 "discretize_s": t_xf["median_s"],
                 "discretize_vjp_s": t_xb["median_s"],
                 "vjp/fwd": t_xb["median_s"] / t_xf["median_s"],
