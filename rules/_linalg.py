@@ -29,16 +29,18 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _lu_solvers(A):
+def _lu_solvers(A, singular_tol=0.0):
     """LU-based solve and transpose-solve closures for batched A (..., n, n).
 
     The factorisation is taken under ``stop_gradient``: derivatives reach A only through
-    the matvec of ``custom_linear_solve``. An exactly singular A (a zero or non-finite
-    pivot) makes both solvers return NaN everywhere instead of a partly finite answer.
+    the matvec of ``custom_linear_solve``. A singular A (a pivot with ``|u_ii| <=
+    singular_tol``, by default an exactly zero one, or a non-finite pivot) makes both solvers
+    return NaN everywhere instead of a partly finite answer.
     """
     lu, _, perm = lax.linalg.lu(lax.stop_gradient(A))
     pivots = jnp.diagonal(lu, axis1=-2, axis2=-1)
-    singular = jnp.any((pivots == 0) | ~jnp.isfinite(pivots), axis=-1)[..., None, None]
+    singular = jnp.any((jnp.abs(pivots) <= singular_tol) | ~jnp.isfinite(pivots), axis=-1)
+    singular = singular[..., None, None]
     inverse_perm = jnp.argsort(perm, axis=-1)
 
     def solve(_, b):

@@ -111,6 +111,7 @@ import numpy as np
 from jax import lax
 
 from rules._checks import as_float_array, check_same_matrix_shape, check_square, common_dtype
+from rules._linalg import _lu_solvers
 from rules._precision import full_precision
 
 __all__ = ["lyap", "dlyap"]
@@ -417,31 +418,19 @@ def _schur_solve(factors, B, *, transpose):
 
 
 # Kronecker form: vec(A X + X Aᵀ) = (A ⊗ I + I ⊗ A) vec(X) for the row-major vec, and
-# Aᵀ ⊗ I + I ⊗ Aᵀ = (A ⊗ I + I ⊗ A)ᵀ, so the transposed operator solves with the same LU
-# (K = P L U  ⇒  Kᵀ x = b ⇔ x = P L⁻ᵀ U⁻ᵀ b).
+# Aᵀ ⊗ I + I ⊗ Aᵀ = (A ⊗ I + I ⊗ A)ᵀ, so the transposed operator is the LU's transpose solve.
 def _kron_factors(A):
     n = A.shape[-1]
     eye = jnp.eye(n, dtype=A.dtype)
-    lu, _, perm = lax.linalg.lu(jnp.kron(A, eye) + jnp.kron(eye, A))
     # a singular K (λᵢ + λⱼ = 0) leaves a pivot at rounding level; same τ as the Schur method
     tol = 10 * np.sqrt(n) * jnp.finfo(A.dtype).eps * jnp.linalg.norm(A)
-    ok = (jnp.min(jnp.abs(jnp.diagonal(lu))) > tol) & jnp.all(jnp.isfinite(lu))
-    return dict(lu=lu, perm=perm, inverse_perm=jnp.argsort(perm), ok=ok)
+    return _lu_solvers(jnp.kron(A, eye) + jnp.kron(eye, A), singular_tol=tol)
 
 
 def _kron_solve(factors, B, *, transpose):
     n = B.shape[-1]
-    lu, b = factors["lu"], B.reshape(n * n, 1)
-    if transpose:
-        x = lax.linalg.triangular_solve(lu, b, left_side=True, lower=False, transpose_a=True)
-        x = lax.linalg.triangular_solve(lu, x, left_side=True, lower=True, transpose_a=True,
-                                        unit_diagonal=True)
-        x = x[factors["inverse_perm"]]
-    else:
-        x = lax.linalg.triangular_solve(lu, b[factors["perm"]], left_side=True, lower=True,
-                                        unit_diagonal=True)
-        x = lax.linalg.triangular_solve(lu, x, left_side=True, lower=False)
-    return _nan_unless(factors["ok"], x.reshape(n, n))
+    solve, transpose_solve = factors
+    return (transpose_solve if transpose else solve)(None, B.reshape(n * n, 1)).reshape(n, n)
 
 
 def _refined(solve, operator, B):
