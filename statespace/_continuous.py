@@ -289,11 +289,10 @@ def _discretize_matrices(A, Q, b, dt):
     r = jnp.where(q >= float(_TABLE) ** _LEVELS, jnp.nan, r)
 
     out = _series(weights, r / delta)
-    # the transition over δ
-    step = _compose_series(
-        (jnp.eye(n, dtype=table_dtype), jnp.zeros((n, n), table_dtype),
-         None if b is None else jnp.zeros(n, table_dtype)),
-        _series(weights_t, jnp.ones((), table_dtype)))
+    # the transition over δ (Qd = F G)
+    F_step, G_step, bd_step = _series(weights_t, jnp.ones((), table_dtype))
+    Q_step = F_step @ G_step
+    step = (F_step, 0.5 * (Q_step + Q_step.T), bd_step)
     table = _table(step, _TABLE)
 
     # The transition over q δ: one look-up when every step of the batch is shorter than 64 δ
