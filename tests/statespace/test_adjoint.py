@@ -125,8 +125,10 @@ def test_second_order_and_forward_mode(form):
     hess = jax.jit(jax.hessian(f), static_argnums=1)
     _assert_close(hess(params, "adjoint"), hess(params, "autodiff"), 1e-9)
     tangent = jax.tree_util.tree_map(jnp.ones_like, params)
-    jvp = jax.jvp(f, (params,), (tangent,))[1]
-    jvp_plain = jax.jvp(lambda p: f(p, "autodiff"), (params,), (tangent,))[1]
+    # jitted: one program each (run eagerly, every primitive of the filter compiles on its own)
+    jvp = jax.jit(lambda p, t: jax.jvp(f, (p,), (t,))[1])(params, tangent)
+    jvp_plain = jax.jit(lambda p, t: jax.jvp(lambda q: f(q, "autodiff"), (p,), (t,))[1])(
+        params, tangent)
     np.testing.assert_allclose(jvp, jvp_plain, rtol=1e-9)
 
 

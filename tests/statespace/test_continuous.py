@@ -190,8 +190,9 @@ def _discretize_first_order_checked():
 
 def test_discretize_gradients():
     f, A, Q, b, _ = _discretize_first_order_checked()
-    # a batch with a step past the first table (64 δ): the long-step branch, both modes
-    long_dts = jnp.array([0.05, 3.0, 70.0])
+    # a batch with a step past the first table (64 δ): the long-step branch, both modes (the
+    # same shape as the first batch, so the programs compiled for it are reused)
+    long_dts = jnp.array([0.0, 0.05, 3.0, 70.0])
     check_grads(f, (A, Q, b, long_dts), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
 
 
