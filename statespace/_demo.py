@@ -287,7 +287,7 @@ def make_figure(path, times, y, params, *, forecast_years=2.0, offset=None):
     future = np.arange(times[-1] + step, times[-1] + forecast_years + 1e-9, step)
     new_times = np.concatenate([times, future])
     # one compiled program (called eagerly, each of its primitives compiles on its own: 321
-    # compilations, 22 s on 2 cores, against 2 and 6 s jitted)
+    # compilations, 22 s on 2 cores; jitted: 2 compilations, 6 s)
     pred = jax.jit(statespace.predict)(model, jnp.asarray(y), jnp.asarray(times),
                                        jnp.asarray(new_times))
     noise_var = float(np.asarray(model.R)[0, 0])

@@ -141,7 +141,7 @@ def _operator_condition(A, discrete):
     "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
 )
 def test_float32_matches_scipy(func, method, n):
-    # Two float32 checks that do not hang on the machine's rounding: the residual (a backward
+    # Two float32 checks that do not depend on the machine's rounding luck: the residual (a backward
     # error, ≤ 2.3u measured over 4 seeds and all methods) within 10u, and the forward error
     # against SciPy in float64 within the first-order perturbation bound κ₁(T)·u (measured
     # 0.001-0.22 of it). A fixed 1e-4 on the forward error failed on one machine at 1.01e-4
