@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from statespace._kalman import kalman_filter
 from statespace._model import LinearGaussianSSM
 from statespace._parallel import _prefix_scan, parallel_filter, parallel_smoother
+from statespace._smoother import rts_smoother
 from tests.statespace import dense_oracle as oracle
 
 FORMS = ("cov", "sqrt")
@@ -72,18 +74,8 @@ def test_filter_and_smoother_match_dense_oracle(case, form):
         np.testing.assert_array_equal(covs, np.swapaxes(covs, -1, -2))
 
 
-def _sequential_or_skip():
-    from statespace import _kalman
-
-    if not hasattr(_kalman, "_filter_single"):
-        pytest.skip("the sequential filter has not landed yet")
-    return _kalman.kalman_filter
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_matches_sequential_filter_and_smoother(form):
-    kalman_filter = _sequential_or_skip()
-    from statespace._smoother import rts_smoother
 
     params, y = _case("time_varying", seed=3)
     model = LinearGaussianSSM(**params)
@@ -147,7 +139,6 @@ def test_gradients_through_parallel_path(form):
 
 
 def test_gradient_matches_sequential():
-    kalman_filter = _sequential_or_skip()
     params, y = _case("time_varying", seed=2)
 
     def ll(F, parallel):
