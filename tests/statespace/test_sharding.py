@@ -1,5 +1,6 @@
 """Many series across devices: the log-likelihood of a batch of series sharded over a 4-device
-CPU mesh (``jax.sharding.NamedSharding``) equals the unsharded batch.
+CPU mesh (``jax.sharding.NamedSharding``) equals the unsharded batch, and each series' value,
+sequential and parallel, equals the dense joint-Gaussian oracle.
 
 The host-device count must be set before JAX initialises, so the check runs in its own
 Python process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
@@ -14,7 +15,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from tests.statespace.dense_oracle import dense_log_likelihood
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,15 +62,9 @@ SCRIPT = textwrap.dedent(
     def ours(R_one, y_one):
         return parallel_filter(make(R_one), y_one, moments=False)[0]
 
-    functions = {"parallel_filter": ours}
-    for name, parallel in (("log_likelihood", False), ("log_likelihood_parallel", True)):
-        try:
-            jax.eval_shape(public(parallel), R[0], y[0])
-        except NotImplementedError:
-            continue
-        functions[name] = public(parallel)
-
-    out = {}
+    functions = {"parallel_filter": ours, "log_likelihood": public(False),
+                 "log_likelihood_parallel": public(True)}
+    out = {"data": {"R": np.asarray(R).tolist(), "y": np.asarray(y).tolist()}}
     for name, fn in functions.items():
         batched = jax.jit(jax.vmap(fn))
         plain = np.asarray(batched(R, y))
@@ -100,9 +98,13 @@ def sharded_run():
     return json.loads(line[len("RESULT"):])
 
 
+def _functions(run):
+    return {k: v for k, v in run.items() if k != "data"}
+
+
 def test_sharded_batch_equals_unsharded(sharded_run):
-    assert "parallel_filter" in sharded_run
-    for name, res in sharded_run.items():
+    assert set(_functions(sharded_run)) == {"parallel_filter", "log_likelihood", "log_likelihood_parallel"}
+    for name, res in _functions(sharded_run).items():
         plain, sharded = res["plain"], res["sharded"]
         assert len(plain) == 8 and all(abs(v) < 1e6 for v in plain), name
         for a, b in zip(plain, sharded):
@@ -113,8 +115,14 @@ def test_sharded_batch_equals_unsharded(sharded_run):
         assert res["output_devices"] == 4, name
 
 
-def test_sequential_and_parallel_agree_across_devices(sharded_run):
-    reference = sharded_run["parallel_filter"]["sharded"]
-    for name, res in sharded_run.items():
-        for a, b in zip(res["sharded"], reference):
-            assert abs(a - b) <= 1e-9 * max(1.0, abs(b)), (name, a, b)
+def test_sharded_sequential_and_parallel_match_dense_oracle(sharded_run):
+    """Every series' sharded log-likelihood, sequential and parallel, equals the dense
+    joint-Gaussian density of its observed entries (NumPy/SciPy, float64)."""
+    R = np.asarray(sharded_run["data"]["R"])
+    y = np.asarray(sharded_run["data"]["y"], dtype=np.float64)
+    model = dict(F=np.array([[0.9, 0.2], [-0.1, 0.7]]), Q=0.3 * np.eye(2), H=np.array([[1.0, 0.5]]),
+                 m0=np.zeros(2), P0=np.eye(2), b=np.array([0.1, 0.0]))
+    reference = [dense_log_likelihood(dict(model, R=R[i]), y[i]) for i in range(len(R))]
+    assert np.isnan(y).any() and len(reference) == 8
+    for name, res in _functions(sharded_run).items():
+        np.testing.assert_allclose(res["sharded"], reference, rtol=1e-10, err_msg=name)
