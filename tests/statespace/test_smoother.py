@@ -345,4 +345,14 @@ def test_batched_model_parameters():
         _assert_moments([a[i] for a in out[:3]], want)
     xs = _sample(jax.random.key(0), model, y, num_samples=4)
     assert xs.shape == (3, 4, T, 2)
-    assert not np.allclose(xs[0], xs[1])  # each batch member gets its own key
+    # Each batch member gets its own key: with three identical members a reused key would
+    # show as identical draws (members that differ would give different draws anyway).
+    same = statespace.LinearGaussianSSM(
+        F=np.stack([ps[0]["F"]] * 3)[:, None], H=np.stack([ps[0]["H"]] * 3),
+        m0=np.stack([ps[0]["m0"]] * 3), **shared,
+    )
+    xs = np.asarray(_sample(jax.random.key(0), same, y, num_samples=4))
+    assert xs.shape == (3, 4, T, 2) and np.all(np.isfinite(xs))
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert not np.any(np.isclose(xs[i], xs[j], rtol=0, atol=1e-12)), (i, j)
+    assert not np.any(np.isclose(xs[0, 0], xs[0, 1], rtol=0, atol=1e-12))  # and each draw its own
