@@ -4,7 +4,9 @@
   ``F = expm(A dt)``, ``Qd = P∞ − F P∞ Fᵀ`` (the cancellation costs a few of the 50 digits, not
   the 16 that matter); otherwise from Van Loan's block ``expm([[−A, Q], [0, Aᵀ]] dt)`` with the
   working precision raised by the digits its ``e^{−A dt}`` block can cost.
-* :func:`scipy_van_loan`: the same blocks in float64 through ``scipy.linalg.expm``.
+* :func:`scipy_van_loan`: the same blocks in float64 through ``scipy.linalg.expm``;
+  :func:`discretized_model` the discrete-time model at given times from them (for
+  ``dense_oracle``, e.g. its exact diffuse log-likelihood).
 * :func:`dense_gp_log_likelihood` / :func:`dense_gp_condition`: Gaussian-process log-likelihood
   and conditioning from a covariance function ``k(s, t)``.
 """
@@ -90,6 +92,16 @@ def scipy_van_loan(A, Q, dt, b=None):
         Mb[:n, n] = np.asarray(b) * dt
         bd = scipy.linalg.expm(Mb)[:n, n]
     return F, 0.5 * (Qd + Qd.T), bd
+
+
+def discretized_model(A, Q, H, R, times, m0, P0):
+    """The discrete-time model at ``times`` (dense-oracle dict, time-varying ``F, Q``) from
+    SciPy's Van Loan blocks; entry ``T − 1`` of ``F, Q`` is unused by the dense oracle."""
+    dts = np.append(np.diff(np.asarray(times, np.float64)), 0.0)
+    blocks = [scipy_van_loan(A, Q, dt)[:2] for dt in dts]
+    return dict(F=np.stack([b[0] for b in blocks]), Q=np.stack([b[1] for b in blocks]),
+                H=np.asarray(H, np.float64), R=np.asarray(R, np.float64),
+                m0=np.asarray(m0, np.float64), P0=np.asarray(P0, np.float64))
 
 
 def stationary_cov(A, Q):

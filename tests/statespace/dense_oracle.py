@@ -166,6 +166,48 @@ def dense_log_likelihood(model, y) -> float:
     return float(-0.5 * (obs.size * np.log(2.0 * np.pi) + logdet + alpha @ alpha))
 
 
+def dense_diffuse_log_likelihood(model, y, diffuse) -> float:
+    """Exact diffuse log-likelihood ``log ∫ p(y | δ) dδ`` (flat prior, no ``2π`` for ``δ``).
+
+    Convention, stated because two are in use: this is the value statsmodels' exact diffuse
+    initialisation and KFAS report (Durbin & Koopman's, as issue 21 adopts it; e.g. Nile local
+    level at (15099, 1469.1): −632.5456). It has no ``−(q/2) log 2π`` term: the large-prior
+    limit ``lim_{κ→∞} [log p(y; P0 = κ I on the diffuse states) + (q/2) log κ]`` equals this
+    value minus ``(q/2) log 2π`` (the package's convention before issue 21).
+
+    The states marked in ``diffuse`` start at ``m0 + δ`` with a flat prior on ``δ ∈ ℝ^q``; the
+    others as ``N(m0, P0)`` (rows and columns of ``P0`` of diffuse states are ignored; the two
+    groups are independent). With ``y = μ + Z δ + e``, ``e ~ N(0, Σ)`` (``Z`` the effect of the
+    diffuse initial states on the observed entries), the integral is Gaussian:
+    ``−(N−q)/2 log 2π − ½ log|Σ| − ½ log|Zᵀ Σ⁻¹ Z| − ½ (rᵀ Σ⁻¹ r − gᵀ (Zᵀ Σ⁻¹ Z)⁻¹ g)``,
+    ``r = y − μ``, ``g = Zᵀ Σ⁻¹ r``, ``N`` observed entries.
+
+    Raises:
+        ValueError: if the observed entries do not identify the diffuse states (rank of ``Z``).
+    """
+    y, T, n, m = _check_y(model, y)
+    diffuse = np.asarray(diffuse, dtype=bool)
+    m0, P0 = _initial(model)
+    P0 = np.where(diffuse[:, None] | diffuse[None, :], 0.0, P0)
+    base = dict(model) if isinstance(model, dict) else {k: _get(model, k) for k in ("F", "Q", "H", "R", "b", "d")}
+    mean, cov = dense_joint(dict(base, m0=m0, P0=P0), T)
+    obs = _observed_index(y, T, n)
+    Z = np.stack([dense_joint(dict(base, m0=m0 + np.eye(n)[i], P0=P0), T)[0] - mean
+                  for i in np.flatnonzero(diffuse)], axis=1)[obs]
+    q = Z.shape[1]
+    if np.linalg.matrix_rank(Z) < q:
+        raise ValueError(f"oracle: the observed entries do not identify the {q} diffuse states")
+    r = y.reshape(-1)[obs - T * n] - mean[obs]
+    c = scipy.linalg.cho_factor(cov[np.ix_(obs, obs)], lower=True)
+    Si_r, Si_Z = scipy.linalg.cho_solve(c, r), scipy.linalg.cho_solve(c, Z)
+    C = Z.T @ Si_Z
+    g = Z.T @ Si_r
+    logdet_S = 2.0 * np.sum(np.log(np.diag(c[0])))
+    logdet_C = np.linalg.slogdet(C)[1]
+    quad = r @ Si_r - g @ np.linalg.solve(C, g)
+    return float(-0.5 * ((obs.size - q) * np.log(2.0 * np.pi) + logdet_S + logdet_C + quad))
+
+
 def _state_moments_given(model, y, upto_of_k):
     y, T, n, m = _check_y(model, y)
     mean, cov = dense_joint(model, T)
