@@ -143,30 +143,61 @@ def _psd_cholesky(A):
     """Lower factor ``L`` with ``L L^T = A`` for symmetric positive SEMI-definite ``A``.
 
     A pivot that is zero (to rounding) gives a zero column, so singular noise covariances (a
-    state without noise) have a square root; a clearly negative pivot gives NaN. Used for the
-    square-root form's ``Q``, ``R`` and ``P0``; above ``_UNROLL_MAX`` it needs ``A`` positive
-    definite (LAPACK).
+    state without noise, ``Q = 0`` of a zero-length interval, the zeroed diffuse rows of
+    ``P0``) have a square root; a clearly negative pivot gives NaN, and so does a non-finite
+    ``A`` (all entries). Used for the square-root form's ``Q``, ``R`` and ``P0``, any size.
+
+    "Zero to rounding" is relative to the pivot's own diagonal entry: pivot ``j`` (the Schur
+    complement ``A_jj - sum_k L_jk^2``) is zero when ``|pivot| <= 8 m eps A_jj``. Cholesky's
+    backward error is componentwise, ``|dA| <= c m eps |L| |L^T|`` (Higham 2002, Thm 10.3),
+    whose diagonal is ``c m eps A_jj``; so a variance 1e-12 beside 1e6 is kept, and only a
+    row dependent on the rows above to rounding is dropped.
     """
     m = A.shape[-1]
+    finite = jnp.all(jnp.isfinite(A), axis=(-2, -1))
+    tol = 8 * m * jnp.finfo(A.dtype).eps * jnp.abs(jnp.diagonal(A, axis1=-2, axis2=-1))
     if m > _UNROLL_MAX:
-        return jnp.linalg.cholesky(A)
-    diag = jnp.abs(jnp.diagonal(A, axis1=-2, axis2=-1))
-    tol = 8 * m * jnp.finfo(A.dtype).eps * jnp.max(diag, axis=-1)
+        L = _psd_cholesky_loop(A, tol)
+        return jnp.where(finite[..., None, None], L, jnp.nan)
     cols = [[None] * m for _ in range(m)]
     for j in range(m):
         acc = A[..., j, j]
         for k in range(j):
             acc = acc - cols[j][k] * cols[j][k]
-        pos = acc > tol
+        pos = acc > tol[..., j]
         root = jnp.sqrt(jnp.where(pos, acc, 1.0))
-        cols[j][j] = jnp.where(pos, root, jnp.where(acc >= -tol, 0.0, jnp.nan))  # NaN stays NaN
+        cols[j][j] = jnp.where(pos, root, jnp.where(acc >= -tol[..., j], 0.0, jnp.nan))  # NaN stays NaN
         inv = jnp.where(pos, 1.0 / root, 0.0)
         for i in range(j + 1, m):
             acc_ij = A[..., i, j]
             for k in range(j):
                 acc_ij = acc_ij - cols[i][k] * cols[j][k]
             cols[i][j] = acc_ij * inv
-    return _assemble_lower(cols, A)
+    return jnp.where(finite[..., None, None], _assemble_lower(cols, A), jnp.nan)
+
+
+def _psd_cholesky_loop(A, tol):
+    """:func:`_psd_cholesky` for large ``m``: the same pivots as a right-looking loop over
+    columns (rank-one update of the Schur complement), batched over leading axes. LAPACK's
+    Cholesky cannot serve here: it fails (NaN) on any singular ``A``."""
+    m = A.shape[-1]
+    idx = jnp.arange(m)
+
+    def column(j, carry):
+        S, Lt = carry  # S: Schur complement (rows/columns < j already eliminated)
+        col = lax.dynamic_index_in_dim(S, j, -1, False)
+        acc = lax.dynamic_index_in_dim(col, j, -1, False)
+        tol_j = lax.dynamic_index_in_dim(tol, j, -1, False)
+        pos = acc > tol_j
+        root = jnp.sqrt(jnp.where(pos, acc, 1.0))
+        pivot = jnp.where(pos, root, jnp.where(acc >= -tol_j, 0.0, jnp.nan))  # NaN stays NaN
+        below = jnp.where(idx > j, col * jnp.where(pos, 1.0 / root, 0.0)[..., None], 0.0)
+        S = S - below[..., :, None] * below[..., None, :]
+        Lt = lax.dynamic_update_index_in_dim(Lt, below + jnp.where(idx == j, pivot[..., None], 0.0), j, -2)
+        return S, Lt
+
+    _, Lt = lax.fori_loop(0, m, column, (A, jnp.zeros_like(A)))
+    return jnp.swapaxes(Lt, -1, -2)
 
 
 def _assemble_lower(cols, like):
