@@ -507,10 +507,12 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     log_likelihoods = out[0]
     if q:
         # Collapse the diffuse part (de Jong 1991; Durbin & Koopman 2012, section 5.7):
-        # log L_d = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S|.
+        # log L_d = log int p(y | delta) d delta
+        #         = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S| + q/2 log 2 pi
+        # (the Gaussian integral over delta; KFAS's and statsmodels' convention).
         L_d = jnp.linalg.cholesky(S_T)
         u = lax.linalg.triangular_solve(L_d, s_T[:, None], left_side=True, lower=True)[:, 0]
-        correction = 0.5 * (u @ u) - jnp.sum(jnp.log(jnp.diagonal(L_d)))
+        correction = 0.5 * (u @ u) - jnp.sum(jnp.log(jnp.diagonal(L_d))) + 0.5 * q * _LOG_2PI
         log_likelihoods = log_likelihoods.at[-1].add(correction)
     total = jnp.sum(log_likelihoods)
     if not moments:
@@ -618,10 +620,19 @@ def kalman_filter(
     fixed effect ``delta`` (``x[0] = m0 + A delta + eta``, ``eta ~ N(0, P_star)``); the filter
     carries ``A`` through the recursions (augmented Kalman filter, de Jong 1991) and
     accumulates ``S = sum E^T E``, ``s = sum E^T e`` with ``E = L^{-1} H A``. The diffuse
-    log-likelihood (Durbin & Koopman 2012, section 7.2.2,
-    ``lim_{kappa->inf} log L + q/2 log kappa``) is
-    ``sum_k ell_k + 1/2 s^T S^{-1} s - 1/2 log|S|``; the collapse term is added to the LAST
-    entry of ``log_likelihoods``. Filtered / predicted moments are collapsed with
+    log-likelihood is the likelihood integrated over ``delta`` with a flat prior,
+    ``log L_d = log int p(y | delta) d delta = lim_{kappa->inf} log L(P_delta = kappa I)
+    + q/2 log(2 pi kappa)`` (Durbin & Koopman 2012, section 7.2; de Jong 1991), i.e.
+    ``sum_k ell_k + 1/2 s^T S^{-1} s - 1/2 log|S| + q/2 log 2 pi`` with ``q`` diffuse states;
+    the collapse term is added to the LAST entry of ``log_likelihoods``. This is KFAS's
+    ``logLik`` (its diffuse steps carry no ``log 2 pi``) and statsmodels'
+    ``UnobservedComponents`` log-likelihood with ``initialize_diffuse()`` (Nile local level
+    at ``(sigma_eps^2, sigma_eta^2) = (15099, 1469.1)``: -632.5456; statsmodels leaves the
+    diffuse observations out, the same number when the diffuse states are observed with unit
+    loadings, as in the local level and trend). statsmodels' ``MLEModel`` with
+    ``loglikelihood_burn=0``, and this package before, count ``-1/2 log 2 pi`` for each of
+    those observations: ``q/2 log 2 pi`` less. The maximiser is the same; values between
+    models with different ``q`` are not. Filtered / predicted moments are collapsed with
     ``delta | y[0..k] ~ N(S_k^{-1} s_k, S_k^{-1})``; they are NaN (or meaningless) while the
     data do not yet identify the diffuse states (``S_k`` singular), e.g. ``predicted[0]``.
 

@@ -326,7 +326,7 @@ def test_to_discrete_matches_dense_oracle_model():
 
 
 def test_diffuse_trend_matches_large_prior_limit():
-    """Exact diffuse log-likelihood = lim_{κ→∞} [log L(P0 = κ I) + (q/2) log κ]."""
+    """Exact diffuse log-likelihood = lim_{κ→∞} [log L(P0 = κ I) + (q/2) log(2π κ)]."""
     A = np.array([[0.0, 1.0], [0.0, 0.0]])
     Q = np.diag([0.04, 0.01])
     H, R = np.array([[1.0, 0.0]]), np.array([[0.1]])
@@ -337,7 +337,7 @@ def test_diffuse_trend_matches_large_prior_limit():
     kappa = 1e7
     mean, cov = np.zeros(12), np.zeros((12, 12))
     big = ContinuousLinearSSM(A, Q, H, R, m0=np.zeros(2), P0=kappa * np.eye(2))
-    ll_big = statespace.log_likelihood(big, y, times) + 0.5 * 2 * np.log(kappa)
+    ll_big = statespace.log_likelihood(big, y, times) + 0.5 * 2 * np.log(2 * np.pi * kappa)
     np.testing.assert_allclose(ll_diffuse, ll_big, atol=1e-4)
 
 

@@ -173,12 +173,12 @@ def test_diffuse_builders_and_sum_with_trend():
     times = np.sort(rng.uniform(0, 10, 25))
     y = (0.3 * times + np.sin(times))[:, None] + 0.1 * rng.normal(size=(25, 1))
     ll = statespace.log_likelihood(combo, y, times)
-    # the diffuse limit: large-variance prior on the trend states, + (q/2) log κ
+    # the diffuse limit: large-variance prior on the trend states, + (q/2) log(2π κ)
     kappa = 1e7
     big = models.sum_of(models.local_linear_trend(0.1, 0.05, m0=jnp.zeros(2), P0=kappa * jnp.eye(2)),
                         models.matern32(1.0, 1.0), noise_var=0.1)
     assert big.diffuse is None and big.P0 is not None
-    np.testing.assert_allclose(ll, statespace.log_likelihood(big, y, times) + np.log(kappa), atol=1e-4)
+    np.testing.assert_allclose(ll, statespace.log_likelihood(big, y, times) + np.log(2 * np.pi * kappa), atol=1e-4)
 
 
 def test_builder_errors():
