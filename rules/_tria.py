@@ -114,16 +114,19 @@ def _primal(M):
     # per column j: an entry below the pivot above its own row's tolerance
     below = jnp.any(jnp.abs(jnp.tril(L, -1)) > tol[..., :, None], axis=-2)
     not_canonical = jnp.any((diag <= tol) & below, axis=-1)
-    L = lax.cond(
-        jnp.any(not_canonical),
-        lambda: jnp.where(not_canonical[..., None, None], _canonical_tria(M, tol), L),
-        lambda: L,
-    )
-    # A numerically zero pivot (its column is now below τ everywhere) becomes an exact zero.
+
+    def repair():
+        fixed = jnp.where(not_canonical[..., None, None], _canonical_tria(M, tol), L)
+        finite = jnp.all(jnp.isfinite(M), axis=(-2, -1))
+        return jnp.where(finite[..., None, None], fixed, jnp.nan)
+
+    # A non-finite entry makes its row's tolerance non-finite, so the exact (costlier) test
+    # for non-finite M only runs then, in the rarely taken branch.
+    L = lax.cond(jnp.any(not_canonical) | ~jnp.all(jnp.isfinite(tol)), repair, lambda: L)
+    # A numerically zero pivot (its column is now below τ everywhere) becomes an exact zero
+    # (never a NaN pivot: NaN <= τ is False).
     zero_pivot = jnp.diagonal(L, axis1=-2, axis2=-1) <= tol
-    L = jnp.where(zero_pivot[..., None, :], 0.0, L)
-    finite = jnp.all(jnp.isfinite(M), axis=(-2, -1))
-    return jnp.where(finite[..., None, None], L, jnp.nan)
+    return jnp.where(zero_pivot[..., None, :], 0.0, L)
 
 
 @jax.custom_jvp
