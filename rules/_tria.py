@@ -18,7 +18,12 @@ is not differentiable there (already ``tria([[m]]) = |m|`` at ``m = 0``), and wh
 row has independent rows below it, L is not even continuous. What is returned:
 
 * Primal: the *canonical* factor, whose column j is zero when pivot j is zero (pivot
-  ``L_jj ≤ τ = 10·max(n, k)·eps·max_i ‖M[i, :]‖``). Unpivoted LAPACK QR instead spends an
+  ``L_jj ≤ τ_j = 10·max(n, k)·eps·‖M[j, :]‖``). The tolerance is per row: ``L_jj`` is the
+  distance of row j from the span of the rows above, and Householder QR is column-wise
+  backward stable (Higham 2002, Thm 19.4: each column of ``Mᵀ`` is perturbed by
+  ``O(eps)·‖M[j, :]‖``), so only a pivot below ``τ_j`` is rounding. A scale shared by all rows
+  (``max_i ‖M[i, :]‖``) would zero a small but valid row next to a large one (a state
+  variance 1e-12 beside 1e6). Unpivoted LAPACK QR instead spends an
   arbitrary direction on such a row and fills the column below the zero pivot with
   arbitrary numbers; this is detected and, only then (a ``lax.cond``), the factor is
   recomputed by a Householder sweep that skips zero columns. Full-rank M: plain QR.
@@ -30,6 +35,10 @@ row has independent rows below it, L is not even continuous. What is returned:
   direction in which L is differentiable; e.g. a state with zero variance stays one). In the
   remaining directions L jumps and no lower-triangular L̇ can be exact; the returned one is
   the minimum-norm choice that leaves the zero columns at zero.
+
+Non-finite M (an ``inf`` or NaN entry) gives an all-NaN L for that matrix, never a factor
+with the offending row read as zero (``inf`` would otherwise also make every tolerance
+infinite).
 """
 
 from __future__ import annotations
@@ -47,9 +56,9 @@ def _mT(x):
 
 
 def _pivot_tol(M):
-    """Pivots of L at or below this are "zero": 10·max(n, k)·eps·(largest row norm of M)."""
+    """``(..., n)``: pivot ``L_jj`` at or below entry j is "zero": 10·max(n, k)·eps·‖M[j, :]‖."""
     n, k = M.shape[-2], M.shape[-1]
-    scale = jnp.sqrt(jnp.max(jnp.sum(M * M, axis=-1), axis=-1))
+    scale = jnp.sqrt(jnp.sum(M * M, axis=-1))
     return lax.stop_gradient(10.0 * max(n, k) * jnp.finfo(M.dtype).eps * scale)
 
 
@@ -79,7 +88,7 @@ def _canonical_tria(M, tol):
         A, R, r = carry
         a = jnp.where(rows >= r[..., None], lax.dynamic_index_in_dim(A, j, -1, False), 0.0)
         norm = jnp.sqrt(jnp.sum(a * a, axis=-1))
-        use = norm > tol
+        use = norm > lax.dynamic_index_in_dim(tol, j, -1, False)
         at_r = (rows == r[..., None]).astype(A.dtype)
         alpha = jnp.sum(a * at_r, axis=-1)
         s = jnp.where(alpha >= 0, 1.0, -1.0).astype(A.dtype)
@@ -100,16 +109,22 @@ def _canonical_tria(M, tol):
 
 def _primal(M):
     L = _qr_tria(M)
-    tol = _pivot_tol(M)[..., None]
+    tol = _pivot_tol(M)  # (..., n), row j's
     diag = jnp.diagonal(L, axis1=-2, axis2=-1)
-    below = jnp.max(jnp.abs(jnp.tril(L, -1)), axis=-2)  # per column
-    not_canonical = jnp.any((diag <= tol) & (below > tol), axis=-1)
-    L = lax.cond(
-        jnp.any(not_canonical),
-        lambda: jnp.where(not_canonical[..., None, None], _canonical_tria(M, tol[..., 0]), L),
-        lambda: L,
-    )
-    # A numerically zero pivot (its column is now below τ everywhere) becomes an exact zero.
+    # per column j: an entry below the pivot above its own row's tolerance
+    below = jnp.any(jnp.abs(jnp.tril(L, -1)) > tol[..., :, None], axis=-2)
+    not_canonical = jnp.any((diag <= tol) & below, axis=-1)
+
+    def repair():
+        fixed = jnp.where(not_canonical[..., None, None], _canonical_tria(M, tol), L)
+        finite = jnp.all(jnp.isfinite(M), axis=(-2, -1))
+        return jnp.where(finite[..., None, None], fixed, jnp.nan)
+
+    # A non-finite entry makes its row's tolerance non-finite, so the exact (costlier) test
+    # for non-finite M only runs then, in the rarely taken branch.
+    L = lax.cond(jnp.any(not_canonical) | ~jnp.all(jnp.isfinite(tol)), repair, lambda: L)
+    # A numerically zero pivot (its column is now below τ everywhere) becomes an exact zero
+    # (never a NaN pivot: NaN <= τ is False).
     zero_pivot = jnp.diagonal(L, axis1=-2, axis2=-1) <= tol
     return jnp.where(zero_pivot[..., None, :], 0.0, L)
 
@@ -131,7 +146,7 @@ def _tria_tangent(M, L, M_dot):
     """Murray's L̇ with the zero-pivot convention of the module docstring."""
     n = M.shape[-2]
     diag = jnp.diagonal(L, axis1=-2, axis2=-1)
-    pivot = lax.stop_gradient(diag > _pivot_tol(M)[..., None])
+    pivot = lax.stop_gradient(diag > _pivot_tol(M))
     # L̃: zero pivots replaced by 1 so every solve is well defined.
     unit_fix = jnp.where(pivot, 0.0, 1.0 - diag).astype(L.dtype)
     L_safe = L + unit_fix[..., None, :] * jnp.eye(n, dtype=L.dtype)

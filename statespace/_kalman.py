@@ -143,30 +143,61 @@ def _psd_cholesky(A):
     """Lower factor ``L`` with ``L L^T = A`` for symmetric positive SEMI-definite ``A``.
 
     A pivot that is zero (to rounding) gives a zero column, so singular noise covariances (a
-    state without noise) have a square root; a clearly negative pivot gives NaN. Used for the
-    square-root form's ``Q``, ``R`` and ``P0``; above ``_UNROLL_MAX`` it needs ``A`` positive
-    definite (LAPACK).
+    state without noise, ``Q = 0`` of a zero-length interval, the zeroed diffuse rows of
+    ``P0``) have a square root; a clearly negative pivot gives NaN, and so does a non-finite
+    ``A`` (all entries). Used for the square-root form's ``Q``, ``R`` and ``P0``, any size.
+
+    "Zero to rounding" is relative to the pivot's own diagonal entry: pivot ``j`` (the Schur
+    complement ``A_jj - sum_k L_jk^2``) is zero when ``|pivot| <= 8 m eps A_jj``. Cholesky's
+    backward error is componentwise, ``|dA| <= c m eps |L| |L^T|`` (Higham 2002, Thm 10.3),
+    whose diagonal is ``c m eps A_jj``; so a variance 1e-12 beside 1e6 is kept, and only a
+    row dependent on the rows above to rounding is dropped.
     """
     m = A.shape[-1]
+    finite = jnp.all(jnp.isfinite(A), axis=(-2, -1))
+    tol = 8 * m * jnp.finfo(A.dtype).eps * jnp.abs(jnp.diagonal(A, axis1=-2, axis2=-1))
     if m > _UNROLL_MAX:
-        return jnp.linalg.cholesky(A)
-    diag = jnp.abs(jnp.diagonal(A, axis1=-2, axis2=-1))
-    tol = 8 * m * jnp.finfo(A.dtype).eps * jnp.max(diag, axis=-1)
+        L = _psd_cholesky_loop(A, tol)
+        return jnp.where(finite[..., None, None], L, jnp.nan)
     cols = [[None] * m for _ in range(m)]
     for j in range(m):
         acc = A[..., j, j]
         for k in range(j):
             acc = acc - cols[j][k] * cols[j][k]
-        pos = acc > tol
+        pos = acc > tol[..., j]
         root = jnp.sqrt(jnp.where(pos, acc, 1.0))
-        cols[j][j] = jnp.where(pos, root, jnp.where(acc >= -tol, 0.0, jnp.nan))  # NaN stays NaN
+        cols[j][j] = jnp.where(pos, root, jnp.where(acc >= -tol[..., j], 0.0, jnp.nan))  # NaN stays NaN
         inv = jnp.where(pos, 1.0 / root, 0.0)
         for i in range(j + 1, m):
             acc_ij = A[..., i, j]
             for k in range(j):
                 acc_ij = acc_ij - cols[i][k] * cols[j][k]
             cols[i][j] = acc_ij * inv
-    return _assemble_lower(cols, A)
+    return jnp.where(finite[..., None, None], _assemble_lower(cols, A), jnp.nan)
+
+
+def _psd_cholesky_loop(A, tol):
+    """:func:`_psd_cholesky` for large ``m``: the same pivots as a right-looking loop over
+    columns (rank-one update of the Schur complement), batched over leading axes. LAPACK's
+    Cholesky cannot serve here: it fails (NaN) on any singular ``A``."""
+    m = A.shape[-1]
+    idx = jnp.arange(m)
+
+    def column(j, carry):
+        S, Lt = carry  # S: Schur complement (rows/columns < j already eliminated)
+        col = lax.dynamic_index_in_dim(S, j, -1, False)
+        acc = lax.dynamic_index_in_dim(col, j, -1, False)
+        tol_j = lax.dynamic_index_in_dim(tol, j, -1, False)
+        pos = acc > tol_j
+        root = jnp.sqrt(jnp.where(pos, acc, 1.0))
+        pivot = jnp.where(pos, root, jnp.where(acc >= -tol_j, 0.0, jnp.nan))  # NaN stays NaN
+        below = jnp.where(idx > j, col * jnp.where(pos, 1.0 / root, 0.0)[..., None], 0.0)
+        S = S - below[..., :, None] * below[..., None, :]
+        Lt = lax.dynamic_update_index_in_dim(Lt, below + jnp.where(idx == j, pivot[..., None], 0.0), j, -2)
+        return S, Lt
+
+    _, Lt = lax.fori_loop(0, m, column, (A, jnp.zeros_like(A)))
+    return jnp.swapaxes(Lt, -1, -2)
 
 
 def _assemble_lower(cols, like):
@@ -476,10 +507,12 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     log_likelihoods = out[0]
     if q:
         # Collapse the diffuse part (de Jong 1991; Durbin & Koopman 2012, section 5.7):
-        # log L_d = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S|.
+        # log L_d = log int p(y | delta) d delta
+        #         = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S| + q/2 log 2 pi
+        # (the Gaussian integral over delta; KFAS's and statsmodels' convention).
         L_d = jnp.linalg.cholesky(S_T)
         u = lax.linalg.triangular_solve(L_d, s_T[:, None], left_side=True, lower=True)[:, 0]
-        correction = 0.5 * (u @ u) - jnp.sum(jnp.log(jnp.diagonal(L_d)))
+        correction = 0.5 * (u @ u) - jnp.sum(jnp.log(jnp.diagonal(L_d))) + 0.5 * q * _LOG_2PI
         log_likelihoods = log_likelihoods.at[-1].add(correction)
     total = jnp.sum(log_likelihoods)
     if not moments:
@@ -587,10 +620,19 @@ def kalman_filter(
     fixed effect ``delta`` (``x[0] = m0 + A delta + eta``, ``eta ~ N(0, P_star)``); the filter
     carries ``A`` through the recursions (augmented Kalman filter, de Jong 1991) and
     accumulates ``S = sum E^T E``, ``s = sum E^T e`` with ``E = L^{-1} H A``. The diffuse
-    log-likelihood (Durbin & Koopman 2012, section 7.2.2,
-    ``lim_{kappa->inf} log L + q/2 log kappa``) is
-    ``sum_k ell_k + 1/2 s^T S^{-1} s - 1/2 log|S|``; the collapse term is added to the LAST
-    entry of ``log_likelihoods``. Filtered / predicted moments are collapsed with
+    log-likelihood is the likelihood integrated over ``delta`` with a flat prior,
+    ``log L_d = log int p(y | delta) d delta = lim_{kappa->inf} log L(P_delta = kappa I)
+    + q/2 log(2 pi kappa)`` (Durbin & Koopman 2012, section 7.2; de Jong 1991), i.e.
+    ``sum_k ell_k + 1/2 s^T S^{-1} s - 1/2 log|S| + q/2 log 2 pi`` with ``q`` diffuse states;
+    the collapse term is added to the LAST entry of ``log_likelihoods``. This is KFAS's
+    ``logLik`` (its diffuse steps carry no ``log 2 pi``) and statsmodels'
+    ``UnobservedComponents`` log-likelihood with ``initialize_diffuse()`` (Nile local level
+    at ``(sigma_eps^2, sigma_eta^2) = (15099, 1469.1)``: -632.5456; statsmodels leaves the
+    diffuse observations out, the same number when the diffuse states are observed with unit
+    loadings, as in the local level and trend). statsmodels' ``MLEModel`` with
+    ``loglikelihood_burn=0``, and this package before, count ``-1/2 log 2 pi`` for each of
+    those observations: ``q/2 log 2 pi`` less. The maximiser is the same; values between
+    models with different ``q`` are not. Filtered / predicted moments are collapsed with
     ``delta | y[0..k] ~ N(S_k^{-1} s_k, S_k^{-1})``; they are NaN (or meaningless) while the
     data do not yet identify the diffuse states (``S_k`` singular), e.g. ``predicted[0]``.
 

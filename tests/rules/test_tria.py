@@ -169,6 +169,36 @@ def test_zero_matrix_and_wide_padding():
     _assert_factor(tria(M), M)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_input_is_nan(bad):
+    """inf once made every tolerance infinite, so tria([[1, 0], [0, inf]]) was all zeros."""
+    M = np.array([[[1.0, 0.0], [0.0, bad]], [[2.0, 1.0], [0.5, 3.0]]])
+    L = np.asarray(tria(M))
+    assert np.all(np.isnan(L[0]))
+    np.testing.assert_allclose(L[1], np.linalg.cholesky(M[1] @ M[1].T), rtol=1e-14)
+    _, tangent = jax.jvp(tria, (M[0],), (np.ones((2, 2)),))
+    assert np.all(np.isnan(tangent))
+
+
+def test_rank_tolerance_is_per_row():
+    """A row 1e15 times smaller than another is a valid pivot (a tolerance scaled by the
+    largest row, 30 eps 1e3 = 7e-12, zeroed it); the same small row in the span of the large
+    one is a zero pivot. The reference is exact: M = L0 U with U orthogonal gives L0."""
+    rng = np.random.default_rng(8)
+    U = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    L0 = np.array([[1e3, 0.0, 0.0], [2e-12, 1e-12, 0.0], [0.5, 0.2, 2.0]])
+    np.testing.assert_allclose(tria(L0 @ U), L0, rtol=1e-10, atol=1e-18)
+    dependent = np.array([[1e3, 0.0, 0.0], [1e-12, 0.0, 0.0], [0.5, 0.2, 2.0]])
+    L = np.asarray(tria(dependent @ U))
+    assert L[1, 1] == 0.0 and np.all(L[2:, 1] == 0.0)
+    np.testing.assert_allclose(L @ L.T, dependent @ dependent.T, rtol=1e-12, atol=1e-15)
+    # the tangent at the small valid pivot solves L L̇ᵀ + L̇ Lᵀ = Ṁ Mᵀ + M Ṁᵀ, row scales kept
+    M, D = L0 @ U, np.diag([1e3, 1e-12, 1.0]) @ rng.normal(size=(3, 3))
+    L, Ld = jax.jvp(tria, (M,), (D,))
+    np.testing.assert_allclose(L @ Ld.T + Ld @ L.T, D @ M.T + M @ D.T, rtol=1e-9, atol=1e-30)
+    assert np.all(np.triu(Ld, 1) == 0)
+
+
 def test_jit_vmap_float32():
     rng = np.random.default_rng(7)
     M = rng.normal(size=(5, 3, 6)).astype(np.float32)

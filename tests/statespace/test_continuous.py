@@ -340,10 +340,8 @@ def test_diffuse_trend_matches_dense_diffuse_oracle():
     ll_diffuse = statespace.log_likelihood(ContinuousLinearSSM(A, Q, H, R, diffuse=True), y, times)
     dk = dense_diffuse_log_likelihood(discretized_model(A, Q, H, R, times, np.zeros(2), np.zeros((2, 2))),
                                       y, diffuse=[True, True])
-    # Convention assumed: the package's value is D&K's minus (q/2) log 2π, q = 2 (the κ-limit).
-    # When issue 21's switch to Durbin & Koopman lands, this offset becomes 0.
-    offset = -0.5 * 2 * np.log(2 * np.pi)
-    np.testing.assert_allclose(ll_diffuse, dk + offset, rtol=1e-10)
+    # The package follows Durbin & Koopman: its value is log ∫ p(y | δ) dδ itself.
+    np.testing.assert_allclose(ll_diffuse, dk, rtol=1e-10)
 
 
 @pytest.mark.slow

@@ -342,8 +342,9 @@ def test_hessian(form):
 # Exact diffuse initialisation
 # ------------------------------------------------------------------------------------------
 def _dense_diffuse_log_likelihood(p, y, mask):
-    """Exact kappa -> inf limit of log N(y; mu, Sigma + kappa Z Z^T) + q/2 log kappa, densely:
-    -N/2 log 2 pi - 1/2 log|Sigma| - 1/2 log|Z^T Sigma^-1 Z| - 1/2 (r^T Sigma^-1 r - s^T S^-1 s)."""
+    """log int N(y; mu + Z delta, Sigma) d delta (= the kappa -> inf limit of
+    log N(y; mu, Sigma + kappa Z Z^T) + q/2 log(2 pi kappa)), densely: -(N - q)/2 log 2 pi
+    - 1/2 log|Sigma| - 1/2 log|Z^T Sigma^-1 Z| - 1/2 (r^T Sigma^-1 r - s^T S^-1 s)."""
     T, n = y.shape[0], p["F"].shape[-1]
     keep = (~mask).astype(float)
     base = {**p, "P0": p["P0"] * np.outer(keep, keep)}
@@ -358,7 +359,7 @@ def _dense_diffuse_log_likelihood(p, y, mask):
     r = y.reshape(-1)[obs - T * n] - mean[obs]
     Si_r, Si_Z = np.linalg.solve(Sigma, r), np.linalg.solve(Sigma, Z)
     S, s = Z.T @ Si_Z, Z.T @ Si_r
-    return -0.5 * (obs.size * np.log(2 * np.pi) + np.linalg.slogdet(Sigma)[1]
+    return -0.5 * ((obs.size - Z.shape[1]) * np.log(2 * np.pi) + np.linalg.slogdet(Sigma)[1]
                    + np.linalg.slogdet(S)[1] + r @ Si_r - s @ np.linalg.solve(S, s))
 
 
@@ -380,7 +381,7 @@ def test_diffuse_log_likelihood_exact(which, form):
 
 
 def test_diffuse_is_the_large_kappa_limit():
-    """Independent of the closed form: log L(kappa) + q/2 log kappa -> log L_d like 1/kappa,
+    """Independent of the closed form: log L(kappa) + q/2 log(2 pi kappa) -> log L_d like 1/kappa,
     so Richardson extrapolation of two large kappas matches to high accuracy, and the filtered
     moments (once the diffuse states are identified) are the large-kappa ones."""
     mask = np.array([True, False, True])
@@ -390,7 +391,7 @@ def test_diffuse_is_the_large_kappa_limit():
 
     def at(kappa):
         P0 = p["P0"] * np.outer(keep, keep) + kappa * np.diag(mask.astype(float))
-        return dense_log_likelihood({**p, "P0": P0}, y) + mask.sum() / 2 * np.log(kappa), P0
+        return dense_log_likelihood({**p, "P0": P0}, y) + mask.sum() / 2 * np.log(2 * np.pi * kappa), P0
 
     (l1, _), (l2, P0_big) = at(1e5), at(2e5)
     np.testing.assert_allclose(ours.log_likelihood, 2 * l2 - l1, rtol=1e-8)
@@ -400,7 +401,8 @@ def test_diffuse_is_the_large_kappa_limit():
 
 
 def test_diffuse_local_level_is_likelihood_after_first_observation():
-    """Local level with a diffuse start: log L_d = -1/2 log 2 pi + log p(y[1:] | y[0])."""
+    """Local level with a diffuse start: log L_d = log p(y[1:] | y[0]) (the first observation
+    integrates to int N(y[0]; delta, R) d delta = 1)."""
     rng = np.random.default_rng(15)
     p = dict(F=np.eye(1), Q=np.array([[0.3]]), H=np.eye(1), R=np.array([[0.5]]),
              m0=np.zeros(1), P0=np.zeros((1, 1)))
@@ -409,7 +411,7 @@ def test_diffuse_local_level_is_likelihood_after_first_observation():
     ours = log_likelihood(LinearGaussianSSM(**p, diffuse=True), y)
     # x[1] | y[0] ~ N(y[0], R + Q); filter y[1:] from there.
     rest = {**p, "m0": y[0], "P0": p["R"] + p["Q"]}
-    expected = -0.5 * np.log(2 * np.pi) + dense_log_likelihood(rest, y[1:])
+    expected = dense_log_likelihood(rest, y[1:])
     np.testing.assert_allclose(ours, expected, rtol=1e-12)
 
 

@@ -181,10 +181,8 @@ def test_diffuse_builders_and_sum_with_trend():
     P0[2:, 2:] = stationary_cov(A[2:, 2:], Q[2:, 2:])
     dk = dense_diffuse_log_likelihood(discretized_model(A, Q, combo.H, combo.R, times, np.zeros(4), P0),
                                       y, diffuse=[True, True, False, False])
-    # Convention assumed: the package's value is D&K's minus (q/2) log 2π, q = 2 (the κ-limit).
-    # When issue 21's switch to Durbin & Koopman lands, this offset becomes 0.
-    offset = -0.5 * 2 * np.log(2 * np.pi)
-    np.testing.assert_allclose(ll, dk + offset, rtol=1e-10)
+    # The package follows Durbin & Koopman: its value is log ∫ p(y | δ) dδ itself.
+    np.testing.assert_allclose(ll, dk, rtol=1e-10)
 
 
 def test_builder_errors():
