@@ -460,8 +460,9 @@ def _refined(solve, residual, B):
     # original operator, in about twice the working precision (_split_matmul): a residual
     # rounded to working precision is itself wrong by ≈ ε ‖A‖ ‖X‖, which the solve amplifies
     # by the operator's condition number, so the step could not improve on that.
-    X = solve(B)
-    return X + solve(residual(B, X))
+    # As a two-step loop from X = 0 (whose residual is exactly B) the solve is traced and
+    # compiled once, not twice.
+    return lax.fori_loop(0, 2, lambda _, X: X + solve(residual(B, X)), jnp.zeros_like(B))
 
 
 def _split_matmul(A, X):
