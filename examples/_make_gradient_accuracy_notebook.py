@@ -490,29 +490,32 @@ md(r"""
 Numbers are those printed above (float64, CPU; the sweeps are deterministic, seeded).
 
 * **`lyap` and `dlyap`.** For well-conditioned operators (`κ ≲ 10²`) every exact route is at
-  the rounding level, 1e-16 – 1e-15. As `κ` grows, the errors grow roughly like `κ ε`
-  (dotted line), the forward-error bound of any backward-stable solve. Our forward mode
-  follows that line (1.6e-10 for `lyap` at `κ = 3.5e6`; 1.1e-10 for `dlyap` at `κ = 1e6`); our
-  reverse mode is 3–1000× better than our forward mode there (6e-11 and 1.2e-13). **The
-  dense Kronecker solve is more accurate than ours at high `κ` on these examples**, by up to
-  ~100× in forward mode (1.7e-12 and 5.8e-12): one LU with partial pivoting on the
-  `n² × n²` system is very accurate at `n = 4`. It costs `(2/3) n⁶` flops and `n⁴` memory
-  (at `n = 64` a 4096 × 4096 system, 16.7 million entries), so it is a test oracle, not a
-  method; our Schur-based solve is `O(n³)`. In the regime that matters for
-  state-space models (stationary covariances of reasonably stable drifts, `κ ≲ 10⁴`) both are
-  at or below 1e-12.
+  the rounding level, 1e-16 – 1e-15. As `κ` grows, the dense Kronecker solve's error grows
+  roughly like `κ ε` (dotted line), the forward-error bound of any backward-stable solve:
+  1.7e-12 for `lyap` at `κ = 3.5e6`, 5.8e-12 for `dlyap` at `κ = 1e6`. **Ours stays at the
+  rounding level at every `κ`** (≤ 3.4e-16 in both modes on both sweeps): each of our
+  solves, the primal and every tangent or cotangent solve, ends with one step of iterative
+  refinement with the same factors, its residual computed with the original `A` in about
+  twice the working precision (an error-free splitting of the products). Before that step
+  our forward mode followed the `κ ε` line, ~100× above the dense solve (1.6e-10 at
+  `κ = 3.5e6`, 1.1e-10 at `κ = 1e6`): the Schur form (and, for `dlyap`, the Cayley
+  transform) rounds the eigenvalue near the stability boundary with a relative error
+  `≈ ε ‖A‖ / |λ|`, and every derivative solve inherited it. The dense Kronecker solve costs
+  `(2/3) n⁶` flops and `n⁴` memory (at `n = 64` a 4096 × 4096 system, 16.7 million entries),
+  so it is a test oracle, not a method; our Schur-based solve is `O(n³)` (the refinement
+  adds a second triangular sweep per solve: `python -m benchmarks lyap`).
 * **`expm`.** Ours and autodiff through `jax.scipy.linalg.expm` agree within a factor of ~3 at
   every norm: 1e-16 for `‖A‖₁ ≤ 1`, growing slowly to 3–5e-14 at `‖A‖₁ = 1e3`, where both
   scale and square about eight times. Accuracy is not what separates them at these norms (speed under
   `vmap` and memory in reverse mode are, see `python -m benchmarks`); ours also keeps working
   past `‖A‖₁ ≈ 7e5`, where `jax.scipy.linalg.expm` returns NaN (not swept here).
-* **`discretize`.** Ours stays at 1e-16 – 6e-16 over eight decades of `dt`. Van Loan's block
+* **`discretize`.** Ours stays at 1e-16 – 2e-15 over eight decades of `dt`. Van Loan's block
   exponential through `jax.scipy.linalg.expm` is equally good up to `dt ≈ 0.5`, then breaks:
   2.7e-12 at `dt = 7.2` and a meaningless 6e57 at `dt = 100`. The reason is the block itself:
   `Qd = F M₁₂` multiplies a tiny `F = e^{A dt}` (set by the slowest mode) by an `M₁₂` that
   carries `e^{−A dt}` of the fastest mode, so its rounding error is about
   `ε e^{(|λ_fast| − |λ_slow|) dt}`; with eigenvalues −0.3 and −2, `e^{170} ε` at `dt = 100`.
-* **Log-likelihood gradient.** Ours is at 2e-16 – 1.2e-14 for every time scale, in both modes.
+* **Log-likelihood gradient.** Ours is at 2e-16 – 5e-15 for every time scale, in both modes.
   The naive continuous-time route is as good while the steps are short (≤ 2.4e-15 up to a
   typical step of 1.5 in units of `1/max|λ|`) and then inherits Van Loan's failure: 4e-5 at a mean step of 8.4 and a
   useless 6e5 at 47 (this model has time scales 1/0.2 and 1/1.5, so it is the spread of the
@@ -522,7 +525,7 @@ Numbers are those printed above (float64, CPU; the sweeps are deterministic, see
   small `dt` (1.4e-6 at `dt = 1e-6`, where `F ≈ I` and the difference cancels).
 * `check_derivatives` with the mpmath reference reproduces the `lyap` result for a
   well-conditioned `A` (≤ 1.5e-15 in both modes); its float64 Richardson fallback reports
-  3e-13 – 5e-12, which is its own floor, not an error of `rules.lyap`.
+  2e-14 – 1e-12, which is its own floor, not an error of `rules.lyap`.
 
 The final cell re-checks the claims the text relies on (our derivatives within 1e-9 of the
 reference everywhere in these sweeps) every time the notebook runs.
