@@ -11,7 +11,8 @@ against the naive route (``benchmarks.continuous.naive_log_likelihood``); discre
 against dynamax (``benchmarks.kalman``); Matérn-3/2 and SHO Gaussian processes at N = 1000
 (``statespace.models``) against tinygp's quasiseparable kernels and ``celerite2.jax``
 (Matérn-3/2 with ``eps=1e-5``: its default 0.01 approximates the kernel to 1e-5 in the
-log-likelihood); the demo's 6-state CO2 model on the bundled weekly series (no peer). A check
+log-likelihood; no Hessian: ``jax.hessian`` fails, its JVP primitive has no batching rule, n/a);
+the demo's 6-state CO2 model on the bundled weekly series (no peer). A check
 row: our continuous (4, 2) ``value_and_grad`` at T = 1e5 against T = 1e3 (the program must
 not grow with T). Columns ``*_cpu_s`` are process CPU seconds (XLA's compile is mostly
 single-threaded: on a shared machine CPU time is steadier than wall time), the ratios are
