@@ -24,7 +24,7 @@ import jax
 
 from benchmarks._timing import machine_info
 
-AREAS = ["lyap", "expm", "kron", "kalman", "continuous", "parallel", "nuts"]
+AREAS = ["lyap", "expm", "kron", "kalman", "continuous", "parallel", "nuts", "compile"]
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 
 
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         f"Machine: {machine_info()}.\n\n"
         "Every figure is a median of repeated jitted calls after a warm-up; each ratio "
         "compares two figures taken in the same run. Compare ratios, not absolute times, "
-        "across machines.\n"
+        "across machines. Compile times are trace + lower + XLA compile from cleared caches "
+        "(`jax.jit(f).lower(*args).compile()`, no run included).\n"
     )
     sections = []
     failed = []

@@ -1,6 +1,6 @@
 """Continuous-time log-likelihood and gradient: ours vs the naive JAX route, same process.
 
-The naive peer (what users write today, DESIGN §5): Van Loan's ``2n x 2n`` block exponential
+The naive peer (what users write today): Van Loan's ``2n x 2n`` block exponential
 ``expm([[−A, Q], [0, Aᵀ]] dt)`` per interval through ``vmap(jax.scipy.linalg.expm)``, the
 stationary ``P0`` from the dense ``n² x n²`` Kronecker solve, and a ``lax.scan`` covariance
 Kalman filter differentiated by autodiff. Ours: ``statespace.log_likelihood`` on a
@@ -17,7 +17,9 @@ calls (the least disturbed by other load), ``cont/disc_grad_paired`` the median 
 the ratio within a round (blocks seconds apart: robust to bursts of load that move the overall
 medians). ``tv/disc_grad_paired`` is the floor of that ratio: our discrete-time gradient with the
 time-varying ``F_k, Qd_k`` of the continuous model given as data (the filter a continuous model
-runs, without the exact discretisation and the stationary start).
+runs, without the exact discretisation and the stationary start). ``compile_*_grad_s``: trace +
+lower + compile of each gradient from cleared caches (``benchmarks._timing.compile_time``; no run
+included); ``python -m benchmarks compile`` splits them and adds CPU times and program sizes.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Rows:
 * numbers stored for reverse mode per matrix (in units of n²).
 
 Run: ``python -m benchmarks.expm [--quick] [--only batched|single] [--n 4 64 ...]``. Times are medians of jitted calls after a warm-up
-(compile time reported separately); compare only ratios from one run. ``speedup`` and
+(compile time, trace + lower + compile from cleared caches, reported separately); compare only ratios from one run. ``speedup`` and
 ``ours/our_primal`` are ratios of medians; the ``_min`` columns are the same ratios of the
 fastest calls, steadier on a shared machine.
 """

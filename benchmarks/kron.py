@@ -8,7 +8,8 @@ For factor sizes n (A, B both n×n, so K = A ⊗ B is n²×n²), times the jitte
   ``jnp.kron(A, B) @ x``, which forms the product inside the call), and
 * ``grad``: ``jax.grad`` of ``½‖K x − y‖²`` with respect to (A, B),
 
-and reports the median (compile excluded; the first call's time is reported as compile),
+and reports the median (compile excluded; ``compile_s`` is trace + lower + compile from
+cleared caches, ``benchmarks._timing.compile_time``),
 the ratio dense / ours, and the peak memory XLA plans for each compiled program
 (``compiled.memory_analysis()``: arguments + outputs + temporaries, in MiB). A matvec with a
 dense K built beforehand (``K_dense @ x``, the best the dense route can do once K exists)

@@ -13,7 +13,8 @@ For each n, on a random stable non-normal A (float64) and Q ≻ 0, times
 * ``grad``: ``jax.grad`` with respect to (A, Q) of ``Σ W ⊙ X`` (forward + one adjoint solve
   with the same factors), reported as ``grad / fwd`` of the same method.
 
-Medians over repeats, compile excluded (the first call is reported as ``compile_s``); the
+Medians over repeats, compile excluded (``compile_s``: trace + lower + compile of the
+forward, from cleared caches, ``benchmarks._timing.compile_time``); the
 ratios ``fwd / scipy`` compare figures taken in this one process.
 """
 

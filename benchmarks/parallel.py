@@ -4,8 +4,8 @@ Run ``python -m benchmarks.parallel [--quick] [--T 100,1000] [--form cov|sqrt]``
 log-likelihood and its gradient (with respect to all of F, Q, H, R, m0, P0) are timed for the
 sequential filter (``statespace.log_likelihood``) and the parallel filter
 (``statespace._parallel.parallel_filter``; Särkkä & García-Fernández 2021) in this process:
-medians of jitted calls, compile time excluded and reported separately (``*_compile_s``: the
-first call, tracing + XLA compilation + one run). ``speedup`` is sequential time / parallel
+medians of jitted calls, compile time excluded and reported separately (``*_compile_s``:
+trace + lower + XLA compile from cleared caches, ``benchmarks._timing.compile_time``). ``speedup`` is sequential time / parallel
 time, so > 1 means the parallel form is faster. n = 4, m = 2, float64.
 
 Compile time: the parallel scan is blocked (``statespace._parallel._prefix_scan``), so its
@@ -69,7 +69,7 @@ def _functions(form: str, parallel: bool):
 
 
 def _compiled(fn):
-    """``fn`` jitted (its first call, timed as ``*_compile_s``, traces and compiles)."""
+    """``fn`` jitted (``time_fn`` times its trace + lower + compile as ``*_compile_s``)."""
     return jax.jit(fn)
 
 
