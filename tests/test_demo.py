@@ -59,6 +59,7 @@ def test_tiny_demo_run_on_a_subset(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_custom_data_file_without_nuts_or_plot(tmp_path, capsys):
     times, y = _demo.load_co2()
     path = tmp_path / "co2.csv"

@@ -17,6 +17,7 @@ def load(name):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_fit_continuous_recovers_sho_parameters():
     out = load("fit_continuous").main(["--num-times", "150", "--num-steps", "100", "--no-progress",
                                        "--no-cache"])
@@ -27,8 +28,9 @@ def test_fit_continuous_recovers_sho_parameters():
     assert out["result"].num_steps <= 100
 
 
-# Slow (CI time): NUTS through the distribution also runs in tests/test_demo.py.
+# Slow (quick-run time): NUTS through the distribution also runs in tests/test_demo.py.
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_nuts_continuous_smoke():
     out = load("nuts_continuous").main(
         ["--num-times", "40", "--num-warmup", "20", "--num-samples", "20", "--num-chains", "1",
@@ -42,6 +44,7 @@ def test_nuts_continuous_smoke():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_nuts_continuous_converges_and_covers_the_truth():
     """The issue's check with fewer iterations: r-hat < 1.05 and the truth inside the 95 % intervals.
 
@@ -58,6 +61,7 @@ def test_nuts_continuous_converges_and_covers_the_truth():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_panel_continuous_smoke():
     module = load("panel_continuous")
     out = module.main(
@@ -72,6 +76,7 @@ def test_panel_continuous_smoke():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_panel_likelihood_is_one_vmapped_distribution_equal_to_per_subject_sum():
     """The panel's plate likelihood equals the sum of per-subject filters on unpadded data."""
     import jax
