@@ -343,7 +343,7 @@ def test_diffuse_trend_matches_large_prior_limit():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # forward-over-reverse of a whole likelihood: the longest compile
 def test_log_likelihood_gradients_and_hessian():
     rng = np.random.default_rng(11)
     A, Q, H, R = (jnp.asarray(v) for v in _random_ou(rng, n=2, m=1))
