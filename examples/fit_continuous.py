@@ -62,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--optimizer", choices=("lbfgs", "adam"), default="lbfgs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile afresh, without the persistent compilation cache "
+                             "(statespace.enable_compilation_cache)")
     return parser.parse_args(argv)
 
 
@@ -69,6 +72,8 @@ def main(argv=None):
     """Run the example; returns a dict with ``estimates``, ``standard_errors``, ``z_scores``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    if not args.no_cache:  # a second run loads its compiled programs from disk
+        statespace.enable_compilation_cache()
     times, y = simulate(args.num_times, args.seed)
     optimizer = optax.lbfgs() if args.optimizer == "lbfgs" else optax.adam(0.02)
     u0 = unconstrain(SPEC, {k: jnp.asarray(v, dtype=jnp.float64) for k, v in START.items()})

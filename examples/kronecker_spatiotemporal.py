@@ -143,6 +143,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-check", action="store_true",
                         help="skip the kron-vs-statespace agreement check at the start point")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile afresh, without the persistent compilation cache "
+                             "(statespace.enable_compilation_cache)")
     return parser.parse_args(argv)
 
 
@@ -151,6 +154,8 @@ def main(argv=None):
     ``agreement`` (relative differences of the two log-likelihoods and gradients) and ``result``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    if not args.no_cache:  # a second run loads its compiled programs from disk
+        statespace.enable_compilation_cache()
     data = simulate(args.num_sites, args.num_times, args.seed)
     u0 = unconstrain(START)
 

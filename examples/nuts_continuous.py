@@ -95,6 +95,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-chains", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile afresh, without the persistent compilation cache "
+                             "(statespace.enable_compilation_cache)")
     return parser.parse_args(argv)
 
 
@@ -102,6 +105,8 @@ def main(argv=None):
     """Run the example; returns a dict with the summary, ``max_rhat``, ``covered``, ``seconds``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    if not args.no_cache:  # a second run loads its compiled programs from disk
+        statespace.enable_compilation_cache()
     times, y = simulate(args.num_times, seed=args.seed)
     print(f"{len(times)} times over [0, {times[-1]:.1f}], {int(np.isnan(y).sum())} missing entries")
 

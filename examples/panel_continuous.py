@@ -126,6 +126,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-chains", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile afresh, without the persistent compilation cache "
+                             "(statespace.enable_compilation_cache)")
     return parser.parse_args(argv)
 
 
@@ -133,6 +136,8 @@ def main(argv=None):
     """Run the example; returns a dict with the summary, ``max_rhat``, ``covered``, ``seconds``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    if not args.no_cache:  # a second run loads its compiled programs from disk
+        statespace.enable_compilation_cache()
     times, y, lengths = simulate(args.num_subjects, args.min_len, args.max_len, seed=args.seed)
     print(f"{args.num_subjects} subjects, {lengths.min()}-{lengths.max()} observations each "
           f"(padded to T = {times.shape[1]}), {int(lengths.sum())} observation times in total")

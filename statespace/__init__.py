@@ -6,6 +6,7 @@ NumPyro distributions for NUTS and optax fitting loops.
 """
 
 from statespace import models, numpyro, testing, transforms
+from statespace._cache import enable_compilation_cache
 from statespace._continuous import ContinuousLinearSSM, discretize, predict
 from statespace._fit import FitResult, covariance, fit, standard_errors
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
@@ -20,6 +21,7 @@ __all__ = [
     "SmootherResult",
     "covariance",
     "discretize",
+    "enable_compilation_cache",
     "fit",
     "kalman_filter",
     "log_likelihood",

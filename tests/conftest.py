@@ -63,7 +63,16 @@ def _release_compiled_programs():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Off CPU, skip what needs LAPACK's Schur form (``method="schur"``), which JAX has on CPU only."""
+    """Slow tests name their own timeout; off CPU, skip what needs LAPACK's Schur form.
+
+    The default run (CI's) includes the slow tests, so each must say how long it may take
+    rather than inherit the 300 s meant for quick ones. ``method="schur"`` needs LAPACK's
+    Schur form, which JAX has on CPU only.
+    """
+    untimed = [item.nodeid for item in items
+               if item.get_closest_marker("slow") and not item.get_closest_marker("timeout")]
+    if untimed:
+        raise pytest.UsageError("slow tests without @pytest.mark.timeout: " + ", ".join(untimed))
     if jax.default_backend() == "cpu":
         return
     skip = pytest.mark.skip(reason="method='schur' needs LAPACK's Schur form: CPU only in JAX")

@@ -46,7 +46,7 @@ def test_tiny_demo_run_on_a_subset(tmp_path, capsys):
     png = tmp_path / "demo.png"
     rc = cli.main(["demo", "--last-weeks", "104", "--num-steps", "8", "--num-warmup", "5",
                    "--num-samples", "5", "--forecast-years", "0.5", "--output", str(png),
-                   "--no-progress"])
+                   "--no-progress", "--no-cache"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "std. error" in out and "log-likelihood" in out
@@ -59,6 +59,7 @@ def test_tiny_demo_run_on_a_subset(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_custom_data_file_without_nuts_or_plot(tmp_path, capsys):
     times, y = _demo.load_co2()
     path = tmp_path / "co2.csv"
@@ -67,7 +68,7 @@ def test_custom_data_file_without_nuts_or_plot(tmp_path, capsys):
         rows.append(f"x,{t:.6f},{'' if np.isnan(v) else v}")
     path.write_text("\n".join(rows) + "\n")
     rc = cli.main(["demo", "--data", str(path), "--num-steps", "3", "--num-samples", "0",
-                   "--no-plot", "--no-progress"])
+                   "--no-plot", "--no-progress", "--no-cache"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "60 weeks" in out and "NUTS" not in out

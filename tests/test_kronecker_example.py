@@ -16,10 +16,12 @@ def load():
     return module
 
 
-# Slow (CI time): rules.kron and product_of are tested in test_kron.py / test_models.py.
+# Slow (quick-run time): rules.kron and product_of are tested in test_kron.py / test_models.py.
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_kronecker_spatiotemporal_smoke():
-    out = load().main(["--num-sites", "6", "--num-times", "25", "--num-steps", "60", "--no-progress"])
+    out = load().main(["--num-sites", "6", "--num-times", "25", "--num-steps", "60", "--no-progress",
+                       "--no-cache"])
     # the Kronecker-eigenbasis likelihood and the per-mode Kalman filters are the same function
     assert out["agreement"]["log_likelihood"] < 1e-10
     assert out["agreement"]["gradient"] < 1e-7

@@ -42,8 +42,8 @@ def _summary(nb):
     raise AssertionError("the notebook printed no summary line")
 
 
-# Slow: executing the notebook takes ~45 s (kernel start + compiles), too much of CI's 15
-# minutes; test_committed_notebook_carries_outputs stays in the default run.
+# Slow: executing the notebook takes ~45 s (kernel start + compiles), too much for the quick
+# run; test_committed_notebook_carries_outputs stays in it.
 @pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_gradient_accuracy_notebook_executes_and_holds():

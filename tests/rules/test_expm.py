@@ -163,6 +163,7 @@ def test_expm_triangular_matrices_keep_their_accuracy():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_expm_no_systematic_loss_against_scipy():
     # Over many matrices of every family the error ratio to SciPy (per matrix, without the
     # reorderings) is a lottery in both directions; the geometric mean shows there is no

@@ -228,6 +228,7 @@ def test_hyperparameter_gradients():
 # the rules' order-2 check_grads) and test_adjoint.py::test_second_order_and_forward_mode (the
 # filter's Hessian); the discretisation's own HVP is test_discretize_second_order (slow too).
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # forward-over-reverse of a whole likelihood: the longest compile
 def test_hyperparameter_hessian():
     ll, p = _hyperparameter_log_likelihood()
     hess = jax.jit(jax.jacfwd(jax.grad(ll)))(p)

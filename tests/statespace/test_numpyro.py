@@ -318,6 +318,7 @@ def test_continuous_log_prob_equals_dense_oracle_at_irregular_times():
 
 
 @pytest.mark.slow  # ~13 s of compile; per-subject panels are also run by the panel example tests (slow)
+@pytest.mark.timeout(180)
 def test_continuous_batched_by_vmap_and_per_subject_times():
     """A batch of models built by vmap + NaN-padded per-subject times == per-subject oracle."""
     S, T_c = 3, 8

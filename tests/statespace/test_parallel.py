@@ -114,7 +114,8 @@ def test_float32_on_well_conditioned_model(form):
     assert np.all(np.linalg.eigvalsh(np.asarray(smoothed.smoothed_covs, np.float64)) > 0)
 
 
-@pytest.mark.parametrize("form", ["cov", pytest.param("sqrt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "form", ["cov", pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_gradients_through_parallel_path(form):
     # One scalar mixing the log-likelihood and the smoothed moments, so one reverse pass
     # (one compilation) checks both scans. T = 6 with missing entries, a missing row, offsets.
@@ -199,6 +200,7 @@ def test_input_errors():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_public_functions_route_parallel_true_here():
     import statespace
 
@@ -263,7 +265,8 @@ def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed(monke
     assert abs(short - long) < 0.02 * short, (short, long)
 
 
-@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "grad", [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_cpu_chunked_batches_match_one_vmap(monkeypatch, grad):
     # On CPU the per-element functions run in batches small enough for jaxlib's LAPACK kernels
     # to stay on the calling thread (their thread-pool path deadlocked XLA:CPU at T = 1e5;
