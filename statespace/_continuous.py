@@ -622,8 +622,9 @@ class ContinuousLinearSSM:
         Returns:
             ``(disc, ok)``: a :class:`statespace.LinearGaussianSSM` with time-varying
             ``F (T, n, n)``, ``Q (T, n, n)`` and ``b (T, n)`` (``b`` only when this model has
-            one), and a boolean scalar, ``False`` when the stationary start is impossible
-            (the filter then reports a ``-inf`` log-likelihood).
+            one), and a boolean scalar, ``False`` when the stationary start is impossible,
+            ``times`` decrease or ``Q`` is not positive semi-definite (the filter then reports
+            a ``-inf`` log-likelihood).
         """
         from statespace._model import LinearGaussianSSM
 

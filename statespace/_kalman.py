@@ -678,8 +678,12 @@ def kalman_filter(
     data do not yet identify the diffuse states (``S_k`` singular), e.g. ``predicted[0]``.
 
     Robustness: NaN in a parameter gives a NaN log-likelihood; a finite but not positive
-    definite innovation covariance (or, in sqrt form, a ``Q``/``P0`` without a real square
-    root) gives ``-inf`` for that step and all later ones (never an exception under ``jit``).
+    definite innovation covariance, or a ``Q``, ``R`` or ``P0`` that is clearly not positive
+    semi-definite (an eigenvalue below ``-100 n eps max|entry|``), gives ``-inf`` for the
+    first step that uses it and all later ones, with a NaN gradient (never an exception
+    under ``jit``); so does a continuous-time model with decreasing ``times``, an indefinite
+    diffusion or an impossible stationary start. ``T = 0`` or ``m = 0`` gives 0 (nothing is
+    observed), as does a series with every entry missing, diffuse or not.
 
     Batches: model batch axes (see :class:`LinearGaussianSSM`) and leading axes of ``y``
     broadcast; the filter is mapped over them and every output gets the batch shape in front.
@@ -699,7 +703,7 @@ def kalman_filter(
 
     Raises:
         ValueError: bad shapes of ``y``, unknown ``form``, ``times`` given for a discrete model
-            or missing for a continuous one.
+            or missing for a continuous one, or of a length other than ``y``'s ``T``.
         NotImplementedError: ``parallel=True`` with a diffuse model.
 
     Example:
