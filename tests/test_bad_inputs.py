@@ -188,7 +188,8 @@ RIGHT_NUMBER = {
 def test_right_number(case):
     got, expected = RIGHT_NUMBER[case]()
     for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
+        rtol = 1e-6 if np.asarray(g).dtype == np.float32 else 1e-9
+        np.testing.assert_allclose(g, e, rtol=rtol, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,9 +273,8 @@ MINUS_INF = {
     "indefinite Q (sqrt)": lambda g: _discrete_case(g, "sqrt", Q=INDEFINITE),
     "indefinite P0 (cov)": lambda g: _discrete_case(g, "cov", P0=INDEFINITE),
     "indefinite P0 (sqrt)": lambda g: _discrete_case(g, "sqrt", P0=INDEFINITE),
-    "negative R": lambda g: _discrete_case(g, "cov", R=-R1),
-    "indefinite R, positive innovation variance":
-        lambda g: _discrete_case(g, "cov", H=np.eye(2), R=np.diag([5.0, -0.5])),
+    # H P H^T + R stays positive at every step: only the test of R itself sees the problem
+    "negative R, positive innovation variances": lambda g: _discrete_case(g, "cov", R=-0.1 * R1),
     "stationary P0 of an unstable F": _stationary_unstable_F,
     "decreasing times": lambda g: _continuous_case(
         g, lambda th: models.matern32(th[0], th[1], 0.1), [1.0, 1.0], [0.0, 1.0, 0.5, 2.0, 3.0]),
