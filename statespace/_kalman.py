@@ -238,16 +238,24 @@ def _symmetrise(P):
 
 
 @jax.custom_jvp
-def _reject(value, bad):
-    """``value`` with ``-inf`` where ``bad`` (an invalid model); there the tangent is NaN, so a
-    rejected model never gets a finite gradient (a ``jnp.where`` would give 0)."""
+def _reject(value, bad, *inputs):
+    """``value`` with ``-inf`` where ``bad`` (an invalid model); there the tangent is NaN, also
+    along every array of ``inputs`` (the model's parameters), so a rejected model never gets a
+    finite gradient (a ``jnp.where`` would give 0, and so would the filter's own selects on
+    the path back from ``value``)."""
     return jnp.where(bad, -jnp.inf, value)
 
 
 @_reject.defjvp
 def _reject_jvp(primals, tangents):
-    value, bad = primals
-    return _reject(value, bad), jnp.where(bad, jnp.nan, tangents[0])
+    value, bad, *inputs = primals
+    # products with constants (NaN where bad): linear in the tangents, so reverse mode
+    # transposes them into NaN cotangents (a select with a NaN branch would transpose to 0)
+    t = tangents[0] * jnp.where(bad, jnp.nan, 1.0).astype(value.dtype)
+    nan_where_bad = jnp.where(bad, jnp.nan, 0.0).astype(value.dtype)
+    for dx in tangents[2:]:
+        t = t + nan_where_bad * jnp.sum(dx).astype(value.dtype)
+    return _reject(value, bad, *inputs), t
 
 
 def _invalid_covariances(const, scanned, P0, T):
@@ -537,7 +545,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     else:
         carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
         (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
-    log_likelihoods = _reject(out[0], invalid)
+    log_likelihoods = _reject(out[0], invalid, *jax.tree_util.tree_leaves(model))
     if q:
         # Collapse the diffuse part (de Jong 1991; Durbin & Koopman 2012, section 5.7):
         # log L_d = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S|.
@@ -627,15 +635,16 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
     if ok is None:
         return out
     bad = ~jnp.asarray(ok)
+    leaves = jax.tree_util.tree_leaves(model)
     if moments:
         return out._replace(
-            log_likelihood=_reject(out.log_likelihood, bad),
-            log_likelihoods=_reject(out.log_likelihoods, bad[..., None]),
+            log_likelihood=_reject(out.log_likelihood, bad, *leaves),
+            log_likelihoods=_reject(out.log_likelihoods, bad[..., None], *leaves),
         )
     total, per_step = out
     if per_step is not None:
-        per_step = _reject(per_step, bad[..., None])
-    return _reject(total, bad), per_step
+        per_step = _reject(per_step, bad[..., None], *leaves)
+    return _reject(total, bad, *leaves), per_step
 
 
 @full_precision
