@@ -355,13 +355,14 @@ def _expm_batched(a):
     lower = jnp.all(jnp.triu(a, 1) == 0, axis=(-2, -1))
     n = a.shape[-1]
     below = jnp.tril(jnp.ones((n, n), bool), -1)
-    diagonal = lower & jnp.all(jnp.where(below, a, 0.0) == 0, axis=(-2, -1))
+    finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))  # non-finite input stays all-NaN
+    diagonal = finite & lower & jnp.all(jnp.where(below, a, 0.0) == 0, axis=(-2, -1))
     a = jnp.where(_bcast(lower), _swap_last(a), a)
     r = _expm_general(a)
     # Exact zeros of e^A that the squarings turn into NaN once an entry overflows (inf * 0):
     # below the diagonal of an upper-triangular A (lower ones arrive transposed), off the
     # diagonal of a diagonal one (whose diagonal is exp(a_ii)).
-    upper = jnp.all(jnp.where(below, a, 0.0) == 0, axis=(-2, -1))
+    upper = finite & jnp.all(jnp.where(below, a, 0.0) == 0, axis=(-2, -1))
     eye = jnp.eye(n, dtype=bool)
     exact = jnp.where(eye, jnp.exp(jnp.diagonal(a, axis1=-2, axis2=-1))[..., None, :], 0.0)
     r = jnp.where(_bcast(diagonal), exact, jnp.where(_bcast(upper) & below, 0.0, r))
