@@ -635,7 +635,8 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
     if ok is None:
         return out
     bad = ~jnp.asarray(ok)
-    leaves = jax.tree_util.tree_leaves(model)
+    leaves = [x for x in jax.tree_util.tree_leaves(model)  # float arrays (any duck-typed model)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
     if moments:
         return out._replace(
             log_likelihood=_reject(out.log_likelihood, bad, *leaves),
