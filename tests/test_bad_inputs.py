@@ -334,9 +334,11 @@ NAN = {
         lambda: statespace.sample_posterior(jax.random.key(0),
                                             LG(**_lg(Q=INDEFINITE)), Y5, 3),
     "NumPyro sample, unstable A":
-        lambda: LinearGaussianStateSpace(_unstable_ou(), jnp.asarray(T5)).sample(jax.random.key(0)),
+        lambda: LinearGaussianStateSpace(_unstable_ou(), jnp.asarray(T5),
+                                         validate_args=False).sample(jax.random.key(0)),
     "NumPyro sample, indefinite R":
-        lambda: LinearGaussianStateSpace(LG(**_lg(R=-R1)), num_steps=5).sample(jax.random.key(0)),
+        lambda: LinearGaussianStateSpace(LG(**_lg(R=-R1)), num_steps=5,
+                                         validate_args=False).sample(jax.random.key(0)),
     "simulate, indefinite P0":
         lambda: LG(**_lg(P0=INDEFINITE)).simulate(jax.random.key(0), 5)[1],
 }
