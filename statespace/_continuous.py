@@ -33,6 +33,7 @@ from rules._checks import as_float_array
 from rules._precision import full_precision
 from rules._smallmm import small_matmul
 from statespace._kalman import _cholesky
+from statespace._model import _indefinite, _raise_if_indefinite
 
 __all__ = ["ContinuousLinearSSM", "Discretization", "Prediction", "discretize", "predict"]
 
@@ -293,9 +294,9 @@ def _discretize_matrices(A, Q, b, dt):
     q = jnp.floor(lax.stop_gradient(dt) / delta)
     q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
     r = dt - q * delta  # exact: δ is a power of two
-    # Steps beyond the tables give NaN: through r, so the NaN reaches F, Qd, bd (and their
+    # Steps beyond the tables and negative steps give NaN: through r, so the NaN reaches F, Qd, bd (and their
     # derivatives) without a select on every (n, n) output and its cotangent.
-    r = jnp.where(q >= float(_TABLE) ** _LEVELS, jnp.nan, r)
+    r = jnp.where((q >= float(_TABLE) ** _LEVELS) | (dt < 0), jnp.nan, r)
 
     out = _series(weights, r / delta)
     # the transition over δ (Qd = F G)
@@ -335,7 +336,7 @@ def _discretize_matrices(A, Q, b, dt):
     # Rematerialised: otherwise reverse mode makes the cond return every per-step residual of
     # the long-step branch, and the usual branch fills them with zeros. With
     # ``jax.checkpoint`` the reverse pass recomputes the (rare) long branch instead.
-    F, Qd, bd = lax.cond(jnp.max(q) >= _TABLE, jax.checkpoint(long_steps), short_steps,
+    F, Qd, bd = lax.cond(jnp.max(q, initial=0.0) >= _TABLE, jax.checkpoint(long_steps), short_steps,
                          table, over_table, q, out)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
@@ -368,7 +369,7 @@ def discretize(model, dt) -> Discretization:
     ``e^{A dt}`` grows like ``dt ||A|| · 6e-8`` (its condition number). Derivatives (forward,
     reverse, second order) are those of this exact map; the differentiated code has no per-step
     branch or loop. ``dt = 0`` gives ``F = I``, ``Qd = 0``, ``bd = 0``. Steps beyond
-    ``64³ δ`` (at least 1.3e5/α) give NaN.
+    ``64³ δ`` (at least 1.3e5/α) and negative steps give NaN.
 
     Args:
         model: a :class:`ContinuousLinearSSM` (only ``A``, ``Q`` and ``b`` are used).
@@ -585,16 +586,22 @@ class ContinuousLinearSSM:
         return m0, P0, ok
 
     def check(self):
-        """Eager validation: raise a clear error if the stationary start is impossible.
+        """Eager validation: raise a clear error for a model without a density (what the
+        filter reports as a ``-inf`` log-likelihood under ``jit``).
 
         Returns:
             ``self``, so ``model = ContinuousLinearSSM(...).check()`` works.
 
         Raises:
-            ValueError: if ``P0`` is ``None`` (stationary start) and ``A`` (or, with a partial
-                ``diffuse`` mask, the non-diffuse block of ``A``) has an eigenvalue with
-                non-negative real part, naming the offending eigenvalue.
+            ValueError: if ``Q``, ``R`` or an explicit ``P0`` is not symmetric positive
+                semi-definite (e.g. a negative variance), naming the matrix and its smallest
+                eigenvalue; or if ``P0`` is ``None`` (stationary start) and ``A`` (or, with a
+                partial ``diffuse`` mask, the non-diffuse block of ``A``) has an eigenvalue
+                with non-negative real part, naming the offending eigenvalue.
         """
+        for name in ("Q", "R", "P0"):
+            if getattr(self, name) is not None:
+                _raise_if_indefinite(name, getattr(self, name))
         if self.P0 is not None or self.diffuse is True:
             return self
         A = np.asarray(self.A, dtype=np.float64)
@@ -625,8 +632,9 @@ class ContinuousLinearSSM:
         Returns:
             ``(disc, ok)``: a :class:`statespace.LinearGaussianSSM` with time-varying
             ``F (T, n, n)``, ``Q (T, n, n)`` and ``b (T, n)`` (``b`` only when this model has
-            one), and a boolean scalar, ``False`` when the stationary start is impossible
-            (the filter then reports a ``-inf`` log-likelihood).
+            one), and a boolean scalar, ``False`` when the stationary start is impossible,
+            ``times`` decrease or ``Q`` is not positive semi-definite (the filter then reports
+            a ``-inf`` log-likelihood).
         """
         from statespace._model import LinearGaussianSSM
 
@@ -639,9 +647,12 @@ class ContinuousLinearSSM:
             base = 1 if name == "d" else 2
             if value is not None and value.ndim == base + 1 and value.shape[0] != T:
                 raise ValueError(f"time-varying {name} has {value.shape[0]} steps but times has T = {T}: {name}.shape = {value.shape}, times.shape = {times.shape}")
-        dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), times.dtype)])
+        dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), times.dtype)])[:T]  # T = 0: empty
         F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
         m0, P0, ok = self.initial()
+        # Decreasing times and an indefinite diffusion Q have no density (-inf); NaN times
+        # stay NaN (through dt). Qd is PSD whenever Q is, so Q is tested once, not per step.
+        ok = ok & ~jnp.any(dt < 0) & ~_indefinite(self.Q)
         disc = LinearGaussianSSM(
             F, Qd, self.H, self.R, m0, P0,
             b=None if self.b is None else bd,
@@ -702,7 +713,7 @@ def predict(model, y, times, new_times) -> Prediction:
 
     Returns:
         :class:`Prediction` with state and observation means and covariances, in the order of
-        ``new_times``.
+        ``new_times``; NaN at the entries of non-finite ``new_times`` (only there).
 
     Raises:
         ValueError: on mismatched shapes or a time-varying ``H``, ``R`` or ``d``.
@@ -728,13 +739,17 @@ def predict(model, y, times, new_times) -> Prediction:
         raise ValueError(f"new_times must have shape (N,); got new_times.shape = {new_times.shape}")
     T, N = times.shape[0], new_times.shape[0]
     dtype = jnp.result_type(y, times, new_times, model.dtype)
+    # A NaN or infinite new time gets NaN moments of its own; merged as it is, its NaN
+    # transition would reach every other prediction through the smoother.
+    bad = ~jnp.isfinite(new_times)
+    new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
     all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
     all_y = jnp.concatenate([y.astype(dtype), jnp.full((N, m), jnp.nan, dtype)])
     order = jnp.argsort(all_times, stable=True)
     smoothed = rts_smoother(model, all_y[order], all_times[order])
     position = jnp.argsort(order)[T:]  # where each new time landed in the merged series
-    means = smoothed.smoothed_means[position]
-    covs = smoothed.smoothed_covs[position]
+    means = jnp.where(bad[:, None], jnp.nan, smoothed.smoothed_means[position])
+    covs = jnp.where(bad[:, None, None], jnp.nan, smoothed.smoothed_covs[position])
     H, R = model.H.astype(dtype), model.R.astype(dtype)
     obs_means = means @ H.T
     if model.d is not None:

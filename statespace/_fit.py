@@ -273,10 +273,11 @@ def fit(
             out_state = where(finite & ~settled, new_state, state)
             out_prev = where(finite, params, prev_params)
             out_loss = jnp.where(finite, value, prev_loss)
-            return (
-                (out_params, out_state, out_prev, out_loss, new_status, taken + 1),
-                value,
-            )
+            new_carry = (out_params, out_state, out_prev, out_loss, new_status, taken + 1)
+            # keep the carry's dtypes (float32 parameters under x64: the loss, the update or
+            # the optimiser's state may come back as float64)
+            new_carry = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_carry, carry)
+            return new_carry, value.astype(prev_loss.dtype)
 
         def idle(_):
             return carry, jnp.full((), jnp.nan, dtype=prev_loss.dtype)

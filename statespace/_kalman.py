@@ -19,7 +19,14 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._model import _BASE_RANK, _FIELDS, _TIME_PARAMS, LinearGaussianSSM, _split_axes
+from statespace._model import (
+    _BASE_RANK,
+    _FIELDS,
+    _TIME_PARAMS,
+    LinearGaussianSSM,
+    _indefinite,
+    _split_axes,
+)
 
 # Matrices up to this size are factored / solved with unrolled scalar code that XLA fuses
 # into the scan step; larger ones go through LAPACK.
@@ -261,6 +268,45 @@ def _symmetrise(P):
     return 0.5 * (P + jnp.swapaxes(P, -1, -2))
 
 
+@jax.custom_jvp
+def _reject(value, bad, *inputs):
+    """``value`` with ``-inf`` where ``bad`` (an invalid model); there the tangent is NaN, also
+    along every array of ``inputs`` (the model's parameters), so a rejected model never gets a
+    finite gradient (a ``jnp.where`` would give 0, and so would the filter's own selects on
+    the path back from ``value``)."""
+    return jnp.where(bad, -jnp.inf, value)
+
+
+@_reject.defjvp
+def _reject_jvp(primals, tangents):
+    value, bad, *inputs = primals
+    # products with constants (NaN where bad): linear in the tangents, so reverse mode
+    # transposes them into NaN cotangents (a select with a NaN branch would transpose to 0)
+    t = tangents[0] * jnp.where(bad, jnp.nan, 1.0).astype(value.dtype)
+    nan_where_bad = jnp.where(bad, jnp.nan, 0.0).astype(value.dtype)
+    for dx in tangents[2:]:
+        t = t + nan_where_bad * jnp.sum(dx).astype(value.dtype)
+    return _reject(value, bad, *inputs), t
+
+
+def _invalid_covariances(const, scanned, P0, T):
+    """Per-step flags ``(T,)``: from the first step that uses a finite ``P0``, ``R[k]`` (step
+    ``k``) or ``Q[k]`` (step ``k + 1``) that is clearly not positive semi-definite
+    (``_indefinite``) on. Such a model has no density: the filter reports ``-inf`` from there
+    on, as for a failed factorisation, even where the innovation covariances happen to be
+    positive definite."""
+    bad = jnp.broadcast_to(_indefinite(P0), (T,))
+    if "R" in scanned:
+        bad = bad | _indefinite(scanned["R"])
+    else:
+        bad = bad | _indefinite(const["R"])
+    if "Q" in scanned:  # Q[k] maps step k to k + 1
+        bad = bad | jnp.concatenate([jnp.zeros((1,), bool), _indefinite(scanned["Q"])[:-1]])
+    else:
+        bad = bad | (_indefinite(const["Q"]) & (jnp.arange(T) > 0))
+    return lax.cummax(bad.astype(jnp.int32)) > 0
+
+
 # ------------------------------------------------------------------------------------------
 # Model plumbing
 # ------------------------------------------------------------------------------------------
@@ -288,6 +334,17 @@ def _as_discrete(model, times):
     return model, None
 
 
+def _check_times(times, y):
+    """``times`` must have one entry per row of ``y`` (a static check: shapes only).
+
+    Raises:
+        ValueError: naming both shapes.
+    """
+    if times is not None and tuple(jnp.shape(times)) != (y.shape[-2],):
+        raise ValueError(f"times must have shape (T,) with T = {y.shape[-2]} rows of y; got "
+                         f"times.shape = {jnp.shape(times)}, y.shape = {y.shape}")
+
+
 def _check_observations(model: LinearGaussianSSM, y):
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.floating):
@@ -302,6 +359,16 @@ def _check_observations(model: LinearGaussianSSM, y):
                          f"time-varying parameters have {T}")
     dtype = jnp.result_type(model.F.dtype, y.dtype)
     return y.astype(dtype)
+
+
+def _unobserved(model: LinearGaussianSSM, y):
+    """A model with ``m = 0`` as one that observes a single, always missing entry: the same
+    likelihood (0) and moments (the prior's), without empty ``m x m`` factorisations."""
+    H, R, d = model.H, model.R, model.d
+    model = model.replace(H=jnp.zeros(H.shape[:-2] + (1, H.shape[-1]), H.dtype),
+                          R=jnp.ones(R.shape[:-2] + (1, 1), R.dtype),
+                          d=jnp.zeros(d.shape[:-1] + (1,), d.dtype))
+    return model, jnp.full(y.shape[:-1] + (1,), jnp.nan, y.dtype)
 
 
 def _map_batch(fn, model: LinearGaussianSSM, y):
@@ -369,6 +436,11 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     else:
         A0 = jnp.zeros((n, 0), dtype)
 
+    if y.shape[0] == 0:
+        covs = [v for k, v in {**const, **scanned}.items() if k in ("Q", "R")] + [P0]
+        invalid = jnp.any(jnp.stack([jnp.any(_indefinite(v)) for v in covs]))
+        return _empty_series(n, dtype, sqrt, moments, _reject(jnp.zeros((), dtype), invalid))
+    invalid = _invalid_covariances(const, scanned, P0, y.shape[0])
     factor_failed = jnp.zeros((), bool)
     if sqrt:
         if "Q" in scanned:
@@ -504,15 +576,19 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     else:
         carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
         (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
-    log_likelihoods = out[0]
+    log_likelihoods = _reject(out[0], invalid, *jax.tree_util.tree_leaves(model))
     if q:
         # Collapse the diffuse part (de Jong 1991; Durbin & Koopman 2012, section 5.7):
         # log L_d = log int p(y | delta) d delta
         #         = sum_k ll_k + 1/2 s^T S^{-1} s - 1/2 log|S| + q/2 log 2 pi
         # (the Gaussian integral over delta; KFAS's and statsmodels' convention).
-        L_d = jnp.linalg.cholesky(S_T)
+        # A series with no observed entry (panel padding) has S = 0 and gets 0, as a
+        # non-diffuse model does: log p(nothing) = 0 (I in place of S keeps the gradient finite).
+        seen = jnp.any(~jnp.isnan(y))
+        L_d = jnp.linalg.cholesky(jnp.where(seen, S_T, jnp.eye(q, dtype=dtype)))
         u = lax.linalg.triangular_solve(L_d, s_T[:, None], left_side=True, lower=True)[:, 0]
         correction = 0.5 * (u @ u) - jnp.sum(jnp.log(jnp.diagonal(L_d))) + 0.5 * q * _LOG_2PI
+        correction = jnp.where(seen, correction, 0.0)
         log_likelihoods = log_likelihoods.at[-1].add(correction)
     total = jnp.sum(log_likelihoods)
     if not moments:
@@ -536,6 +612,18 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     return FilterResult(total, log_likelihoods, mean_f, cov_f, mean_p, cov_p, chol_f, chol_p)
 
 
+def _empty_series(n, dtype, sqrt, moments, total):
+    """:func:`_filter_single`'s output for ``T = 0``: ``log p(nothing) = 0`` (``-inf`` for an
+    invalid model, in ``total``) and empty moments."""
+    per_step, means, covs = (jnp.zeros(s, dtype) for s in ((0,), (0, n), (0, n, n)))
+    if not moments:
+        return total, per_step
+    if moments == "predicted":
+        return total, per_step, means, covs, None
+    chols = covs if sqrt else None
+    return FilterResult(total, per_step, means, covs, means, covs, chols, chols)
+
+
 def _collapse(means, covs, A, S, s):
     """Moments of ``x = a + A delta + eps`` with ``delta | y ~ N(S^{-1} s, S^{-1})``."""
     L = jnp.linalg.cholesky(S)
@@ -554,6 +642,9 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
         raise ValueError(f"gradient must be 'adjoint' or 'autodiff'; got {gradient!r}")
     disc, ok = _as_discrete(model, times)
     y = _check_observations(disc, y)
+    _check_times(times, y)
+    if disc.obs_dim == 0:
+        disc, y = _unobserved(disc, y)
     if gradient == "adjoint" and not moments and not parallel and disc.diffuse is None:
         # Imported here: statespace._adjoint imports this module.
         from statespace._adjoint import adjoint_log_likelihood
@@ -576,16 +667,18 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
     out = _map_batch(single, disc, y)
     if ok is None:
         return out
-    ok = jnp.asarray(ok)
+    bad = ~jnp.asarray(ok)
+    leaves = [x for x in jax.tree_util.tree_leaves(model)  # float arrays (any duck-typed model)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
     if moments:
         return out._replace(
-            log_likelihood=jnp.where(ok, out.log_likelihood, -jnp.inf),
-            log_likelihoods=jnp.where(ok[..., None], out.log_likelihoods, -jnp.inf),
+            log_likelihood=_reject(out.log_likelihood, bad, *leaves),
+            log_likelihoods=_reject(out.log_likelihoods, bad[..., None], *leaves),
         )
     total, per_step = out
     if per_step is not None:
-        per_step = jnp.where(ok[..., None], per_step, -jnp.inf)
-    return jnp.where(ok, total, -jnp.inf), per_step
+        per_step = _reject(per_step, bad[..., None], *leaves)
+    return _reject(total, bad, *leaves), per_step
 
 
 @full_precision
@@ -637,8 +730,12 @@ def kalman_filter(
     data do not yet identify the diffuse states (``S_k`` singular), e.g. ``predicted[0]``.
 
     Robustness: NaN in a parameter gives a NaN log-likelihood; a finite but not positive
-    definite innovation covariance (or, in sqrt form, a ``Q``/``P0`` without a real square
-    root) gives ``-inf`` for that step and all later ones (never an exception under ``jit``).
+    definite innovation covariance, or a ``Q``, ``R`` or ``P0`` that is clearly not positive
+    semi-definite (an eigenvalue below ``-100 n eps max|entry|``), gives ``-inf`` for the
+    first step that uses it and all later ones, with a NaN gradient (never an exception
+    under ``jit``); so does a continuous-time model with decreasing ``times``, an indefinite
+    diffusion or an impossible stationary start. ``T = 0`` or ``m = 0`` gives 0 (nothing is
+    observed), as does a series with every entry missing, diffuse or not.
 
     Batches: model batch axes (see :class:`LinearGaussianSSM`) and leading axes of ``y``
     broadcast; the filter is mapped over them and every output gets the batch shape in front.
@@ -658,7 +755,7 @@ def kalman_filter(
 
     Raises:
         ValueError: bad shapes of ``y``, unknown ``form``, ``times`` given for a discrete model
-            or missing for a continuous one.
+            or missing for a continuous one, or of a length other than ``y``'s ``T``.
         NotImplementedError: ``parallel=True`` with a diffuse model.
 
     Example:

@@ -241,6 +241,23 @@ class LinearGaussianSSM:
         shapes = ", ".join(f"{f}={tuple(getattr(self, f).shape)}" for f in _FIELDS)
         return f"LinearGaussianSSM({shapes}, diffuse={self.diffuse})"
 
+    def check(self) -> "LinearGaussianSSM":
+        """Eager validation: raise a clear error for a model without a density (what the
+        filter reports as a ``-inf`` log-likelihood under ``jit``).
+
+        Returns:
+            ``self``, so ``model = LinearGaussianSSM(...).check()`` works.
+
+        Raises:
+            ValueError: if ``Q``, ``R`` or ``P0`` (any time step or batch member) is not
+                symmetric positive semi-definite, e.g. a negative variance or the
+                ``P0="stationary"`` of an unstable ``F``; the message names the matrix and its
+                smallest eigenvalue.
+        """
+        for name in ("Q", "R", "P0"):
+            _raise_if_indefinite(name, getattr(self, name))
+        return self
+
     # -- simulation --------------------------------------------------------------------------
     @full_precision
     def simulate(self, key, num_steps: int):
@@ -255,7 +272,8 @@ class LinearGaussianSSM:
             num_steps: ``T``; must equal the model's time-axis length if it is time-varying.
 
         Returns:
-            ``(states, observations)`` with shapes ``(T, n)`` and ``(T, m)``.
+            ``(states, observations)`` with shapes ``(T, n)`` and ``(T, m)``; NaN when ``Q``,
+            ``R`` or ``P0`` is not positive semi-definite (the model has no density).
 
         Raises:
             ValueError: for a batched model (use ``jax.vmap``) or a ``num_steps`` that does not
@@ -296,7 +314,9 @@ class LinearGaussianSSM:
         _, (states, obs) = jax.lax.scan(
             step, x0, (seq["F"], Q_sqrt, seq["b"], seq["H"], R_sqrt, seq["d"], zw, zv)
         )
-        return states, obs
+        # an indefinite covariance has no square root: NaN draws (its log-likelihood is -inf)
+        bad = _indefinite(P0) | jnp.any(_indefinite(seq["Q"])) | jnp.any(_indefinite(seq["R"]))
+        return jnp.where(bad, jnp.nan, states), jnp.where(bad, jnp.nan, obs)
 
 
 def _per_step(name: str, x, T: int):
@@ -310,6 +330,64 @@ def _psd_sqrt(A):
     """A square root ``S`` with ``S S^T = A`` for symmetric positive semi-definite ``A``."""
     w, V = jnp.linalg.eigh(A)
     return V * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
+
+
+def _raise_if_indefinite(name, value):
+    """Eager form of :func:`_indefinite` for ``check()`` methods.
+
+    Raises:
+        ValueError: naming the matrix and its smallest eigenvalue.
+    """
+    if bool(jnp.any(_indefinite(value))):
+        w = np.linalg.eigvalsh(np.asarray(0.5 * (value + jnp.swapaxes(value, -1, -2))))
+        raise ValueError(f"{name} must be symmetric positive semi-definite; its smallest "
+                         f"eigenvalue is {np.min(w):.6g}")
+
+
+# Relative tolerance (times n eps) below which a negative eigenvalue of a covariance counts as
+# rounding: loose enough for PSD matrices computed by a Lyapunov solve or a discretisation
+# (errors of a few hundred eps), tight enough for every invalid variance that is not itself
+# lost in rounding next to the largest entry.
+_PSD_RTOL = 100
+
+
+def _indefinite(A):
+    """Traced test: ``True`` where the finite symmetric ``A (..., n, n)`` is clearly not positive
+    semi-definite, i.e. ``lambda_min(A) < -tol`` with ``tol = 100 n eps max|A_ij|``.
+
+    Decided by one Cholesky factorisation of ``A + tol I`` (it succeeds iff
+    ``lambda_min(A) > -tol``), unrolled for ``n <= 8`` so it fuses and needs no LAPACK call;
+    no derivative flows through it. Non-finite ``A`` gives ``False``: NaN parameters are
+    reported as NaN, not as an invalid model.
+    """
+    A = jax.lax.stop_gradient(A)
+    A = 0.5 * (A + jnp.swapaxes(A, -1, -2))
+    n = A.shape[-1]
+    finite = jnp.all(jnp.isfinite(A), axis=(-2, -1))
+    if n == 0:
+        return jnp.zeros(A.shape[:-2], bool)
+    scale = jnp.max(jnp.abs(A), axis=(-2, -1))
+    info = jnp.finfo(A.dtype)
+    tol = (_PSD_RTOL * n * info.eps) * scale + info.tiny
+    B = jnp.where(finite[..., None, None], A, 0.0) + tol[..., None, None] * jnp.eye(n, dtype=A.dtype)
+    if n > 8:
+        return finite & ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(B)), axis=(-2, -1))
+    ok = jnp.ones(A.shape[:-2], bool)
+    cols = [[None] * n for _ in range(n)]
+    for j in range(n):
+        acc = B[..., j, j]
+        for k in range(j):
+            acc = acc - cols[j][k] * cols[j][k]
+        pos = acc > 0
+        ok = ok & pos
+        root = jnp.sqrt(jnp.where(pos, acc, 1.0))
+        cols[j][j] = root
+        for i in range(j + 1, n):
+            acc_ij = B[..., i, j]
+            for k in range(j):
+                acc_ij = acc_ij - cols[i][k] * cols[j][k]
+            cols[i][j] = acc_ij / root
+    return finite & ~ok
 
 
 def _normalise_diffuse(diffuse, n: int):

@@ -22,7 +22,7 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._kalman import _as_discrete, _psd_cholesky, kalman_filter
+from statespace._kalman import _as_discrete, _check_times, _psd_cholesky, _reject, kalman_filter
 from statespace._model import _FIELDS, _per_step, _psd_sqrt, _split_axes
 from statespace._parallel import parallel_filter, parallel_smoother
 
@@ -74,8 +74,7 @@ def _with_ok(result, ok):
     """Mark the log-likelihood ``-inf`` where the discretisation failed (as the filter does)."""
     if ok is None:
         return result
-    ok = jnp.asarray(ok)
-    return result._replace(log_likelihood=jnp.where(ok, result.log_likelihood, -jnp.inf))
+    return result._replace(log_likelihood=_reject(result.log_likelihood, ~jnp.asarray(ok)))
 
 
 def _run_filter(model, y, form, parallel):
@@ -270,6 +269,7 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
     _check_form(form)
     model, ok = _discrete_model(model, times)
     batch = _batch_shape(model, y)
+    _check_times(times, jnp.asarray(y))
     out = _map_over_batch(
         lambda mdl, obs: _rts_single(mdl, obs, form, bool(parallel)), model, y, batch
     )
@@ -279,6 +279,9 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
 def _rts_single(model, y, form, parallel):
     T = y.shape[0]
     result = _run_filter(model, y, form, parallel)
+    if T == 0:  # nothing to smooth
+        return SmootherResult(result.filtered_means, result.filtered_covs, result.filtered_covs,
+                              result.log_likelihood, result.filtered_means, result.filtered_covs)
     F = _per_step("F", model.F, T)
     Q = _per_step("Q", model.Q, T)
     fm, fP = result.filtered_means, result.filtered_covs
@@ -360,7 +363,9 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
 
     Returns:
         ``(num_samples, T, n)`` array of trajectories from ``p(x[0..T-1] | y)`` (with batch axes
-        in front for batched models or ``y``; each batch member gets its own key).
+        in front for batched models or ``y``; each batch member gets its own key); all NaN for
+        a model whose log-likelihood is ``-inf`` (no density, e.g. an unstable ``A`` with a
+        stationary start or an indefinite covariance).
 
     Raises:
         ValueError: for an unknown ``form``, a negative ``num_samples`` or badly shaped input.
@@ -378,24 +383,31 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
     num_samples = int(num_samples)
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0; got {num_samples}")
-    model, _ = _discrete_model(model, times)
+    model, ok = _discrete_model(model, times)
     y = jnp.asarray(y)
     batch = _batch_shape(model, y)
+    _check_times(times, y)
     if not batch:
-        return _ffbs_single(key, model, y, num_samples, form)
-    keys = jax.random.split(key, int(np.prod(batch)))
-    return _map_over_batch(
-        lambda mdl, obs, k: _ffbs_single(k, mdl, obs, num_samples, form), model, y, batch, keys
-    )
+        draws = _ffbs_single(key, model, y, num_samples, form)
+    else:
+        keys = jax.random.split(key, int(np.prod(batch)))
+        draws = _map_over_batch(
+            lambda mdl, obs, k: _ffbs_single(k, mdl, obs, num_samples, form), model, y, batch, keys
+        )
+    # a model without a density (log-likelihood -inf) has no posterior: NaN, not finite draws
+    return draws if ok is None else jnp.where(ok, draws, jnp.nan)
 
 
 def _ffbs_single(key, model, y, num_samples, form):
     T = y.shape[0]
+    if T == 0:
+        return jnp.zeros((num_samples, 0, model.state_dim), y.dtype)
     result = _run_filter(model, y, form, False)
     F = _per_step("F", model.F, T)
     Q = _per_step("Q", model.Q, T)
-    return _ffbs(key, result.filtered_means, result.filtered_covs, result.predicted_means,
-                 result.predicted_covs, F, Q, num_samples)
+    draws = _ffbs(key, result.filtered_means, result.filtered_covs, result.predicted_means,
+                  result.predicted_covs, F, Q, num_samples)
+    return jnp.where(jnp.isneginf(result.log_likelihood), jnp.nan, draws)
 
 
 def _ffbs(key, filtered_means, filtered_covs, predicted_means, predicted_covs, F, Q, num_samples):

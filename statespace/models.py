@@ -1,8 +1,10 @@
 """Ready-made continuous-time models: each builder returns a :class:`ContinuousLinearSSM`.
 
 Every stationary builder returns ``P0=None`` (stationary start ``P∞ = rules.lyap(A, Q)``), so an
-invalid hyperparameter (e.g. a negative lengthscale) gives a ``-inf`` log-likelihood under
-``jit`` rather than an exception. The scalar builders observe one scalar: ``H`` is the
+invalid traced hyperparameter (e.g. a negative lengthscale or variance) gives a ``-inf``
+log-likelihood under ``jit`` rather than an exception; one given as a Python or NumPy number is
+checked at once (``ValueError`` for a lengthscale, variance, frequency, quality factor, period
+or decay time ``<= 0``, or a ``noise_var < 0``). The scalar builders observe one scalar: ``H`` is the
 component's observation row (``(1, n)``) and ``R = [[noise_var]]``. Hyperparameters may be
 traced (builders are meant to be called inside the loss that ``jax.grad`` differentiates).
 
@@ -58,6 +60,40 @@ def _scalar(name, value):
     return value
 
 
+def _static_values(value):
+    """``value`` as a NumPy array if it is static (Python or NumPy numbers, or a list of them),
+    else ``None`` (a JAX array, possibly traced: checked by the filter under ``jit``)."""
+    numbers = (int, float, np.generic)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, numbers) for v in value):
+        return np.asarray(value, dtype=float)
+    if isinstance(value, (*numbers, np.ndarray)):
+        return np.asarray(value, dtype=float)
+    return None
+
+
+def _check_positive(**values):
+    """Static hyperparameters (Python/NumPy numbers) must be > 0: a clear error up front.
+
+    Raises:
+        ValueError: naming the hyperparameter and its value.
+    """
+    for name, value in values.items():
+        static = _static_values(value)
+        if static is not None and not np.all(static > 0):
+            raise ValueError(f"{name} must be > 0; got {name} = {value!r}")
+
+
+def _check_noise(noise_var):
+    """A static ``noise_var`` must be >= 0.
+
+    Raises:
+        ValueError: naming the value.
+    """
+    static = _static_values(noise_var)
+    if static is not None and not np.all(static >= 0):
+        raise ValueError(f"noise_var must be >= 0; got noise_var = {noise_var!r}")
+
+
 def _dtype(*values):
     return jnp.result_type(*values)
 
@@ -92,6 +128,7 @@ def ou(drift, diffusion, H=None, noise_var=0.0):
         >>> model.obs_dim
         2
     """
+    _check_noise(noise_var)
     A = as_float_array("drift", drift)
     Q = as_float_array("diffusion", diffusion)
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
@@ -120,6 +157,8 @@ def matern12(lengthscale, variance, noise_var=0.0):
         >>> matern12(1.0, 2.0).state_dim
         1
     """
+    _check_positive(lengthscale=lengthscale, variance=variance)
+    _check_noise(noise_var)
     ell, var = _scalar("lengthscale", lengthscale), _scalar("variance", variance)
     dtype = _dtype(ell, var, noise_var)
     A = jnp.reshape(-1.0 / ell, (1, 1)).astype(dtype)
@@ -146,6 +185,8 @@ def matern32(lengthscale, variance, noise_var=0.0):
         >>> matern32(1.0, 2.0).state_dim
         2
     """
+    _check_positive(lengthscale=lengthscale, variance=variance)
+    _check_noise(noise_var)
     ell, var = _scalar("lengthscale", lengthscale), _scalar("variance", variance)
     dtype = _dtype(ell, var, noise_var)
     lam = jnp.sqrt(jnp.asarray(3.0, dtype)) / ell
@@ -174,6 +215,8 @@ def matern52(lengthscale, variance, noise_var=0.0):
         >>> matern52(1.0, 2.0).state_dim
         3
     """
+    _check_positive(lengthscale=lengthscale, variance=variance)
+    _check_noise(noise_var)
     ell, var = _scalar("lengthscale", lengthscale), _scalar("variance", variance)
     dtype = _dtype(ell, var, noise_var)
     lam = jnp.sqrt(jnp.asarray(5.0, dtype)) / ell
@@ -209,6 +252,8 @@ def sho(omega, quality, variance, noise_var=0.0):
         >>> sho(2.0, 5.0, 1.0).state_dim
         2
     """
+    _check_positive(omega=omega, quality=quality, variance=variance)
+    _check_noise(noise_var)
     w, q, var = _scalar("omega", omega), _scalar("quality", quality), _scalar("variance", variance)
     dtype = _dtype(w, q, var, noise_var)
     zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
@@ -240,6 +285,8 @@ def quasi_periodic(period, decay_time, variances, noise_var=0.0):
         >>> quasi_periodic(1.0, 10.0, [1.0, 0.3]).state_dim
         4
     """
+    _check_positive(period=period, decay_time=decay_time, variances=variances)
+    _check_noise(noise_var)
     P, td = _scalar("period", period), _scalar("decay_time", decay_time)
     v = jnp.atleast_1d(as_float_array("variances", variances))
     if v.ndim != 1:
@@ -281,6 +328,7 @@ def carma(ar_coefs, ma_coefs, sigma, noise_var=0.0):
         >>> carma(jnp.array([1.5, 0.8]), jnp.array([1.0, 0.2]), 1.0).state_dim
         2
     """
+    _check_noise(noise_var)
     alpha = as_float_array("ar_coefs", ar_coefs)
     beta = as_float_array("ma_coefs", ma_coefs)
     sig = _scalar("sigma", sigma)
@@ -316,6 +364,7 @@ def local_level(sigma, noise_var=0.0, *, m0=None, P0=None):
         >>> local_level(0.3).diffuse
         True
     """
+    _check_noise(noise_var)
     sig = _scalar("sigma", sigma)
     dtype = _dtype(sig, noise_var)
     A = jnp.zeros((1, 1), dtype)
@@ -345,6 +394,7 @@ def local_linear_trend(sigma_level, sigma_slope, noise_var=0.0, *, m0=None, P0=N
         >>> local_linear_trend(0.1, 0.01).state_dim
         2
     """
+    _check_noise(noise_var)
     sl, ss = _scalar("sigma_level", sigma_level), _scalar("sigma_slope", sigma_slope)
     dtype = _dtype(sl, ss, noise_var)
     A = jnp.zeros((2, 2), dtype).at[0, 1].set(1.0)
@@ -392,6 +442,7 @@ def sum_of(*components, noise_var=0.0):
         >>> sum_of(matern32(1.0, 1.0), sho(2.0, 10.0, 0.5), noise_var=0.1).state_dim
         4
     """
+    _check_noise(noise_var)
     if not components:
         raise ValueError("sum_of needs at least one component")
     m = components[0].obs_dim
@@ -447,18 +498,28 @@ def product_of(a, b, noise_var=0.0):
         :class:`ContinuousLinearSSM` with ``n = n_a n_b``, stationary start.
 
     Raises:
-        ValueError: if a component is diffuse, has offsets, or observes more than one value.
+        ValueError: if a component is diffuse, has offsets, an explicit ``P0`` or ``m0``, or
+            observes more than one value; or a static ``noise_var < 0``.
 
     Example:
         >>> product_of(matern32(1.0, 1.0), sho(2.0, 10.0, 1.0)).state_dim
         4
     """
+    _check_noise(noise_var)
     for name, c in (("a", a), ("b", b)):
         _check_time_invariant("product_of", c)
         if c.diffuse is not None or c.b is not None or c.d is not None or c.obs_dim != 1:
             raise ValueError(
                 f"product_of: component {name} must be stationary, without offsets, observing one "
                 f"scalar; got diffuse={c.diffuse}, H.shape = {c.H.shape}"
+            )
+        if c.P0 is not None or c.m0 is not None:
+            # Q = Q_a ⊗ P_b + P_a ⊗ Q_b needs the stationary P_a, P_b: an explicit P0 would
+            # silently give a different model
+            raise ValueError(
+                f"product_of: component {name} must have the stationary start (P0=None, "
+                f"m0=None); got P0 {'given' if c.P0 is not None else 'None'}, "
+                f"m0 {'given' if c.m0 is not None else 'None'}"
             )
     dtype = _dtype(a.dtype, b.dtype, noise_var)
     _, Pa, _ = a.initial()

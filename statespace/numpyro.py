@@ -268,7 +268,8 @@ class LinearGaussianStateSpace(Distribution):
 
         Raises:
             ValueError: a non-finite parameter, a covariance that is not symmetric positive
-                semi-definite, or decreasing ``times``.
+                semi-definite, decreasing ``times``, or (an unbatched continuous-time model,
+                see ``ContinuousLinearSSM.check``) an unstable ``A`` with the stationary start.
             RuntimeError: ``strict`` and called on traced values inside ``jit``.
         """
         leaves = jax.tree_util.tree_leaves(self.model)
@@ -282,6 +283,8 @@ class LinearGaussianStateSpace(Distribution):
             value = getattr(self.model, name, None)
             if value is not None and not isinstance(value, str):
                 _psd_check(name, value)
+        if not _is_discrete(self.model) and not _model_batch_shape(self.model):
+            self.model.check()  # e.g. an unstable A with the stationary start
         for x in leaves:
             if not np.all(np.isfinite(np.asarray(x))):
                 raise ValueError("LinearGaussianStateSpace got a non-finite model parameter")
@@ -360,10 +363,13 @@ class LinearGaussianStateSpace(Distribution):
     # -- sampling ----------------------------------------------------------------------------
     def _single_sample(self, key, model, times):
         """States ``(T, n)`` and observations ``(T, m)`` of one unbatched model."""
-        if not _is_discrete(model):
-            # exact discretisation at the observation times (F[k], Q[k] map t_k -> t_{k+1})
-            model, _ = model._to_discrete(times)
-        return model.simulate(key, self.num_steps)
+        if _is_discrete(model):
+            return model.simulate(key, self.num_steps)
+        # exact discretisation at the observation times (F[k], Q[k] map t_k -> t_{k+1})
+        model, ok = model._to_discrete(times)
+        # no density (log_prob -inf, e.g. an unstable A with a stationary start): NaN draws
+        return jax.tree_util.tree_map(lambda x: jnp.where(ok, x, jnp.nan),
+                                      model.simulate(key, self.num_steps))
 
     def sample_with_intermediates(self, key, sample_shape=()):
         """Observations and ``[states]``: shapes ``sample_shape + batch_shape + (T, m)`` / ``(T, n)``."""
