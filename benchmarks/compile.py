@@ -10,8 +10,8 @@ errors need). Cases: continuous-time (n, m, T) = (2, 1, 1000), (4, 2, 1000), (8,
 against the naive route (``benchmarks.continuous.naive_log_likelihood``); discrete (4, 2, 1000)
 against dynamax (``benchmarks.kalman``); Matérn-3/2 and SHO Gaussian processes at N = 1000
 (``statespace.models``) against tinygp's quasiseparable kernels and ``celerite2.jax``
-(Matérn-3/2 with ``eps=1e-5``: its default 0.01 approximates the kernel to 1e-5 in the
-log-likelihood; no Hessian: ``jax.hessian`` fails, its JVP primitive has no batching rule, n/a);
+(``benchmarks.gp``'s log-likelihoods, same data and log-parameters; celerite2 has no Hessian:
+``jax.hessian`` fails, its JVP primitive has no batching rule, n/a);
 the demo's 6-state CO2 model on the bundled weekly series (no peer). A check
 row: our continuous (4, 2) ``value_and_grad`` at T = 1e5 against T = 1e3 (the program must
 not grow with T). Columns ``*_cpu_s`` are process CPU seconds (XLA's compile is mostly
@@ -88,57 +88,21 @@ def _discrete(n, m, T):
     return case
 
 
-def _gp_data(N):
-    rng = np.random.default_rng(0)
-    t = np.cumsum(rng.exponential(0.1, N))
-    return jnp.asarray(t), jnp.asarray(np.sin(t) + 0.3 * rng.normal(size=N))
-
-
 def _gp(kind, N):
-    """Matérn-3/2 (``kind="matern32"``) or SHO (``"sho"``) on one series, three libraries."""
-    import statespace
-    from statespace import models
+    """Matérn-3/2 (``kind="matern32"``) or SHO (``"sho"``) on one series: the three libraries'
+    log-likelihoods of ``benchmarks.gp`` (same data, same log-parameters), the drift
+    parameters (Matérn: the lengthscale; SHO: ω and Q) split off for the Hessian."""
+    from benchmarks import gp
 
-    data = _gp_data(N)
-    if kind == "matern32":
-        params = {"lengthscale": 1.5, "variance": 1.2, "noise_var": 0.1}
-        drift = ("lengthscale",)
-        ours = lambda p: models.matern32(p["lengthscale"], p["variance"], p["noise_var"])  # noqa: E731
-    else:
-        params = {"omega": 2.0, "quality": 3.0, "variance": 1.2, "noise_var": 0.1}
-        drift = ("omega", "quality")
-        ours = lambda p: models.sho(p["omega"], p["quality"], p["variance"], p["noise_var"])  # noqa: E731
-    params = {k: jnp.asarray(v) for k, v in params.items()}
-    case = {"ours": (lambda p, t, y: statespace.log_likelihood(ours(p), y[:, None], t),
-                     params, data, drift)}
-    try:
-        import tinygp
-        from tinygp.kernels import quasisep
-
-        def tinygp_loss(p, t, y):
-            sigma = jnp.sqrt(p["variance"])
-            kernel = (quasisep.Matern32(scale=p["lengthscale"], sigma=sigma) if kind == "matern32"
-                      else quasisep.SHO(omega=p["omega"], quality=p["quality"], sigma=sigma))
-            return tinygp.GaussianProcess(kernel, t, diag=p["noise_var"]).log_probability(y)
-
-        case["tinygp"] = (tinygp_loss, params, data, drift)
-    except ImportError:
-        pass
-    try:
-        import celerite2.jax as celerite2
-        from celerite2.jax import terms
-
-        def celerite2_loss(p, t, y):
-            sigma = jnp.sqrt(p["variance"])
-            term = (terms.Matern32Term(sigma=sigma, rho=p["lengthscale"], eps=1e-5)
-                    if kind == "matern32" else terms.SHOTerm(sigma=sigma, w0=p["omega"], Q=p["quality"]))
-            gp = celerite2.GaussianProcess(term, t, diag=jnp.full_like(t, p["noise_var"]),
-                                           check_sorted=False)
-            return gp.log_likelihood(y)
-
-        case["celerite2"] = (celerite2_loss, params, data, drift)
-    except ImportError:
-        pass
+    n_drift = 1 if kind == "matern32" else 2
+    log_params = jnp.asarray(gp.PARAMS[kind])
+    params = {"drift": log_params[:n_drift], "rest": log_params[n_drift:]}
+    case = {}
+    for lib, build in (("ours", gp._ours), ("tinygp", gp._tinygp), ("celerite2", gp._celerite2)):
+        loglik = build(kind)
+        if loglik is not None:  # a peer that is not installed is left out
+            loss = lambda q, t, y, f=loglik: f(jnp.concatenate([q["drift"], q["rest"]]), t, y)  # noqa: E731
+            case[lib] = (loss, params, gp._data(N), ("drift",))
     return case
 
 
