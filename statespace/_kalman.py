@@ -658,7 +658,11 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
         from statespace._parallel import parallel_filter
 
         def single(mdl, yy):
-            return parallel_filter(mdl, yy, form=form, moments=moments)
+            # the sequential filter's covariance checks (it applies them inside its scan)
+            const, scanned = _steps_params(mdl)
+            invalid = _invalid_covariances(const, scanned, mdl.P0, yy.shape[0])
+            out = parallel_filter(mdl, yy, form=form, moments=moments)
+            return _reject_output(out, jnp.any(invalid), invalid, moments, jax.tree_util.tree_leaves(mdl))
     else:
 
         def single(mdl, yy):
@@ -668,16 +672,22 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
     if ok is None:
         return out
     bad = ~jnp.asarray(ok)
-    leaves = [x for x in jax.tree_util.tree_leaves(model)  # float arrays (any duck-typed model)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return _reject_output(out, bad, bad[..., None], moments, jax.tree_util.tree_leaves(model))
+
+
+def _reject_output(out, bad, bad_steps, moments, leaves):
+    """The filter's output ``out`` with :func:`_reject` applied to its log-likelihood (where
+    ``bad``) and its per-step terms (where ``bad_steps``); ``leaves``: the model's arrays, of
+    which the float ones get NaN tangents (any duck-typed model)."""
+    leaves = [x for x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
     if moments:
         return out._replace(
             log_likelihood=_reject(out.log_likelihood, bad, *leaves),
-            log_likelihoods=_reject(out.log_likelihoods, bad[..., None], *leaves),
+            log_likelihoods=_reject(out.log_likelihoods, bad_steps, *leaves),
         )
     total, per_step = out
     if per_step is not None:
-        per_step = _reject(per_step, bad[..., None], *leaves)
+        per_step = _reject(per_step, bad_steps, *leaves)
     return _reject(total, bad, *leaves), per_step
 
 

@@ -240,13 +240,13 @@ def test_raises_value_error(case):
 # ------------------------------------------------------------------------------------------
 # Data-dependent invalid models under jit: -inf with a NaN gradient
 # ------------------------------------------------------------------------------------------
-def _discrete_case(gradient, form, **changes):
+def _discrete_case(gradient, form, parallel=False, **changes):
     """``(loss of F's entries, F's entries)`` for the base model with ``changes``."""
     p = _lg(**changes)
 
     def loss(theta):
         return statespace.log_likelihood(LG(**{**p, "F": theta.reshape(2, 2)}), Y5, form=form,
-                                         gradient=gradient)
+                                         gradient=gradient, parallel=parallel)
 
     return loss, jnp.asarray(F2).reshape(-1)
 
@@ -273,6 +273,10 @@ MINUS_INF = {
     "indefinite Q (sqrt)": lambda g: _discrete_case(g, "sqrt", Q=INDEFINITE),
     "indefinite P0 (cov)": lambda g: _discrete_case(g, "cov", P0=INDEFINITE),
     "indefinite P0 (sqrt)": lambda g: _discrete_case(g, "sqrt", P0=INDEFINITE),
+    "indefinite Q (parallel, cov)": lambda g: _discrete_case(g, "cov", parallel=True, Q=INDEFINITE),
+    "indefinite Q (parallel, sqrt)": lambda g: _discrete_case(g, "sqrt", parallel=True, Q=INDEFINITE),
+    "indefinite P0 (parallel)": lambda g: _discrete_case(g, "cov", parallel=True, P0=INDEFINITE),
+    "negative R (parallel)": lambda g: _discrete_case(g, "cov", parallel=True, R=-0.1 * R1),
     # H P H^T + R stays positive at every step: only the test of R itself sees the problem
     "negative R, positive innovation variances": lambda g: _discrete_case(g, "cov", R=-0.1 * R1),
     "stationary P0 of an unstable F": _stationary_unstable_F,
