@@ -25,13 +25,12 @@ all its parameters). float64.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._timing import machine_info, markdown_table, paired_ratio, time_interleaved
+from benchmarks._timing import compile_time, machine_info, markdown_table, paired_ratio, time_interleaved
 
 SIZES = [1000, 10000, 100000]
 QUICK_SIZES = [200]
@@ -103,10 +102,9 @@ def _tinygp(kind):
 
 
 def _compiled(fn, *args):
-    """``(compiled, seconds to trace + lower + compile)``."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - start
+    """``(compiled, seconds to trace + lower + compile)``, by ``_timing.compile_time``."""
+    timing = compile_time(fn, *args)
+    return timing["compiled"], timing["lower_s"] + timing["compile_s"]
 
 
 def _rel_diff(values):
