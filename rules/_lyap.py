@@ -405,19 +405,25 @@ def _schur_factors(A):
 
 def _triangular_sweep(R, C):
     """Solve ``R Y + Y Rᴴ = C``, ``R`` upper triangular, column by column from the last."""
+    # The loop carries the shifted matrix M = R + r̄ⱼⱼ I and resets only its diagonal (exactly,
+    # from diag(R)), and keeps Y transposed (a solved column is a contiguous row): no n² copy
+    # of M and no strided column access per step (3.5x faster at n = 128 than rebuilding M).
     n = R.shape[-1]
     Rc = jnp.conj(R)
-    eye = jnp.eye(n, dtype=R.dtype)
+    diag = jnp.diagonal(R)
+    idx = jnp.arange(n)
 
-    def column(i, Y):
+    def column(i, state):
+        Yt, M = state
         j = n - 1 - i
         row = Rc[j]  # r̄ⱼₖ; the not-yet-solved columns of Y (k ≤ j) are still zero
-        rhs = C[:, j] - Y @ row
-        M = R + row[j] * eye
+        rhs = C[:, j] - row @ Yt
+        M = M.at[idx, idx].set(diag + row[j])
         y = lax.linalg.triangular_solve(M, rhs[:, None], left_side=True, lower=False)[:, 0]
-        return Y.at[:, j].set(y)
+        return Yt.at[j].set(y), M
 
-    return lax.fori_loop(0, n, column, jnp.zeros_like(C))
+    Yt, _ = lax.fori_loop(0, n, column, (jnp.zeros_like(C), R))
+    return Yt.T
 
 
 def _schur_solve(factors, B, *, transpose):
@@ -460,9 +466,13 @@ def _refined(solve, residual, B):
     # original operator, in about twice the working precision (_split_matmul): a residual
     # rounded to working precision is itself wrong by ≈ ε ‖A‖ ‖X‖, which the solve amplifies
     # by the operator's condition number, so the step could not improve on that.
-    # As a two-step loop from X = 0 (whose residual is exactly B) the solve is traced and
-    # compiled once, not twice.
-    return lax.fori_loop(0, 2, lambda _, X: X + solve(residual(B, X)), jnp.zeros_like(B))
+    # As a two-step loop from X = 0 the solve is traced and compiled once, not twice; the
+    # first step's right side is B itself (the residual of X = 0), so no residual is taken.
+    def step(i, X):
+        rhs = lax.cond(i == 0, lambda X: B, lambda X: residual(B, X), X)
+        return X + solve(rhs)
+
+    return lax.fori_loop(0, 2, step, jnp.zeros_like(B))
 
 
 def _split_matmul(A, X):
