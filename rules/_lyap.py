@@ -136,6 +136,8 @@ _DLYAP_METHODS = ("auto", "schur", "doubling")
 _SIGN_MAX_ITERS = 40
 _DOUBLING_MAX_ITERS = 60
 _CAYLEY_CONDITION_OK = 100.0
+# up to this n the Schur sweep and the refinement step are unrolled in Python (no loops)
+_UNROLL_MAX_N = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -410,6 +412,8 @@ def _triangular_sweep(R, C):
     # of M and no strided column access per step (3.5x faster at n = 128 than rebuilding M).
     n = R.shape[-1]
     Rc = jnp.conj(R)
+    if n <= _UNROLL_MAX_N:
+        return _unrolled_sweep(R, Rc, C)
     diag = jnp.diagonal(R)
     idx = jnp.arange(n)
 
@@ -424,6 +428,21 @@ def _triangular_sweep(R, C):
 
     Yt, _ = lax.fori_loop(0, n, column, (jnp.zeros_like(C), R))
     return Yt.T
+
+
+def _unrolled_sweep(R, Rc, C):
+    # the same column recursion written out in Python: for small n the loop's per-step
+    # overhead is most of the cost
+    n = R.shape[-1]
+    eye = jnp.eye(n, dtype=R.dtype)
+    columns = [None] * n
+    for j in range(n - 1, -1, -1):
+        rhs = C[:, j]
+        for k in range(j + 1, n):
+            rhs = rhs - Rc[j, k] * columns[k]
+        M = R + Rc[j, j] * eye
+        columns[j] = lax.linalg.triangular_solve(M, rhs[:, None], left_side=True, lower=False)[:, 0]
+    return jnp.stack(columns, axis=1)
 
 
 def _schur_solve(factors, B, *, transpose):
@@ -468,6 +487,11 @@ def _refined(solve, residual, B):
     # by the operator's condition number, so the step could not improve on that.
     # As a two-step loop from X = 0 the solve is traced and compiled once, not twice; the
     # first step's right side is B itself (the residual of X = 0), so no residual is taken.
+    # Small n (≤ _UNROLL_MAX_N): written out, the loop's and the branch's overhead dominate.
+    if B.shape[-1] <= _UNROLL_MAX_N:
+        X = solve(B)
+        return X + solve(residual(B, X))
+
     def step(i, X):
         rhs = lax.cond(i == 0, lambda X: B, lambda X: residual(B, X), X)
         return X + solve(rhs)
