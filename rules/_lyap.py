@@ -313,11 +313,14 @@ def _dlyap_single(A, Q, *, method):
     else:
         factors = _doubling_factors(A_const)
 
-        # the truncated sum's rounding grows like ε / (1 − ρ²); refined as the Schur solve
+        # the truncated sum's rounding grows like ε / (1 − ρ²); refined as the Schur solve,
+        # the correction summed only until its remainder is below the solution's rounding
         def solver(factors, B, *, transpose):
             At = A_const.T if transpose else A_const
-            plain = partial(_doubling_solve, factors, transpose=transpose)
-            return _refined(plain, partial(_stein_residual, At), B)
+            X = _doubling_solve(factors, B, transpose=transpose)
+            floor = jnp.finfo(B.dtype).eps / 10 * jnp.sqrt(jnp.sum(X * X))
+            residual = _stein_residual(At, B, X)
+            return X + _doubling_solve(factors, residual, transpose=transpose, floor=floor)
 
     def matvec(X):
         return A @ X @ A.T - X
@@ -526,7 +529,9 @@ def _split_matmul(A, X):
     A1, A2 = split(A, -1)
     X1, X2 = split(X, -2)
     mm = partial(jnp.matmul, precision=lax.Precision.HIGHEST)
-    return mm(A1, X1), mm(A1, X2) + mm(A2, X)
+    # lo = A₁ X₂ + A₂ X as one product [A₁ A₂] [X₂; X] (fewer, larger operations)
+    lo = mm(jnp.concatenate([A1, A2], axis=-1), jnp.concatenate([X2, X], axis=-2))
+    return mm(A1, X1), lo
 
 
 def _lyap_residual(A, B, X):
@@ -664,34 +669,45 @@ def _sign_solve(factors, B, *, transpose):
 
 
 def _doubling_factors(A):
-    """Powers ``Pₖ = A^(2^k)`` until ``‖P_K‖_F² ≤ ε/10``."""
+    """Powers ``Pₖ = A^(2^k)`` (and ``‖Pₖ‖_F²``) until ``‖P_K‖_F² ≤ ε/10``."""
     n = A.shape[-1]
     dtype = A.dtype
     eps = jnp.finfo(dtype).eps
     powers = jnp.zeros((_DOUBLING_MAX_ITERS, n, n), dtype)
+    squares = jnp.zeros((_DOUBLING_MAX_ITERS,), dtype)
 
     def converged(P):
         return jnp.sum(P * P) <= eps / 10
 
     def cond(state):
-        k, P, _ = state
+        k, P, _, _ = state
         return (k < _DOUBLING_MAX_ITERS) & ~converged(P) & jnp.all(jnp.isfinite(P))
 
     def body(state):
-        k, P, powers = state
-        return k + 1, P @ P, powers.at[k].set(P)
+        k, P, powers, squares = state
+        return k + 1, P @ P, powers.at[k].set(P), squares.at[k].set(jnp.sum(P * P))
 
-    k, P, powers = lax.while_loop(cond, body, (jnp.int32(0), A, powers))
+    k, P, powers, squares = lax.while_loop(cond, body, (jnp.int32(0), A, powers, squares))
     # 2^(K−1) terms were not enough: 1 − ρ(A) ≲ ln(1/√ε) / 2^(K−1). Refuse when that is below
     # the rounding level 10 √n ε of ρ (e.g. an orthogonal A, whose computed ρ is 1 − 1e-16).
     most_doublings = np.log2(0.5 * np.log(1 / eps) / (10 * np.sqrt(n) * eps))
     ok = converged(P) & jnp.all(jnp.isfinite(P)) & (k - 1 < most_doublings)
-    return dict(powers=powers, num_iters=k, ok=ok)
+    return dict(powers=powers, squares=squares, num_iters=k, ok=ok)
 
 
-def _doubling_solve(factors, B, *, transpose):
-    # A X Aᵀ − X = B  ⇔  X = Σᵢ Aⁱ (−B) Aⁱᵀ, summed by Xₖ₊₁ = Xₖ + Pₖ Xₖ Pₖᵀ.
-    powers = factors["powers"]
+def _doubling_solve(factors, B, *, transpose, floor=None):
+    # A X Aᵀ − X = B  ⇔  X = Σᵢ Aⁱ (−B) Aⁱᵀ, summed by Xₖ₊₁ = Xₖ + Pₖ Xₖ Pₖᵀ. The remainder
+    # after step k is ≈ Pₖ Xₖ Pₖᵀ, at most ‖Pₖ‖_F² ‖Xₖ‖_F: with a ``floor`` (the refinement's
+    # correction, needed only to the solution's rounding level) the sum stops once that is
+    # below it, usually a few doublings before the last.
+    powers, squares = factors["powers"], factors["squares"]
+
+    def cond(state):
+        k, X = state
+        going = k < factors["num_iters"]
+        if floor is not None:
+            going = going & (squares[k] * jnp.sqrt(jnp.sum(X * X)) > floor)
+        return going
 
     def body(state):
         k, X = state
@@ -700,5 +716,5 @@ def _doubling_solve(factors, B, *, transpose):
             P = P.T
         return k + 1, X + P @ X @ P.T
 
-    _, X = lax.while_loop(lambda s: s[0] < factors["num_iters"], body, (jnp.int32(0), -B))
+    _, X = lax.while_loop(cond, body, (jnp.int32(0), -B))
     return _nan_unless(factors["ok"], X)
