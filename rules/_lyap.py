@@ -448,11 +448,13 @@ def _unrolled_sweep(R, Rc, C):
     return jnp.stack(columns, axis=1)
 
 
-def _schur_solve(factors, B, *, transpose):
-    # X = Z G Y Gᴴ Zᵀ with Y the triangular solution for C = Gᴴ (Zᵀ B Z) G.
+def _schur_solve(factors, B, *, transpose, left=None):
+    # X = Z G Y Gᴴ Zᵀ with Y the triangular solution for C = Gᴴ (L B Lᵀ) G, L = Zᵀ (or the
+    # ``left`` given: Zᵀ K for the Cayley transform, folding its K in).
     Z, (d, sub, sup) = factors["Z"], factors["rot"]
     cdtype = factors["R"].dtype
-    C = (Z.T @ B @ Z).astype(cdtype)
+    left = Z.T if left is None else left
+    C = (left @ B @ left.T).astype(cdtype)
     C = jnp.conj(_tridiag_right(jnp.conj(_tridiag_right(C, d, sub, sup)).T, d, sub, sup)).T
     if transpose:
         Y = _triangular_sweep(factors["R_flipped"], C[::-1, ::-1])
@@ -519,9 +521,18 @@ def _split_matmul(A, X):
     bits = jnp.finfo(A.dtype).nmant + 1
     beta = int(np.ceil((bits + np.log2(max(A.shape[-1], 2))) / 2))
 
+    finfo = jnp.finfo(A.dtype)
+    int_type = jnp.int64 if finfo.bits == 64 else jnp.int32
+    exponent_bits = ((1 << finfo.nexp) - 1) << finfo.nmant
+
     def split(M, axis):
-        _, exponent = jnp.frexp(jnp.max(jnp.abs(M), axis=axis, keepdims=True))
-        sigma = jnp.ldexp(jnp.ones_like(M[..., :1, :1]), exponent + beta)
+        # σ = 2^(e+β) for the row maximum m = f 2^e, f ∈ [½, 1): 2^(β+1) times m with its
+        # mantissa bits cleared (a bit mask, much cheaper than frexp/ldexp)
+        m = jnp.max(jnp.abs(M), axis=axis, keepdims=True)
+        floor_pow2 = lax.bitcast_convert_type(
+            lax.bitcast_convert_type(m, int_type) & exponent_bits, M.dtype
+        )
+        sigma = floor_pow2 * (2.0 ** (beta + 1))
         # lax.sub/add: no reassociation can fold (M + σ) − σ back into M
         high = lax.sub(lax.add(M, sigma), sigma)
         return high, M - high
@@ -590,12 +601,14 @@ def _cayley_factors(A):
     )
     schur = _schur_factors((omega * A - eye) @ K)
     schur["ok"] = schur["ok"] & jnp.all(jnp.isfinite(K))
-    return dict(K=K, schur=schur)
+    # each solve transforms 2 K C Kᵀ (resp. 2 Kᵀ C K) to Schur coordinates: Zᵀ K made once
+    Zt = schur["Z"].T
+    return dict(ZtK=Zt @ K, ZtKt=Zt @ K.T, schur=schur)
 
 
 def _cayley_solve(factors, C, *, transpose):
-    K = factors["K"].T if transpose else factors["K"]
-    return _schur_solve(factors["schur"], 2 * (K @ C @ K.T), transpose=transpose)
+    left = factors["ZtKt" if transpose else "ZtK"]
+    return _schur_solve(factors["schur"], 2 * C, transpose=transpose, left=left)
 
 
 # --------------------------------------------------------------------------------------
