@@ -104,11 +104,12 @@ working precision would not do: its own error ``≈ ε ‖A‖ ‖X‖``, amplif
 as what it corrects. With the accurate residual one step makes ``X`` and its tangents
 accurate to a few ``ε`` there (``tests/rules/test_lyap.py``), at the cost of a second
 sweep per solve (the first step's right side is ``B`` itself: no residual of ``X = 0``).
-``"kron"`` (an LU with partial pivoting) is left as it is. Cost against the unrefined solves
-(``python -m benchmarks lyap``; 2-core CPU, jax 0.10): Schur at n = 64–128 about 1.1–1.2x
-(the sweep was made ~3x cheaper to pay for it), at n ≤ 16 1.2–1.5x (per-operation overhead
-bound), sign ≈ 1.1x, doubling 1.6–2x (bound by its matmul count: ``K`` + ``K − 2`` doublings
-plus the residual against ``K``).
+``"kron"`` (an LU with partial pivoting) is left as it is. Cost against the solves before
+refinement (same process, 2-core CPU, jax 0.10; forward / gradient): Schur at n = 64–128
+1.08–1.14x / 1.12–1.21x (the sweep was made up to ~3x cheaper to pay for it), at n = 4–16
+1.2–1.3x / 1.3–1.5x (bound by per-operation overhead: two more sweeps and a residual), sign
+1.07–1.3x / 1.08–1.15x, doubling 1.6–1.9x / 1.7–2x (bound by its matmul count: ``K`` and about
+``K − 2`` doublings plus the residual, against ``K``).
 
 Symmetry: when ``Q`` (or any right-hand side of a derivative solve) is exactly symmetric the
 returned ``X`` is symmetrised, so it is exactly symmetric; a non-symmetric ``Q`` is solved as
