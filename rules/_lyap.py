@@ -533,7 +533,7 @@ def _split_matmul(A, X):
     beta = int(np.ceil((bits + np.log2(max(A.shape[-1], 2))) / 2))
 
     finfo = jnp.finfo(A.dtype)
-    int_type = jnp.int64 if finfo.bits == 64 else jnp.int32
+    int_type = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[finfo.bits]
     exponent_bits = ((1 << finfo.nexp) - 1) << finfo.nmant
 
     def split(M, axis):
