@@ -70,6 +70,25 @@ def test_lbfgs_reuses_value_and_gradient_from_state():
     assert len(calls) < 2 * res.num_steps
 
 
+def test_lbfgs_fit_traces_the_loss_once():
+    # Every place a step evaluates the loss is a copy of its program that XLA compiles again
+    # (inlined): the L-BFGS step reads the value and gradient from the seeded state, the line
+    # search's two evaluations and the final loss share one traced (jitted) loss.
+    traces = []
+
+    def loss(params):
+        traces.append(1)  # runs at trace time only
+        return quadratic(params)
+
+    res = statespace.fit(
+        loss, quad_init(), optimizer=optax.lbfgs(), num_steps=30, tol=1e-14, progress=False
+    )
+    assert res.converged
+    assert len(traces) == 1
+    np.testing.assert_allclose(res.loss, float(quadratic(res.params)), rtol=1e-12)
+    np.testing.assert_allclose(res.losses[0], float(quadratic(quad_init())), rtol=1e-12)
+
+
 def test_runs_exactly_num_steps_without_tol_across_partial_chunks():
     res = statespace.fit(
         quadratic, quad_init(), optimizer=optax.sgd(0.01), num_steps=73, chunk_size=20,
