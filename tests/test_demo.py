@@ -42,6 +42,8 @@ def test_build_model_structure():
     np.testing.assert_allclose(model.d, [350.0])
 
 
+@pytest.mark.slow  # 40 s, mostly compiling the 6-state model's fit, Hessian and NUTS
+@pytest.mark.timeout(300)
 def test_tiny_demo_run_on_a_subset(tmp_path, capsys):
     png = tmp_path / "demo.png"
     rc = cli.main(["demo", "--last-weeks", "104", "--num-steps", "8", "--num-warmup", "5",

@@ -109,8 +109,9 @@ def test_float32():
     _assert_close(g32, GRAD(params, y, "cov", "adjoint"), 1e-3, "float32 vs float64")
 
 
-@pytest.mark.parametrize(
-    "form", ["cov", pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
+@pytest.mark.slow  # ~20 s (cov), compile of the nested derivatives
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("form", ["cov", "sqrt"])
 def test_second_order_and_forward_mode(form):
     full, y = _case(n=2, m=2, T=4, seed=5)
     params = {k: full[k] for k in ("F", "H", "R", "m0")}
