@@ -30,7 +30,7 @@ form ``A = Z T Zᵀ`` from LAPACK (``jax.scipy.linalg.schur``), turned into a co
 triangular one ``A = U R Uᴴ`` (``U = Z G``, ``G`` the block-diagonal 2×2 unitary rotations
 that triangularise the 2×2 blocks: all commute, so this costs O(n²)). With ``Y = Uᴴ X U``,
 ``C = Uᴴ (−Q) U`` the continuous equation becomes triangular, ``R Y + Y Rᴴ = C``, solved
-column by column from the last (``lax.fori_loop``, written out in Python for ``n ≤ 8``;
+column by column from the last (``lax.fori_loop``, written out in Python for ``n ≤ 4``;
 column ``j`` needs only columns ``k > j``):
 
     (R + r̄ⱼⱼ I) yⱼ = cⱼ − Σ_{k>j} r̄ⱼₖ yₖ,
@@ -147,8 +147,10 @@ _DLYAP_METHODS = ("auto", "schur", "doubling")
 _SIGN_MAX_ITERS = 40
 _DOUBLING_MAX_ITERS = 60
 _CAYLEY_CONDITION_OK = 100.0
-# up to this n the Schur sweep and the refinement step are unrolled in Python (no loops)
-_UNROLL_MAX_N = 8
+# up to this n the Schur sweep and the refinement step are unrolled in Python (no loops): their
+# loops' overhead is most of a small solve's cost, but written out they grow the program by
+# ~2n triangular solves per solve (n = 8 in a likelihood's stationary start: +2.5 s compile)
+_UNROLL_MAX_N = 4
 
 
 # --------------------------------------------------------------------------------------
