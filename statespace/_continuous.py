@@ -67,8 +67,8 @@ class Discretization(NamedTuple):
 # series (the (T, K+2) @ (K+2, 2n²+n) product, K=30 for θ=2) at no per-step cost elsewhere:
 # every step is composed with a look-up anyway.
 _SERIES = {8: (1.0, 19, 5), 4: (1.0, 12, 4), 2: (0.5, 8, 3)}
-# Each step dt = q δ + r is looked up digit by digit of q in base _TABLE, one table per digit
-# (up to _LEVELS look-ups and compositions per step): steps up to _TABLE**_LEVELS δ = 262144 δ
+# Each step dt = q δ + r looks up q mod _TABLE in a table; steps of _TABLE δ or more compose the
+# higher bits of q, one transition per bit (6 (_LEVELS − 1) bits): steps up to _TABLE**_LEVELS δ = 262144 δ
 # (at least 1.3e5 / α time units, δ >= θ/(2α)); longer steps give NaN.
 _TABLE = 64
 _LEVELS = 3
@@ -180,28 +180,36 @@ def _compose_series(first, series):
 
 
 def _table(step, size):
-    """Transitions over ``j δ`` for ``j = 0 .. size−1`` from the one over ``δ`` (``step``).
+    """Transitions over ``j δ`` for ``j = 0 .. size−1`` from the one over ``δ`` (``step``), and
+    the transition over ``size δ``.
 
-    ``step`` may carry leading batch axes (one table per level); the table axis comes first.
-    Built in log2(size) rounds of one batched composition each: with entries ``0 .. m−1`` and
-    the transition over ``m δ``, composing the stack ``[entries, m δ]`` with ``m δ`` gives
-    entries ``m .. 2m−1`` and the transition over ``2m δ``. Every entry is an exact composition
-    and rounding grows like log(size), not like size.
+    ``size`` is a power of two. Built in log2(size) rounds of one batched composition each:
+    with entries ``0 .. m−1`` and the transition over ``m δ``, composing entries ``0 .. m−1``
+    with ``m δ`` gives entries ``m .. 2m−1``, and ``m δ`` with itself gives ``2m δ``. Every entry
+    is an exact composition and rounding grows like log(size), not like size. The rounds are
+    one ``lax.scan`` over fixed-size arrays (each round composes all ``size`` entries, rolled by
+    ``m``, and keeps entries ``m .. 2m−1``): the program holds one round, not log2(size) of
+    them with growing shapes (the unrolled rounds were a quarter of the compiled
+    discretisation, and more of its reverse pass).
     """
     F_step, Q_step, c_step = step
-    F = jnp.broadcast_to(jnp.eye(F_step.shape[-1], dtype=F_step.dtype), F_step.shape)[None]
-    Qd = jnp.zeros_like(Q_step)[None]
-    c = None if c_step is None else jnp.zeros_like(c_step)[None]
-    over_m = step  # the transition over m δ, m = the current table size
-    while F.shape[0] < size:
-        F_m, Q_m, c_m = over_m
-        stacked = (jnp.concatenate([F, F_m[None]]), jnp.concatenate([Qd, Q_m[None]]),
-                   None if c is None else jnp.concatenate([c, c_m[None]]))
-        F_new, Q_new, c_new = _compose(stacked, over_m)
-        F, Qd = jnp.concatenate([F, F_new[:-1]]), jnp.concatenate([Qd, Q_new[:-1]])
-        c = None if c is None else jnp.concatenate([c, c_new[:-1]])
-        over_m = (F_new[-1], Q_new[-1], None if c is None else c_new[-1])
-    return F[:size], Qd[:size], None if c is None else c[:size]
+    F = jnp.broadcast_to(jnp.eye(F_step.shape[-1], dtype=F_step.dtype), (size,) + F_step.shape)
+    Qd = jnp.zeros((size,) + Q_step.shape, Q_step.dtype)
+    c = None if c_step is None else jnp.zeros((size,) + c_step.shape, c_step.dtype)
+    index = np.arange(size)
+
+    def round_(carry, m):
+        entries, over_m = carry
+        shifted = tuple(None if e is None else jnp.roll(e, m, axis=0) for e in entries)
+        new = _compose(shifted, tuple(None if o is None else o[None] for o in over_m))
+        keep = (index >= m) & (index < 2 * m)
+        entries = tuple(None if e is None else jnp.where(keep.reshape((size,) + (1,) * (e.ndim - 1)), x, e)
+                        for e, x in zip(entries, new))
+        return (entries, _compose(over_m, over_m)), None
+
+    rounds = jnp.asarray(2 ** np.arange(int(np.log2(size))), jnp.int32)
+    (entries, over_size), _ = lax.scan(round_, ((F, Qd, c), step), rounds)
+    return entries, over_size
 
 
 def _look_up(table, q, level, dtype):
@@ -247,11 +255,12 @@ def _discretize_matrices(A, Q, b, dt):
     series in ``x = r/δ <= 1`` of the scaled ``δA``, ``δQ``, ``δb`` (``α r <= θ``: fast
     convergence, nothing cancels, nothing overflows in any time unit, and for tiny ``dt``
     ``Qd ≈ r Q`` to full relative precision; all steps are one ``(T, K+2) @ (K+2, 2n²+n)``
-    product, see :func:`_series_weights`), the one over ``q δ`` from one look-up per base-64
-    digit of ``q`` in tables of exact compositions of the transition over ``δ``, ``64 δ``,
-    ``64² δ`` (shared by all steps), so the per-step work is a polynomial, one to three look-ups and as many
-    compositions (the second and third digits only when some step of the batch reaches 64 δ: one
-    batch-wide ``lax.cond``, which halves the discretisation's reverse pass in the common case).
+    product, see :func:`_series_weights`), the one over ``q δ`` from a look-up of ``q mod 64`` in
+    a table of exact compositions of the transition over ``δ`` (shared by all steps), so the
+    per-step work is a polynomial, one look-up and one composition; the higher bits of ``q``
+    (transitions over ``64 δ``, ``128 δ``, … by squaring, one composition per bit) only when some
+    step of the batch reaches 64 δ: one batch-wide ``lax.cond``, which halves the
+    discretisation's reverse pass in the common case.
     Every identity used is exact, so the derivative of this map is the derivative of the exact
     map (to the truncation error); autodiff sees only matmuls, gathers and elementwise products
     (no per-step branch or loop, whose reverse passes cost several times their forward). Van
@@ -294,45 +303,48 @@ def _discretize_matrices(A, Q, b, dt):
     F_step, G_step, bd_step = _series(weights_t, jnp.ones((), table_dtype))
     Q_step = F_step @ G_step
     step = (F_step, 0.5 * (Q_step + Q_step.T), bd_step)
-    table = _table(step, _TABLE)
+    table, over_table = _table(step, _TABLE)
 
     # The transition over q δ: one look-up when every step of the batch is shorter than 64 δ
-    # (the common case), else one per base-64 digit of q, composed; then the composition with
+    # (the common case), else also one composition per higher bit of q; then the composition with
     # the series over r. One predicate for the whole batch (under vmap it is batched and both
     # branches run). Where both branches apply they give the same numbers: composing with a
     # digit 0's (I, 0, 0) is exact. Each branch returns the final per-step arrays as fresh
     # results: a branch that passed per-step arrays through made XLA copy them, and one that
     # returned only the look-ups kept the look-ups and compositions in separate kernels
     # (together 0.12-0.15 ms of the (4, 2, 1000) gradient).
-    def short_steps(table, step, q, series):
+    def short_steps(table, over_table, q, series):
         return _compose_series(_look_up(table, q, 0, dtype), series)
 
-    def long_steps(table, step, q, series):
-        # the transitions over 64 δ, 64² δ, … by repeated squaring, and their tables built
-        # together (one batched table build: less to compile)
-        level_steps, current = [], step
-        for _ in range(1, _LEVELS):
-            for _ in range(int(np.log2(_TABLE))):
-                current = _compose(current, current)
-            level_steps.append(current)
-        stacked = tuple(None if step[i] is None else jnp.stack([s[i] for s in level_steps])
-                        for i in range(3))
-        tables = _table(stacked, _TABLE)  # axes: (table entry, level, ...)
+    def long_steps(table, over_table, q, series):
+        # q's digit 0 from the table, then its higher bits (64 δ, 128 δ, ...: one squaring and
+        # one composition per bit, (I, 0, 0) where the bit is 0) in a lax.scan: the program
+        # holds one composition, not a table build and look-up per base-64 digit.
+        def bit(carry, _):
+            over, power, high = carry
+            odd = jnp.mod(high, 2.0) == 1.0
+            factor = tuple(None if p is None else jnp.where(odd.reshape(odd.shape + (1,) * p.ndim),
+                                                            p.astype(dtype), identity)
+                           for p, identity in zip(power, (jnp.eye(n, dtype=dtype), 0.0, 0.0)))
+            return (_compose(over, factor), _compose(power, power), jnp.floor(high / 2.0)), None
+
         over = _look_up(table, q, 0, dtype)
-        for j, level in enumerate(range(1, _LEVELS)):
-            level_table = tuple(None if t is None else t[:, j] for t in tables)
-            over = _compose(_look_up(level_table, q, level, dtype), over)
+        bits = int(np.log2(_TABLE)) * (_LEVELS - 1)
+        (over, _, _), _ = lax.scan(bit, (over, over_table, jnp.floor(q / _TABLE)), None, length=bits)
         return _compose_series(over, series)
 
-    # Not tried again without measuring the reverse pass: a version with the table rounds in a
-    # lax.scan and the higher bits of q in a scan of squarings compiled ~3 s faster (4, 2, 1000
-    # value_and_grad, 5.7 vs 8.7 s CPU) but its reverse pass through this cond ran 2-5x slower
-    # (VJP at (4, 2, 10000) 10 ms against 2 ms; at (8, 4, 1000) 5 ms against 1.2-2.8 ms).
+    # Measured, and the lead for making this both fast to compile and fast to run: the table
+    # rounds in a lax.scan and the higher bits of q in a scan of squarings (this version)
+    # compile ~3 s faster than unrolled rounds and base-64 digit tables ((4, 2, 1000)
+    # value_and_grad, 5.7 vs 8.7 s CPU; a fresh-process L-BFGS fit 17 vs 21 s, NUTS 29 vs 36 s),
+    # but this cond's reverse pass runs 2-5x slower with them (VJP at (4, 2, 10000) 10 ms
+    # against 2 ms, at (8, 4, 1000) 5 ms against 1.2-2.8 ms); without the cond (no long
+    # steps) the VJP is as fast as the unrolled version's.
     # Rematerialised: otherwise reverse mode makes the cond return every per-step residual of
     # the long-step branch, and the usual branch fills them with zeros. With
     # ``jax.checkpoint`` the reverse pass recomputes the (rare) long branch instead.
     F, Qd, bd = lax.cond(jnp.max(q, initial=0.0) >= _TABLE, jax.checkpoint(long_steps), short_steps,
-                         table, step, q, out)
+                         table, over_table, q, out)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)
@@ -352,10 +364,11 @@ def discretize(model, dt) -> Discretization:
     Exact for every ``A`` (singular, defective, unstable) and every ``dt >= 0``: with a grid step
     ``δ`` (a power of two near ``θ/α``, α ≈ the spectral growth rate ``||A^k||^{1/k}``, chosen
     outside the differentiated path) each step is split exactly as ``dt = q δ + r``; the
-    transition over ``r`` is a Taylor series (``α r <= θ``), the one over ``q δ`` is looked up,
-    one base-64 digit of ``q`` at a time, in tables of exact compositions
+    transition over ``r`` is a Taylor series (``α r <= θ``), the one over ``q δ`` is looked up
+    (``q mod 64``) in a table of exact compositions
     ``F(a+b) = F(b) F(a)``, ``Qd(a+b) = F(b) Qd(a) F(b)ᵀ + Qd(b)``, ``bd(a+b) = F(b) bd(a) + bd(b)``
-    shared by all steps. Relative error ~1e-14 in float64 against a 50-digit mpmath reference
+    shared by all steps (and composed with those over ``2^j 64 δ`` for the higher bits of ``q``).
+    Relative error ~1e-14 in float64 against a 50-digit mpmath reference
     for ``dt ||A||`` from 1e-8 to 1e3 (tests/statespace/test_continuous.py); it never forms
     ``P∞ − F P∞ Fᵀ`` (which cancels for small ``dt``) nor ``e^{−A dt}``. In float32 the
     step-independent tables are built in float64 when ``jax_enable_x64`` is on (relative error
