@@ -198,7 +198,8 @@ def fit(
     function) however many places a step evaluates it, and for optimisers that keep the value
     and gradient in their state the step itself does not evaluate it (the state is seeded
     before the loop by one ``value_and_grad`` program, which also gives the final loss): an
-    L-BFGS fit compiles about half the program it did when every call site held its own copy.
+    L-BFGS fit's loop program compiles in about half the time it took when every call site
+    held its own copy.
 
     Stopping: after ``num_steps`` steps; or when ``|loss_k - loss_{k-1}| <= tol`` (absolute
     change between consecutive steps; ``tol=None`` disables it), which sets ``converged``; or
@@ -256,8 +257,9 @@ def fit(
     # a separate value_and_grad program, which also gives the final loss. (b) The places that
     # remain (optax's zoom line search has two, one per branch) call one jitted loss, which
     # XLA compiles as one shared function. Measured on the continuous-time (4, 2, 1000) model,
-    # L-BFGS to convergence (587 steps, benchmarks.compile's e2e job, shared 2-core machine):
-    # the loss traced 4 times -> once, the chunk's compile 10-11 s -> 5 s, the fit 18 -> 13 s.
+    # L-BFGS to convergence (587 steps): the loss traced 4 times -> once, the chunk's compile
+    # 10-11 s -> 5 s plus 4.6-5 s for the seeding program (the fit's XLA compile ~12-13 s ->
+    # 10.8 s in benchmarks.compile's fresh-process e2e job).
     user_loss = loss
     loss = loss if hasattr(loss, "lower") else jax.jit(loss)
     value_and_grad_jit = jax.jit(jax.value_and_grad(loss))
