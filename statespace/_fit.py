@@ -162,11 +162,9 @@ def _stored_value_and_grad(opt_state):
 
 
 def _seed_value_and_grad(opt_state, stored, value_and_grad, params, args):
-    """The state with its stored value and gradient set at ``params`` when they are not
-    (a fresh ``init`` holds ``inf``), cast to the stored dtypes (they ride in a scan carry)."""
+    """The state with its stored value and gradient set at ``params``, cast to the stored
+    dtypes (they ride in a scan carry)."""
     value, grad = stored
-    if bool(np.isfinite(np.asarray(value))):
-        return opt_state
     new_value, new_grad = value_and_grad(params, *args)
     cast = lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype)  # noqa: E731
     return optax.tree.set(opt_state, value=cast(new_value, value),
@@ -264,8 +262,11 @@ def fit(
     loss = loss if hasattr(loss, "lower") else jax.jit(loss)
     value_and_grad_jit = jax.jit(jax.value_and_grad(loss))
     stored = _stored_value_and_grad(opt_state)
-    if stored is not None:
+    # a fresh init holds inf; a resumed state already holds the value at its parameters
+    seed = stored is not None and not bool(np.isfinite(np.asarray(stored[0])))
+    if seed:
         opt_state = _seed_value_and_grad(opt_state, stored, value_and_grad_jit, params, args)
+    if stored is not None:
 
         def value_and_grad(params, state, *args):
             return _stored_value_and_grad(state)
@@ -360,10 +361,10 @@ def fit(
         if bar is not None:
             bar.close()
     params_out, state_out = carry[0], carry[1]
-    if stored is not None:  # the seeding program, compiled already
+    if seed:  # the seeding program, compiled already
         final_loss = float(value_and_grad_jit(params_out, *args)[0])
-    else:
-        final_loss = float(jax.jit(loss)(params_out, *args))
+    else:  # loss is jitted (above)
+        final_loss = float(loss(params_out, *args))
     losses_arr = np.concatenate(losses) if losses else np.zeros((0,), dtype=np.float64)
     return FitResult(
         params=params_out,
