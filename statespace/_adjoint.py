@@ -1,15 +1,17 @@
 """Hand-written reverse pass (adjoint recursion) for the sequential Kalman log-likelihood.
 
-Autodiff through ``lax.scan`` stores and replays every small operation of every step; the
-adjoint recursion below needs only the predicted moments of each step and runs one backward
-scan whose step costs about what a forward step costs (DESIGN.md section 5).
+Autodiff through ``lax.scan`` stores and replays every small operation of every step. The
+adjoint below needs only the predicted moments of each step: the reverse pass is two affine
+backward recursions (one for the mean's cotangent, one for the covariance's) whose
+coefficients, and every parameter's cotangent, are computed for all steps at once outside any
+loop (see the comment above :func:`_update`).
 
 The rule is a ``jax.custom_jvp`` on the scalar ``total = log p(y)``: its JVP computes the value
-AND the whole gradient ``g`` (forward filter + one backward adjoint scan, both plain JAX) and
-returns the tangent ``sum_i <g_i, p_dot_i>``. That tangent is linear in ``p_dot``, so JAX
-transposes it for reverse mode (``grad`` costs one forward and one adjoint scan), ``jax.jvp``
-works, and second order (``jax.hessian``, forward-over-reverse) works by differentiating the
-rule's own code, which is ordinary differentiable JAX. No ``custom_vjp`` is involved.
+AND the whole gradient ``g`` (forward filter + the adjoint, both plain JAX) and returns the
+tangent ``sum_i <g_i, p_dot_i>``. That tangent is linear in ``p_dot``, so JAX transposes it
+for reverse mode (``grad`` costs one forward filter and the adjoint), ``jax.jvp`` works, and
+second order (``jax.hessian``, forward-over-reverse) works by differentiating the rule's own
+code, which is ordinary differentiable JAX. No ``custom_vjp`` is involved.
 
 Only the total log-likelihood takes this path (``log_likelihood``, NumPyro's ``log_prob``);
 per-step log-likelihoods, moments, diffuse starts and the parallel filter use plain autodiff.
@@ -24,13 +26,10 @@ from jax import lax
 from rules._precision import full_precision
 from statespace._kalman import (
     _SMALL_M,
-    _UNROLL_MAX,
     _chol_solve,
     _filter_single,
-    _mask_observation,
     _mm,
-    _mm_fused,
-    _mmm,
+    _mask_observation,
     _spd_solve_small,
     _steps_params,
     _symmetrise,
@@ -38,35 +37,84 @@ from statespace._kalman import (
 
 
 # ------------------------------------------------------------------------------------------
-# Fused small-matrix helpers (broadcast-multiply-sum / unrolled loops below _UNROLL_MAX, so
-# XLA merges the adjoint step into few kernels, like the forward step)
+# Helpers. Outside the loops every array has a leading step axis and products are batched
+# ``dot``s (XLA:CPU runs those far faster than broadcast-multiply-sums over tiny axes); inside
+# a loop's step, small products are the filter's fused broadcast-multiply-sums (``_mm``).
 # ------------------------------------------------------------------------------------------
+def _bmm(A, B):
+    """``A @ B`` over the last two axes (leading axes broadcast)."""
+    return A @ B
+
+
+def _bmv(A, x):
+    """``A @ x`` for matrices ``A (..., p, q)`` and vectors ``x (..., q)``."""
+    return (A @ x[..., None])[..., 0]
+
+
+def _T(A):
+    return jnp.swapaxes(A, -1, -2)
+
+
 def _outer(a, b):
-    """``a b^T`` for vectors."""
-    return a[:, None] * b[None, :]
+    return a[..., :, None] * b[..., None, :]
 
 
-def _mtm(A, B):
-    """``A^T @ B`` (the transpose is folded into the fused product)."""
-    return _mm(A.T, B)
+def _spd_solve(S, B):
+    """``S^{-1} B`` for symmetric positive definite ``S (..., m, m)``, ``B (..., m, k)``: the
+    filter's scalar ``L D L^T`` for ``m <= 2``, else its Cholesky (unrolled while small, so a
+    loop's step holds no LAPACK call), ``S^{-1} B = L^{-T} (L^{-1} B)``."""
+    m = S.shape[-1]
+    if m <= _SMALL_M:
+        return _spd_solve_small(S, B)[0]
+    eye = jnp.broadcast_to(jnp.eye(m, dtype=S.dtype), S.shape)
+    Y = _chol_solve(S, jnp.concatenate([B, eye], axis=-1))[1]
+    return _T(Y[..., B.shape[-1]:]) @ Y[..., :B.shape[-1]]
 
 
-def _mmt(A, B):
-    """``A @ B^T``."""
-    return _mm(A, B.T)
+def _affine_recursion(A, c, x_end, reverse):
+    """Forward ``x[k+1] = A[k] x[k] + c[k]`` from ``x[0] = x_end``, or (``reverse``) backward
+    ``x[k] = A[k]^T x[k+1] (A[k] if x is a matrix) + c[k]`` from ``x[T] = x_end``.
+
+    Returns ``(x[T], x[0..T-1])`` forward, ``(x[0], x[1..T])`` backward.
+    """
+    def step(x, xs):
+        Ak, ck = xs
+        if x.ndim == 2:
+            return _mm(_mm(Ak.T, x), Ak) + ck, x
+        return _mm(Ak.T if reverse else Ak, x) + ck, x
+
+    return lax.scan(step, x_end, (A, c), reverse=reverse)
 
 
-def _inverse_cholesky(S):
-    """``L^{-1}`` with ``L = chol(S)`` (fused factorisation and substitution for small sizes)."""
-    return _chol_solve(S, jnp.eye(S.shape[-1], dtype=S.dtype))[1]
+def _gain(P, H, R, observed):
+    """For predicted covariances ``P (..., n, n)``: ``w, H_masked, H P, K^T = S^{-1} H P`` and
+    ``S^{-1}``, with ``S = H P H^T + R`` (missing entries masked as the filter masks them)."""
+    w, Hm, Rm = _mask_observation(H, R, observed)
+    HP = _bmm(Hm, P)
+    S = _bmm(HP, _T(Hm)) + Rm
+    eye = jnp.broadcast_to(jnp.eye(S.shape[-1], dtype=S.dtype), S.shape)
+    Z = _spd_solve(S, jnp.concatenate([HP, eye], axis=-1))
+    n = P.shape[-1]
+    return w, Hm, HP, Z[..., :n], Z[..., n:]
 
 
-# what the forward pass stores per step (the rest of ``xs`` are time-varying parameters)
-_STEP_DATA = ("y", "m", "P", "Xf", "Z")
+def _predicted_covariances(P0, par, observed):
+    """Predicted covariances of every step by the covariance recursion alone (it does not
+    depend on the data): ``P+ = F (P - (H P)^T K^T) F^T + Q``."""
+    per_step = {k: par[k] for k in ("F", "Q", "H", "R") if par[k].ndim == 3}
+
+    def step(P, xs):
+        xs = {**par, **xs}
+        _, Hm, Rm = _mask_observation(xs["H"], xs["R"], xs["o"])
+        HP = _mm(Hm, P)
+        Kt = _spd_solve(_mm(HP, Hm.T) + Rm, HP)
+        return _mm(_mm(xs["F"], P - _mm(HP.T, Kt)), xs["F"].T) + xs["Q"], P
+
+    return _symmetrise(lax.scan(step, P0, dict(per_step, o=observed))[1])
 
 
 # ------------------------------------------------------------------------------------------
-# The adjoint step
+# The adjoint pass
 # ------------------------------------------------------------------------------------------
 # Forward step k (predicted mean m, covariance P; missing entries masked by _mask_observation):
 #     v = y - H m - d,  S = H P H^T + R,  K = P H^T S^{-1},  alpha = S^{-1} v,
@@ -78,128 +126,89 @@ _STEP_DATA = ("y", "m", "P", "Xf", "Z")
 # differentiated in reverse with the matrix rules of Giles (2008), "Collected matrix derivative
 # results for forward and reverse mode algorithmic differentiation" (d log|S| = tr(S^{-1} dS),
 # d S^{-1} = -S^{-1} dS S^{-1}); the forward-mode counterpart is the sensitivity recursion of
-# Gupta & Mehra (1974, IEEE TAC 19(6)). With ell-bar = 1 for every step:
-#   prediction, given (mb+, Pb+) of step k+1 (zero after the last step):
-#     Fb = mb+ m_f^T + 2 Pb+ F P_f,  Qb = Pb+,  bb = mb+,
-#     mb_f = F^T mb+,                Pb_f = F^T Pb+ F;
-#   update, with c = H P mb_f, u = S^{-1} c, J = I - K H:
-#     vb = u - alpha                               (db = -vb, yb = vb)
-#     Sb = 1/2 (alpha alpha^T - S^{-1} - u alpha^T - alpha u^T) + K^T Pb_f K   (Rb = Sb)
-#     Hb = alpha (P mb_f)^T + 2 (Sb H - K^T Pb_f) P - vb m^T
-#     mb = mb_f - H^T vb
-#     Pb = J^T Pb_f J + H^T D H + sym(mb_f (H^T alpha)^T),  D = Sb - K^T Pb_f K,
-# and at the start m0b = mb, P0b = Pb of step 0. Rows/columns of missing entries are masked out
-# of Hb, Rb, vb exactly as the forward step masks H, R, v. The square-root form uses the same
-# recursion with P = L L^T rebuilt from its stored factors: the gradient is a property of the
-# function, not of the algorithm that evaluated it.
-def _adjoint_step(const, sqrt, carry, xs):
-    """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
-    accumulated gradients of the time-constant parameters."""
-    Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
-    mb_next, Pb_next = Xb_next[:, 0], Xb_next[:, 1:]
-    par = {**const, **{k: v for k, v in xs.items() if k not in _STEP_DATA}}
-    y, m, P = xs["y"], xs["m"], xs["P"]
-    if sqrt:  # the square-root filter stored lower factors
-        P = _mmt(P, P)
-    F, b, H, d, R = par["F"], par["b"], par["H"], par["d"], par["R"]
+# Gupta & Mehra (1974, IEEE TAC 19(6)). With ell-bar = 1 for every step and (mb+, Pb+) the
+# cotangents of step k+1's predicted moments (zero after the last step):
+#     mb_f = F^T mb+,  Pb_f = F^T Pb+ F,  u = K^T mb_f,  vb = u - alpha,  a = H^T alpha,
+#     D = 1/2 (alpha alpha^T - S^{-1} - u alpha^T - alpha u^T),  Sb = D + K^T Pb_f K,
+#     mb = J^T mb_f + a,  Pb = J^T Pb_f J + H^T D H + sym(mb_f a^T),  J = I - K H,
+# and the parameters' cotangents
+#     Fb = mb+ m_f^T + 2 Pb+ F P_f,  Qb = Pb+,  bb = mb+,  Rb = Sb,  db = -vb,  yb = vb,
+#     Hb = alpha (P mb_f)^T + 2 (Sb H - K^T Pb_f) P - vb m^T.
+# With the closed-loop transition A_k = F_k J_k this is two AFFINE backward recursions,
+#     mb[k] = A_k^T mb[k+1] + a_k,      Pb[k] = A_k^T Pb[k+1] A_k + G_k,
+#     G_k = H^T D_k H + sym(mb_f a^T)   (D_k depends on mb[k+1] only, not on Pb),
+# whose coefficients depend on the forward pass alone. The forward quantities split the same
+# way: the predicted covariances follow a recursion that does not involve the data, and then
+# the predicted means the affine one m+ = A_k m + F K (y - d) + b. So the pass is four short
+# loops (covariances, means, mb, Pb) and everything else is computed for all steps at once,
+# outside any loop. Why: XLA:CPU compiles a while loop whose one iteration touches under
+# ~1 KiB (`xla_cpu_small_while_loop_byte_threshold`, 1024 bytes in jaxlib 0.10) into one
+# function; a larger body pays a runtime dispatch per operation per step, which at small n
+# was 80-90 % of the gradient's time (Matern-3/2, N = 1e4: 13 ms -> 3.4 ms). Rows/columns of
+# missing entries are masked out of Hb, Rb, vb exactly as the forward step masks H, R, v.
+# The square-root form uses the same recursion with P = L L^T rebuilt from its stored factors:
+# the gradient is a property of the function, not of the algorithm that evaluated it.
+def _adjoint(y, m0, P, par):
+    """Predicted means, then the cotangents of the start ``(m0, P0)`` and per-step cotangents
+    of every parameter and of ``y`` (dicts of ``(T, ...)`` arrays), given the predicted
+    covariances ``P``."""
+    F, b, d = par["F"], par["b"], par["d"]
     observed = ~jnp.isnan(y)
-    w, Hm, Rm = _mask_observation(H, R, observed)
+    w, Hm, HP, Kt, Sinv = _gain(P, par["H"], par["R"], observed)
+    n = P.shape[-1]
+    A = _bmm(F, jnp.eye(n, dtype=P.dtype) - _bmm(_T(Kt), Hm))  # F (I - K H)
+    # predicted means: m+ = F (m + K v) + b = A m + F K (y - d) + b (v = 0 where y is missing)
+    y_d = jnp.where(observed, y - d, 0.0)
+    _, m = _affine_recursion(A, _bmv(F, _bmv(_T(Kt), y_d)) + b, m0, reverse=False)
+    v = jnp.where(observed, y_d - _bmv(par["H"], m), 0.0)
+    alpha = _bmv(Sinv, v)
+    m_f, P_f = m + _bmv(_T(Kt), v), P - _bmm(_T(HP), Kt)
 
-    # the update: stored by the forward's packed step, else recomputed (cheap, fused)
-    n, k = P.shape[0], Hm.shape[0]
-    if "Z" in xs:
-        # stored by the forward's packed step: [m_f | P_f] and S^{-1} [v | H P | I]
-        Z = xs["Z"]
-        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]
-        m_f, P_f = xs["Xf"][:, 0], xs["Xf"][:, 1:]
-    elif k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
-        # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
-        # solve, [K v | K H P] in one product (fewer XLA kernels per step)
-        X = jnp.concatenate([m[:, None], P], axis=1)
-        HX = _mm_fused(H, X)
-        v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
-        HP = HX[:, 1:] * w[:, None]
-        S = _mm_fused(HP, Hm.T) + Rm
-        # one solve S^{-1} [v | H P | I] (one kernel)
-        B = jnp.concatenate([v[:, None], HP, jnp.eye(k, dtype=S.dtype)], axis=1)
-        Z = _spd_solve_small(S, B)[0]
-        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]  # S^{-1} v, P H^T S^{-1}
-        corr = _mm_fused(HP.T, Z[:, :n + 1])
-        m_f = m + corr[:, 0]
-        P_f = P - corr[:, 1:]
-    else:
-        v = jnp.where(observed, y - _mm(H, m) - d, 0.0)
-        HP = _mm(Hm, P)
-        S = _mmt(HP, Hm) + Rm
-        Linv = _inverse_cholesky(S)
-        Sinv = _mtm(Linv, Linv)
-        K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
-        alpha = _mm(Sinv, v)
-        m_f = m + _mm(K, v)
-        P_f = P - _mm(K, HP)
+    a = _bmv(_T(Hm), alpha)
+    mb0, mb_next = _affine_recursion(A, a, jnp.zeros_like(m0), reverse=True)
+    mb_f = _bmv(_T(F), mb_next)
+    u = _bmv(Kt, mb_f)
+    ua = _outer(u, alpha)
+    D = 0.5 * (_outer(alpha, alpha) - Sinv - ua - _T(ua))
+    G = _bmm(_bmm(_T(Hm), D), Hm) + _symmetrise(_outer(mb_f, a))
+    Pb0, Pb_next = _affine_recursion(A, G, jnp.zeros((n, n), P.dtype), reverse=True)
 
-    # prediction adjoint
+    Pb_f = _bmm(_bmm(_T(F), Pb_next), F)
+    KtPb_f = _bmm(Kt, Pb_f)
+    Sb = D + _bmm(KtPb_f, _T(Kt))
+    vb = (u - alpha) * w
     grads = {
-        "F": _outer(mb_next, m_f) + 2.0 * _mmm(Pb_next, F, P_f),
+        "F": _outer(mb_next, m_f) + 2.0 * _bmm(_bmm(Pb_next, F), P_f),
         "Q": Pb_next,
         "b": mb_next,
+        "R": Sb * _outer(w, w),
+        "H": (_outer(alpha, _bmv(P, mb_f)) + 2.0 * _bmm(_bmm(Sb, Hm) - KtPb_f, P)
+              - _outer(vb, m)) * w[..., :, None],
+        "d": -vb,
+        "y": vb,
     }
-    mb_f = _mm(F.T, mb_next)
-    Pb_f = _mmm(F.T, Pb_next, F)
-
-    # update adjoint
-    u = _mm(K.T, mb_f)  # S^{-1} H P mb_f
-    vb = (u - alpha) * w
-    D = 0.5 * (_outer(alpha, alpha) - Sinv - _outer(u, alpha) - _outer(alpha, u))
-    Sb = D + _mmm(K.T, Pb_f, K)
-    grads["R"] = Sb * _outer(w, w)
-    grads["H"] = (
-        _outer(alpha, _mm(P, mb_f)) + 2.0 * (_mmm(Sb, Hm, P) - _mmm(K.T, Pb_f, P)) - _outer(vb, m)
-    ) * w[:, None]
-    grads["d"] = -vb
-    mb = mb_f - _mm(Hm.T, vb)
-    J = jnp.eye(P.shape[0], dtype=P.dtype) - _mm(K, Hm)
-    a = _mm(Hm.T, alpha)
-    Pb = _mmm(J.T, Pb_f, J) + _mmm(Hm.T, D, Hm) + _symmetrise(_outer(mb_f, a))
-
-    # one flat accumulator for all time-constant parameters: one fused update per step
-    # instead of one kernel per parameter
-    if const:
-        acc = acc + jnp.concatenate([grads[k].ravel() for k in sorted(const)])
-    per_step = {k: grads[k] for k in xs if k not in _STEP_DATA}
-    per_step["y"] = vb
-    return (jnp.concatenate([mb[:, None], Pb], axis=1), acc), per_step
+    return mb0, Pb0, grads
 
 
 def _value_and_grad(model, y, form):
     """Log-likelihood and its gradient (a model-shaped pytree and ``y``-shaped array) by the
-    forward filter and one adjoint scan."""
-    total, _, means, covs, update = _filter_single(model, y, form, "predicted")
+    forward filter and the adjoint recursions."""
     const, scanned = _steps_params(model)
     dtype = y.dtype
-    const = {k: v.astype(dtype) for k, v in const.items()}
-    scanned = {k: v.astype(dtype) for k, v in scanned.items()}
     # Q and R enter the forward pass through their symmetric part; their cotangents below are
     # symmetric, so the symmetrisation's transpose is the identity.
-    const = {k: _symmetrise(v) if k == "R" else v for k, v in const.items()}
-    scanned = {k: _symmetrise(v) if k == "R" else v for k, v in scanned.items()}
-    n = model.state_dim
-    names = sorted(const)
-    sizes = [const[k].size for k in names]
-    acc0 = jnp.zeros((sum(sizes),), dtype)
-    carry0 = (jnp.zeros((n, n + 1), dtype), acc0)
-    xs = dict(scanned, y=y, m=means, P=covs)
-    if update is not None:
-        xs["Xf"], xs["Z"] = update
-    (Xb0, acc), per_step = lax.scan(
-        lambda c, x: _adjoint_step(const, form == "sqrt", c, x), carry0, xs, reverse=True
-    )
-    mb0, Pb0 = Xb0[:, 0], Xb0[:, 1:]
+    par = {k: _symmetrise(v.astype(dtype)) if k in ("Q", "R") else v.astype(dtype)
+           for k, v in {**const, **scanned}.items()}
+    if form == "sqrt":  # the square-root filter's own predictions (lower factors)
+        total, _, _, chols = _filter_single(model, y, form, "predicted")
+        P = _bmm(chols, _T(chols))
+    else:
+        total = _filter_single(model, y, form, False)[0]
+        P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)), par, ~jnp.isnan(y))
+    mb0, Pb0, per_step = _adjoint(y, model.m0.astype(dtype), P, par)
     grads = {"m0": mb0, "P0": Pb0}
     for name in const:
-        x = getattr(model, name)
-        start = sum(sizes[: names.index(name)])
-        grads[name] = acc[start:start + const[name].size].reshape(x.shape)
+        grads[name] = jnp.sum(per_step[name], axis=0).reshape(getattr(model, name).shape)
     for name in scanned:
         grads[name] = per_step[name]
     # A failed factorisation (-inf) has no gradient: NaN everywhere, never a finite value.

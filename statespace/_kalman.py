@@ -95,7 +95,8 @@ def _cholesky_entries(S):
 
 
 def _chol_solve(S, B):
-    """``(diag(L), L^{-1} B)`` with ``L = chol(S)`` for ``S (m, m)``, ``B (m, k)``.
+    """``(diag(L), L^{-1} B)`` with ``L = chol(S)`` for ``S (..., m, m)``, ``B (..., m, k)``
+    (leading axes batch).
 
     For small ``m`` the factor is never assembled: the substitution reads the scalar entries
     of the unrolled factorisation directly, so XLA fuses factorisation and solve (fewer kernels
@@ -104,15 +105,16 @@ def _chol_solve(S, B):
     m = S.shape[-1]
     if m > _UNROLL_MAX:
         L = jnp.linalg.cholesky(S)
-        return jnp.diagonal(L), lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
+        diag = jnp.diagonal(L, axis1=-2, axis2=-1)
+        return diag, lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
     cols = _cholesky_entries(S)
     rows = []
     for i in range(m):
-        acc = B[i]
+        acc = B[..., i, :]
         for j in range(i):
-            acc = acc - cols[i][j] * rows[j]
-        rows.append(acc / cols[i][i])
-    return jnp.stack([cols[i][i] for i in range(m)]), jnp.stack(rows, axis=0)
+            acc = acc - cols[i][j][..., None] * rows[j]
+        rows.append(acc / cols[i][i][..., None])
+    return jnp.stack([cols[i][i] for i in range(m)], axis=-1), jnp.stack(rows, axis=-2)
 
 
 # Innovation covariances up to this size are solved with an unrolled square-root-free
@@ -123,21 +125,24 @@ _SMALL_M = 2
 
 
 def _spd_solve_small(S, B):
-    """``(S^{-1} B, det(S), pd)`` for symmetric ``S (m, m)``, ``m <= _SMALL_M``, ``B (m, k)``
-    by ``S = L D L^T`` (reads the lower triangle of ``S``).
+    """``(S^{-1} B, det(S), pd)`` for symmetric ``S (..., m, m)``, ``m <= _SMALL_M``,
+    ``B (..., m, k)`` by ``S = L D L^T`` (reads the lower triangle of ``S``; leading axes
+    batch).
 
     ``pd`` is True exactly when ``S`` is positive definite (both pivots positive; False on
     NaN). Written as scalar arithmetic so XLA fuses it into its consumers.
     """
     m = S.shape[-1]
     if m == 1:
-        return B / S[0, 0], S[0, 0], S[0, 0] > 0
-    a, b, c = S[0, 0], S[1, 0], S[1, 1]
+        a = S[..., 0, 0]
+        return B / S[..., :1, :1], a, a > 0
+    a, b, c = S[..., 0, 0], S[..., 1, 0], S[..., 1, 1]
     # S = L diag(a, p) L^T with L = [[1, 0], [l, 1]] (Cholesky without square roots)
     l = b / a
     p = c - l * b
-    z1 = (B[1] - l * B[0]) / p
-    sol = jnp.stack([B[0] / a - l * z1, z1], axis=0)
+    B0, B1 = B[..., 0, :], B[..., 1, :]
+    z1 = (B1 - l[..., None] * B0) / p[..., None]
+    sol = jnp.stack([B0 / a[..., None] - l[..., None] * z1, z1], axis=-2)
     return sol, a * p, (a > 0) & (p > 0)
 
 
@@ -255,13 +260,15 @@ def _mmm(A, B, C):
 def _mask_observation(H, R, observed):
     """Observation model of one step restricted to its observed entries (shapes unchanged).
 
+    Leading axes of ``observed`` (and of ``H``, ``R`` where they have them) batch over steps.
     Returns ``(w, Hm, Rm)``: the 0/1 indicator ``w`` of ``observed``, ``H`` with unobserved
     rows zeroed, and ``R`` with unit variance and no correlation at unobserved entries, so a
     missing entry contributes nothing to the likelihood or the update.
     """
     w = observed.astype(H.dtype)
-    Rm = R * (w[:, None] * w[None, :]) + jnp.eye(R.shape[-1], dtype=R.dtype) * (1.0 - w)
-    return w, H * w[:, None], Rm
+    ww = w[..., :, None] * w[..., None, :]
+    Rm = R * ww + jnp.eye(R.shape[-1], dtype=R.dtype) * (1.0 - w[..., None, :])
+    return w, H * w[..., :, None], Rm
 
 
 def _symmetrise(P):
@@ -412,9 +419,7 @@ def _steps_params(model: LinearGaussianSSM):
 def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     """The filter on one series. ``moments``: False (log-likelihoods only), True (all
     moments, a :class:`FilterResult`) or ``"predicted"`` (``total, log_likelihoods, predicted
-    means, predicted covariances`` -- lower factors in sqrt form -- and ``update``: from the
-    packed small-m step the per-step ``([m_f | P_f], S^{-1} [v | H P | I])``, else None;
-    non-diffuse models only)."""
+    means, predicted covariances`` -- lower factors in sqrt form; non-diffuse models only)."""
     n = model.state_dim
     dtype = y.dtype
     const, scanned = _steps_params(model)
@@ -538,10 +543,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         v = jnp.where(observed, yk - HX[:, 0] - d, 0.0)
         HP = HX[:, 1:] * w[:, None]
         S = _mm_fused(HP, Hm.T) + Rm
-        rhs = [v[:, None], HP]
-        if moments == "predicted":  # the adjoint pass also needs S^{-1}: one more column block
-            rhs.append(jnp.eye(Hm.shape[0], dtype=dtype))
-        Z, det, ok = _spd_solve_small(S, jnp.concatenate(rhs, axis=1))
+        Z, det, ok = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))
         corr = _mm_fused(HP.T, Z[:, :n + 1])  # [K v | K H P]
         X_f = X + jnp.concatenate([corr[:, :1], -corr[:, 1:]], axis=1)
         # -inf on a failed factorisation (NaN input stays NaN); later steps are set to -inf
@@ -557,9 +559,8 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         )
         out = (ll,)
         # the carried P is symmetric to rounding only (not symmetrised in the loop: a kernel)
-        if moments == "predicted":  # X_next itself (no copy of the carry), split after the scan;
-            # the update [m_f | P_f] and S^{-1} [v | H P | I], so the adjoint need not redo them
-            out = out + (X_next, X_f, Z)
+        if moments == "predicted":  # X_next itself (no copy of the carry), split after the scan
+            out = out + (X_next,)
         elif moments:
             out = out + (X_f[:, 0], _symmetrise(X_f[:, 1:]), mean, _symmetrise(P))
         return X_next, out
@@ -572,7 +573,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         out = (jnp.where(failed, -jnp.inf, out[0]),) + out[1:]
         if moments == "predicted":  # predictions of steps 1..T -> of steps 0..T-1
             Xs = jnp.concatenate([X0[None], out[1][:-1]], axis=0)
-            out = (out[0], Xs[:, :, 0], _symmetrise(Xs[:, :, 1:]), (out[2], out[3]))
+            out = (out[0], Xs[:, :, 0], _symmetrise(Xs[:, :, 1:]))
     else:
         carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
         (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)
@@ -594,8 +595,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
     if not moments:
         return total, log_likelihoods
     if moments == "predicted":  # what the adjoint pass needs (statespace._adjoint)
-        update = out[3] if len(out) > 3 else None  # (X_f, Z) of the packed step
-        return total, log_likelihoods, out[1], out[2], update
+        return total, log_likelihoods, out[1], out[2]
 
     mean_f, cov_f, mean_p, cov_p = out[1:5]
     chol_f = chol_p = None
@@ -619,7 +619,7 @@ def _empty_series(n, dtype, sqrt, moments, total):
     if not moments:
         return total, per_step
     if moments == "predicted":
-        return total, per_step, means, covs, None
+        return total, per_step, means, covs
     chols = covs if sqrt else None
     return FilterResult(total, per_step, means, covs, means, covs, chols, chols)
 

@@ -42,6 +42,8 @@ CASES = {
     "time_varying": dict(time_varying=True),
     "time_varying_some": dict(time_varying=("H", "Q")),
     "m1": dict(n=2, m=1),
+    # above the scalar L D L^T (m <= 2): the unrolled Cholesky inside and outside the loops
+    "m3": dict(n=4, m=3),
     # above _UNROLL_MAX: LAPACK Cholesky / triangular solves and plain matmuls
     "large": dict(n=9, m=9, T=3, missing=0.2),
 }
