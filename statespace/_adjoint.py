@@ -29,6 +29,7 @@ from statespace._kalman import (
     _chol_solve,
     _filter_single,
     _mm,
+    _mmm,
     _mask_observation,
     _spd_solve_small,
     _steps_params,
@@ -37,18 +38,29 @@ from statespace._kalman import (
 
 
 # ------------------------------------------------------------------------------------------
-# Helpers. Outside the loops every array has a leading step axis and products are batched
-# ``dot``s (XLA:CPU runs those far faster than broadcast-multiply-sums over tiny axes); inside
-# a loop's step, small products are the filter's fused broadcast-multiply-sums (``_mm``).
+# Helpers. Outside the loops every array has a leading step axis; a product with an inner
+# dimension up to 4 is a sum of outer products (one fused elementwise pass over all steps: on
+# XLA:CPU 2-20x faster than a batched ``dot`` at n = 4, T = 1e4), a larger one a batched
+# ``dot`` (the unrolled sum compiled ~35 % slower at n = 8 for ~2x less run time).
+# Inside a loop's step, small products are the filter's fused broadcast-multiply-sums (``_mm``).
 # ------------------------------------------------------------------------------------------
+_OUTER_SUM_MAX = 4
+
+
 def _bmm(A, B):
     """``A @ B`` over the last two axes (leading axes broadcast)."""
-    return A @ B
+    inner = A.shape[-1]
+    if inner > _OUTER_SUM_MAX:
+        return A @ B
+    return sum(A[..., :, k, None] * B[..., None, k, :] for k in range(inner))
 
 
 def _bmv(A, x):
     """``A @ x`` for matrices ``A (..., p, q)`` and vectors ``x (..., q)``."""
-    return (A @ x[..., None])[..., 0]
+    inner = A.shape[-1]
+    if inner > _OUTER_SUM_MAX:
+        return (A @ x[..., None])[..., 0]
+    return sum(A[..., :, k] * x[..., k, None] for k in range(inner))
 
 
 def _T(A):
@@ -80,10 +92,15 @@ def _affine_recursion(A, c, x_end, reverse):
     def step(x, xs):
         Ak, ck = xs
         if x.ndim == 2:
-            return _mm(_mm(Ak.T, x), Ak) + ck, x
-        return _mm(Ak.T if reverse else Ak, x) + ck, x
+            x = _mmm(Ak.T, x, Ak) + ck
+        else:
+            x = _mm(Ak.T if reverse else Ak, x) + ck
+        return x, x  # the new value as the output: no copy of the carry per step
 
-    return lax.scan(step, x_end, (A, c), reverse=reverse)
+    last, xs = lax.scan(step, x_end, (A, c), reverse=reverse)
+    if reverse:  # xs holds x[0..T-1]
+        return last, jnp.concatenate([xs[1:], x_end[None]], axis=0)
+    return last, jnp.concatenate([x_end[None], xs[:-1]], axis=0)  # xs holds x[1..T]
 
 
 def _gain(P, H, R, observed):
