@@ -72,6 +72,7 @@ def main(argv=None):
     """Run the example; returns a dict with ``estimates``, ``standard_errors``, ``z_scores``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    statespace.enable_small_loop_compilation()  # XLA:CPU: small loops as single functions
     if not args.no_cache:  # a second run loads its compiled programs from disk
         statespace.enable_compilation_cache()
     times, y = simulate(args.num_times, args.seed)

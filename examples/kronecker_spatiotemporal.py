@@ -154,6 +154,7 @@ def main(argv=None):
     ``agreement`` (relative differences of the two log-likelihoods and gradients) and ``result``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    statespace.enable_small_loop_compilation()  # XLA:CPU: small loops as single functions
     if not args.no_cache:  # a second run loads its compiled programs from disk
         statespace.enable_compilation_cache()
     data = simulate(args.num_sites, args.num_times, args.seed)

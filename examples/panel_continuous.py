@@ -136,6 +136,7 @@ def main(argv=None):
     """Run the example; returns a dict with the summary, ``max_rhat``, ``covered``, ``seconds``."""
     jax.config.update("jax_enable_x64", True)  # a script, not a library import
     args = parse_args(argv)
+    statespace.enable_small_loop_compilation()  # XLA:CPU: small loops as single functions
     if not args.no_cache:  # a second run loads its compiled programs from disk
         statespace.enable_compilation_cache()
     times, y, lengths = simulate(args.num_subjects, args.min_len, args.max_len, seed=args.seed)

@@ -12,6 +12,7 @@ from statespace._fit import FitResult, covariance, fit, standard_errors
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import LinearGaussianSSM
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
+from statespace._xla_flags import enable_small_loop_compilation
 
 __all__ = [
     "ContinuousLinearSSM",
@@ -22,6 +23,7 @@ __all__ = [
     "covariance",
     "discretize",
     "enable_compilation_cache",
+    "enable_small_loop_compilation",
     "fit",
     "kalman_filter",
     "log_likelihood",

@@ -19,7 +19,9 @@
 Every stage shows a progress bar. Sizes are flags (``--help``) so that tests run it tiny.
 Compiled programs are kept in JAX's persistent compilation cache in the user's cache folder
 (``statespace.enable_compilation_cache``), so a second run loads them instead of compiling;
-``--no-cache`` turns that off.
+``--no-cache`` turns that off. XLA:CPU is let compile the filters' small loops into single
+functions (``statespace.enable_small_loop_compilation``; unless ``XLA_FLAGS`` already set
+backend options).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import time
 from importlib import resources
 
 import numpy as np
+
+from statespace._xla_flags import enable_small_loop_compilation
 
 __all__ = ["load_co2", "build_model", "add_arguments", "run", "PARAMETERS"]
 
@@ -348,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
     # an application entry point (not a library import): the demo needs float64 (the diffuse
     # trend sits at ~300 ppm and the likelihood sums 2000+ terms)
     jax.config.update("jax_enable_x64", True)
+    enable_small_loop_compilation()  # before the first computation; see statespace._xla_flags
     if not args.no_cache:  # a second run loads its programs instead of compiling them
         from statespace._cache import enable_compilation_cache
 
