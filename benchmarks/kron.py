@@ -76,7 +76,7 @@ def main(argv=None) -> list[dict]:
         "--dense-128", action="store_true", help="also time the dense peer at n = 128 (≥ 4 GiB)"
     )
     args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)  # float64, as every figure in DESIGN §5
+    jax.config.update("jax_enable_x64", True)  # float64, as every other benchmark
     sizes = [8, 16] if args.quick else [32, 64, 128]
     repeats = 5 if args.quick else 20
     print(machine_info())

@@ -9,7 +9,7 @@ and with more factors each one acts on its own axis of ``x.reshape(c₁, …, c_
 Why no dense product and no custom rule is needed for gradients: every operation is written
 on the factors (one contraction per factor along its own axis, factor-wise solves, factor
 determinants), so JAX differentiates each factor's contraction separately. For ``Y = A X Bᵀ``
-the cotangents are ``Ā = Ȳ B Xᵀ``, ``B̄ = Ȳᵀ A X``, ``X̄ = Aᵀ Ȳ B`` (DESIGN §3): arrays of the
+the cotangents are ``Ā = Ȳ B Xᵀ``, ``B̄ = Ȳᵀ A X``, ``X̄ = Aᵀ Ȳ B``: arrays of the
 size of a factor or of x, never of the ``(nA nB)²`` product. The gradient with respect to a
 factor is the *structural* gradient: if ``G = ∂f/∂K`` is the dense (*natural*) gradient, then
 ``∂f/∂A = Σ_{jl} G[(i,j),(k,l)] B[j,l]`` (the contraction of G with B), which is exactly what

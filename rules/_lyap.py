@@ -1,6 +1,6 @@
 r"""Differentiable Lyapunov solves: ``lyap`` (continuous) and ``dlyap`` (discrete).
 
-Conventions (DESIGN §2):
+Conventions:
 
 * ``lyap(A, Q)`` returns ``X`` with ``A X + X Aᵀ + Q = 0``; for a stable ``A`` and
   ``Q = G Gᵀ`` this is the stationary covariance of ``dx = A x dt + G dW``.
@@ -13,7 +13,7 @@ Both are linear solves ``𝓛_A(X) = −Q`` with the operators
 
 so both are written as one ``lax.custom_linear_solve``: ``matvec = 𝓛_A`` (differentiable in
 ``A``), and ``solve`` / ``transpose_solve`` close over a factorisation of ``A`` computed once
-under ``lax.stop_gradient``. Differentiating ``𝓛_A(X) = −Q`` gives (DESIGN §3)
+under ``lax.stop_gradient``. Differentiating ``𝓛_A(X) = −Q`` gives
 
     tangent:   𝓛_A(Ẋ) = −Q̇ − 𝓛_Ȧ(X)                    (same operator, new right side)
     adjoint:   S = lyap(Aᵀ, X̄) (resp. dlyap(Aᵀ, X̄)),  Q̄ = S,
@@ -284,7 +284,7 @@ def _solve_on_solution(matvec, Q, solver, factors):
 
 def _lyap_single(A, Q, *, method):
     # 𝓛_A(X) = A X + X Aᵀ = −Q. Tangent and adjoint are 𝓛_A and 𝓛_Aᵀ = 𝓛_{Aᵀ} solves with
-    # new right sides (DESIGN §3); custom_linear_solve builds them from matvec + the solvers.
+    # new right sides (module docstring); custom_linear_solve builds them from matvec + the solvers.
     A_const = lax.stop_gradient(A)
     if method == "kron":
         factors = _kron_factors(A_const)

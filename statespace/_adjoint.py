@@ -1,10 +1,12 @@
 """Hand-written reverse pass (adjoint recursion) for the sequential Kalman log-likelihood.
 
 Autodiff through ``lax.scan`` stores and replays every small operation of every step. The
-adjoint below needs only the predicted moments of each step: the reverse pass is two affine
-backward recursions (one for the mean's cotangent, one for the covariance's) whose
-coefficients, and every parameter's cotangent, are computed for all steps at once outside any
-loop (see the comment above :func:`_update`).
+adjoint below needs only the predicted moments of each step. Two drivers run the same
+recursion: for small states (``n <= _SPLIT_MAX_N``) it is split into four short loops (the
+data-free covariance recursion, the affine mean recursion and the two affine cotangent
+recursions) with everything else computed for all steps at once (see the comment above
+:func:`_gain_terms`); for larger states one backward loop whose fused step
+(:func:`_adjoint_step`) costs about a forward step.
 
 The rule is a ``jax.custom_jvp`` on the scalar ``total = log p(y)``: its JVP computes the value
 AND the whole gradient ``g`` (forward filter + the adjoint, both plain JAX) and returns the
@@ -21,14 +23,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from rules._precision import full_precision
 from statespace._kalman import (
     _SMALL_M,
+    _UNROLL_MAX,
     _chol_solve,
     _filter_single,
     _mm,
+    _mm_fused,
     _mmm,
     _mask_observation,
     _spd_solve_small,
@@ -61,6 +66,21 @@ def _bmv(A, x):
     if inner > _OUTER_SUM_MAX:
         return (A @ x[..., None])[..., 0]
     return sum(A[..., :, k] * x[..., k, None] for k in range(inner))
+
+
+def _mtm(A, B):
+    """``A^T @ B`` for one step's small matrices (the transpose folded into the fused product)."""
+    return _mm(A.T, B)
+
+
+def _mmt(A, B):
+    """``A @ B^T`` for one step's small matrices."""
+    return _mm(A, B.T)
+
+
+def _inverse_cholesky(S):
+    """``L^{-1}`` with ``L = chol(S)`` (fused factorisation and substitution for small sizes)."""
+    return _chol_solve(S, jnp.eye(S.shape[-1], dtype=S.dtype))[1]
 
 
 def _T(A):
@@ -124,8 +144,13 @@ def _predicted_covariances(P0, par, observed):
         xs = {**par, **xs}
         _, Hm, Rm = _mask_observation(xs["H"], xs["R"], xs["o"])
         HP = _mm(Hm, P)
-        Kt = _spd_solve(_mm(HP, Hm.T) + Rm, HP)
-        return _mm(_mm(xs["F"], P - _mm(HP.T, Kt)), xs["F"].T) + xs["Q"], P
+        S = _mm(HP, Hm.T) + Rm
+        if S.shape[-1] <= _SMALL_M:
+            P_f = P - _mm(HP.T, _spd_solve_small(S, HP)[0])
+        else:  # whitened: (H P)^T S^{-1} H P = W^T W with W = L^{-1} H P
+            W = _chol_solve(S, HP)[1]
+            P_f = P - _mm(W.T, W)
+        return _mm(_mm(xs["F"], P_f), xs["F"].T) + xs["Q"], P
 
     return _symmetrise(lax.scan(step, P0, dict(per_step, o=observed))[1])
 
@@ -161,70 +186,202 @@ def _predicted_covariances(P0, par, observed):
 # outside any loop. Why: XLA:CPU compiles a while loop whose one iteration touches under
 # ~1 KiB (`xla_cpu_small_while_loop_byte_threshold`, 1024 bytes in jaxlib 0.10) into one
 # function; a larger body pays a runtime dispatch per operation per step, which at small n
-# was 80-90 % of the gradient's time (Matern-3/2, N = 1e4: 13 ms -> 3.4 ms). Rows/columns of
+# was 80-90 % of the gradient's time (Matern-3/2, N = 1e4: 13 ms -> 3.4 ms). From n = 4 on a
+# step's matrices alone pass that size, and one fused loop (_adjoint_step) is faster; jaxlib
+# 0.12 compiles far larger loops into one function by default, and there the split costs
+# 10-40 % at n <= 3 against the one loop (measured, accepted: 0.10 is what pip gives 3.11). Rows/columns of
 # missing entries are masked out of Hb, Rb, vb exactly as the forward step masks H, R, v.
 # The square-root form uses the same recursion with P = L L^T rebuilt from its stored factors:
 # the gradient is a property of the function, not of the algorithm that evaluated it.
-def _adjoint(y, m0, P, par):
-    """Predicted means, then the cotangents of the start ``(m0, P0)`` and per-step cotangents
-    of every parameter and of ``y`` (dicts of ``(T, ...)`` arrays), given the predicted
-    covariances ``P``."""
-    F, b, d = par["F"], par["b"], par["d"]
-    observed = ~jnp.isnan(y)
+def _gain_terms(P, par, observed):
+    """Forward quantities that depend on the predicted covariances only (any leading axes)."""
     w, Hm, HP, Kt, Sinv = _gain(P, par["H"], par["R"], observed)
-    n = P.shape[-1]
-    A = _bmm(F, jnp.eye(n, dtype=P.dtype) - _bmm(_T(Kt), Hm))  # F (I - K H)
-    # predicted means: m+ = F (m + K v) + b = A m + F K (y - d) + b (v = 0 where y is missing)
-    y_d = jnp.where(observed, y - d, 0.0)
-    _, m = _affine_recursion(A, _bmv(F, _bmv(_T(Kt), y_d)) + b, m0, reverse=False)
-    v = jnp.where(observed, y_d - _bmv(par["H"], m), 0.0)
-    alpha = _bmv(Sinv, v)
-    m_f, P_f = m + _bmv(_T(Kt), v), P - _bmm(_T(HP), Kt)
+    eye = jnp.eye(P.shape[-1], dtype=P.dtype)
+    return dict(w=w, Hm=Hm, HP=HP, Kt=Kt, Sinv=Sinv, P=P, P_f=P - _bmm(_T(HP), Kt),
+                A=_bmm(par["F"], eye - _bmm(_T(Kt), Hm)))  # A = F (I - K H)
 
-    a = _bmv(_T(Hm), alpha)
-    mb0, mb_next = _affine_recursion(A, a, jnp.zeros_like(m0), reverse=True)
+
+def _mean_terms(y, m, par, g, observed):
+    """Forward quantities that also depend on the predicted means."""
+    v = jnp.where(observed, y - par["d"] - _bmv(par["H"], m), 0.0)
+    alpha = _bmv(g["Sinv"], v)
+    return dict(m=m, alpha=alpha, m_f=m + _bmv(_T(g["Kt"]), v), a=_bmv(_T(g["Hm"]), alpha))
+
+
+def _mean_cotangent_terms(g, f, F, mb_next):
+    """``mb_f``, ``u``, ``D`` and the covariance recursion's source ``G`` given ``mb[k+1]``."""
     mb_f = _bmv(_T(F), mb_next)
-    u = _bmv(Kt, mb_f)
-    ua = _outer(u, alpha)
-    D = 0.5 * (_outer(alpha, alpha) - Sinv - ua - _T(ua))
-    G = _bmm(_bmm(_T(Hm), D), Hm) + _symmetrise(_outer(mb_f, a))
-    Pb0, Pb_next = _affine_recursion(A, G, jnp.zeros((n, n), P.dtype), reverse=True)
+    u = _bmv(g["Kt"], mb_f)
+    ua = _outer(u, f["alpha"])
+    D = 0.5 * (_outer(f["alpha"], f["alpha"]) - g["Sinv"] - ua - _T(ua))
+    G = _bmm(_bmm(_T(g["Hm"]), D), g["Hm"]) + _symmetrise(_outer(mb_f, f["a"]))
+    return dict(mb_f=mb_f, u=u, D=D, G=G)
 
+
+def _parameter_cotangents(g, f, c, F, mb_next, Pb_next):
+    """Every parameter's (and ``y``'s) cotangent at each step."""
     Pb_f = _bmm(_bmm(_T(F), Pb_next), F)
-    KtPb_f = _bmm(Kt, Pb_f)
-    Sb = D + _bmm(KtPb_f, _T(Kt))
-    vb = (u - alpha) * w
-    grads = {
-        "F": _outer(mb_next, m_f) + 2.0 * _bmm(_bmm(Pb_next, F), P_f),
+    KtPb_f = _bmm(g["Kt"], Pb_f)
+    Sb = c["D"] + _bmm(KtPb_f, _T(g["Kt"]))
+    w, alpha, P = g["w"], f["alpha"], g["P"]
+    vb = (c["u"] - alpha) * w
+    return {
+        "F": _outer(mb_next, f["m_f"]) + 2.0 * _bmm(_bmm(Pb_next, F), g["P_f"]),
         "Q": Pb_next,
         "b": mb_next,
         "R": Sb * _outer(w, w),
-        "H": (_outer(alpha, _bmv(P, mb_f)) + 2.0 * _bmm(_bmm(Sb, Hm) - KtPb_f, P)
-              - _outer(vb, m)) * w[..., :, None],
+        "H": (_outer(alpha, _bmv(P, c["mb_f"])) + 2.0 * _bmm(_bmm(Sb, g["Hm"]) - KtPb_f, P)
+              - _outer(vb, f["m"])) * w[..., :, None],
         "d": -vb,
         "y": vb,
     }
-    return mb0, Pb0, grads
 
 
-def _value_and_grad(model, y, form):
+def _adjoint_split(y, m0, P, par):
+    """The adjoint as four short loops, everything else for all steps at once (small ``n``).
+
+    Given the predicted covariances ``P``: the predicted means, then the cotangents of the
+    start ``(m0, P0)`` and per-step cotangents of every parameter and of ``y``.
+    """
+    n = P.shape[-1]
+    observed = ~jnp.isnan(y)
+    g = _gain_terms(P, par, observed)
+    # predicted means: m+ = F (m + K v) + b = A m + F K (y - d) + b (v = 0 where y is missing)
+    y_d = jnp.where(observed, y - par["d"], 0.0)
+    source = _bmv(par["F"], _bmv(_T(g["Kt"]), y_d)) + par["b"]
+    m = _affine_recursion(g["A"], source, m0, reverse=False)[1]
+    f = _mean_terms(y, m, par, g, observed)
+    mb0, mb_next = _affine_recursion(g["A"], f["a"], jnp.zeros_like(m0), reverse=True)
+    c = _mean_cotangent_terms(g, f, par["F"], mb_next)
+    Pb0, Pb_next = _affine_recursion(g["A"], c["G"], jnp.zeros((n, n), P.dtype), reverse=True)
+    return mb0, Pb0, _parameter_cotangents(g, f, c, par["F"], mb_next, Pb_next)
+
+
+# ------------------------------------------------------------------------------------------
+# The one-loop driver: the adjoint step (same recursion as above, every product fused)
+# ------------------------------------------------------------------------------------------
+def _adjoint_step(const, sqrt, carry, xs):
+    """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
+    accumulated gradients of the time-constant parameters."""
+    Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
+    mb_next, Pb_next = Xb_next[:, 0], Xb_next[:, 1:]
+    par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
+    y, m, P = xs["y"], xs["m"], xs["P"]
+    if sqrt:  # the square-root filter stored lower factors
+        P = _mmt(P, P)
+    F, b, H, d, R = par["F"], par["b"], par["H"], par["d"], par["R"]
+    observed = ~jnp.isnan(y)
+    w, Hm, Rm = _mask_observation(H, R, observed)
+
+    # the update: stored by the forward's packed step, else recomputed (cheap, fused)
+    n, k = P.shape[0], Hm.shape[0]
+    if k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
+        # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
+        # solve, [K v | K H P] in one product (fewer XLA kernels per step)
+        X = jnp.concatenate([m[:, None], P], axis=1)
+        HX = _mm_fused(H, X)
+        v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
+        HP = HX[:, 1:] * w[:, None]
+        S = _mm_fused(HP, Hm.T) + Rm
+        # one solve S^{-1} [v | H P | I] (one kernel)
+        B = jnp.concatenate([v[:, None], HP, jnp.eye(k, dtype=S.dtype)], axis=1)
+        Z = _spd_solve_small(S, B)[0]
+        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]  # S^{-1} v, P H^T S^{-1}
+        corr = _mm_fused(HP.T, Z[:, :n + 1])
+        m_f = m + corr[:, 0]
+        P_f = P - corr[:, 1:]
+    else:
+        v = jnp.where(observed, y - _mm(H, m) - d, 0.0)
+        HP = _mm(Hm, P)
+        S = _mmt(HP, Hm) + Rm
+        Linv = _inverse_cholesky(S)
+        Sinv = _mtm(Linv, Linv)
+        K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
+        alpha = _mm(Sinv, v)
+        m_f = m + _mm(K, v)
+        P_f = P - _mm(K, HP)
+
+    # prediction adjoint
+    grads = {
+        "F": _outer(mb_next, m_f) + 2.0 * _mmm(Pb_next, F, P_f),
+        "Q": Pb_next,
+        "b": mb_next,
+    }
+    mb_f = _mm(F.T, mb_next)
+    Pb_f = _mmm(F.T, Pb_next, F)
+
+    # update adjoint
+    u = _mm(K.T, mb_f)  # S^{-1} H P mb_f
+    vb = (u - alpha) * w
+    D = 0.5 * (_outer(alpha, alpha) - Sinv - _outer(u, alpha) - _outer(alpha, u))
+    Sb = D + _mmm(K.T, Pb_f, K)
+    grads["R"] = Sb * _outer(w, w)
+    grads["H"] = (
+        _outer(alpha, _mm(P, mb_f)) + 2.0 * (_mmm(Sb, Hm, P) - _mmm(K.T, Pb_f, P)) - _outer(vb, m)
+    ) * w[:, None]
+    grads["d"] = -vb
+    mb = mb_f - _mm(Hm.T, vb)
+    J = jnp.eye(P.shape[0], dtype=P.dtype) - _mm(K, Hm)
+    a = _mm(Hm.T, alpha)
+    Pb = _mmm(J.T, Pb_f, J) + _mmm(Hm.T, D, Hm) + _symmetrise(_outer(mb_f, a))
+
+    # one flat accumulator for all time-constant parameters: one fused update per step
+    # instead of one kernel per parameter
+    if const:
+        acc = acc + jnp.concatenate([grads[k].ravel() for k in sorted(const)])
+    per_step = {k: grads[k] for k in xs if k not in ("y", "m", "P")}
+    per_step["y"] = vb
+    return (jnp.concatenate([mb[:, None], Pb], axis=1), acc), per_step
+
+
+def _adjoint_loop(y, m, P, const, scanned, sqrt):
+    """The adjoint as one backward loop over the filter's stored predictions ``m``, ``P``
+    (lower factors when ``sqrt``), for larger ``n``: there the products dominate, and one fused
+    step beats the split's traffic through memory. Same outputs as :func:`_adjoint_split`
+    (the time-constant parameters' cotangents summed over the steps)."""
+    n = P.shape[-1]
+    names = sorted(const)
+    sizes = [const[k].size for k in names]
+    carry0 = (jnp.zeros((n, n + 1), P.dtype), jnp.zeros((sum(sizes),), P.dtype))
+    (Xb0, acc), per_step = lax.scan(lambda c, x: _adjoint_step(const, sqrt, c, x), carry0,
+                                    dict(scanned, y=y, m=m, P=P), reverse=True)
+    offsets = np.cumsum([0] + sizes)
+    for k, start, stop in zip(names, offsets[:-1], offsets[1:]):
+        per_step[k] = acc[start:stop].reshape(const[k].shape)[None]  # summed already
+    return Xb0[:, 0], Xb0[:, 1:], per_step
+
+
+# The split driver's loops are short only while the state is small; from this size on one
+# fused loop is faster (jaxlib 0.10, (n, m, T) = (6, 2, 1000): 2.6 against 3.5 ms).
+_SPLIT_MAX_N = 3
+
+
+def _value_and_grad(model, y, form, split=None):
     """Log-likelihood and its gradient (a model-shaped pytree and ``y``-shaped array) by the
-    forward filter and the adjoint recursions."""
+    forward filter and the adjoint recursions (``split``: which driver; default by size)."""
     const, scanned = _steps_params(model)
     dtype = y.dtype
     # Q and R enter the forward pass through their symmetric part; their cotangents below are
     # symmetric, so the symmetrisation's transpose is the identity.
-    par = {k: _symmetrise(v.astype(dtype)) if k in ("Q", "R") else v.astype(dtype)
-           for k, v in {**const, **scanned}.items()}
-    if form == "sqrt":  # the square-root filter's own predictions (lower factors)
-        total, _, _, chols = _filter_single(model, y, form, "predicted")
-        P = _bmm(chols, _T(chols))
+    const, scanned = ({k: _symmetrise(v.astype(dtype)) if k in ("Q", "R") else v.astype(dtype)
+                       for k, v in d.items()} for d in (const, scanned))
+    if split is None:
+        split = model.state_dim <= _SPLIT_MAX_N
+    m0 = model.m0.astype(dtype)
+    if not split:
+        total, _, means, covs = _filter_single(model, y, form, "predicted")
+        mb0, Pb0, per_step = _adjoint_loop(y, means, covs, const, scanned, form == "sqrt")
     else:
-        total = _filter_single(model, y, form, False)[0]
-        P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)), par, ~jnp.isnan(y))
-    mb0, Pb0, per_step = _adjoint(y, model.m0.astype(dtype), P, par)
+        if form == "sqrt":  # the square-root filter's own predictions (lower factors)
+            total, _, _, chols = _filter_single(model, y, form, "predicted")
+            P = _bmm(chols, _T(chols))
+        else:
+            total = _filter_single(model, y, form, False)[0]
+            P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)),
+                                       {**const, **scanned}, ~jnp.isnan(y))
+        mb0, Pb0, per_step = _adjoint_split(y, m0, P, {**const, **scanned})
     grads = {"m0": mb0, "P0": Pb0}
-    for name in const:
+    for name in const:  # per-step cotangents (the loop driver: one row, the sum)
         grads[name] = jnp.sum(per_step[name], axis=0).reshape(getattr(model, name).shape)
     for name in scanned:
         grads[name] = per_step[name]

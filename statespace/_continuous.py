@@ -12,7 +12,7 @@ with ``x(t_0) ~ N(m0, P0)``. Between two observation times it is exactly the dis
     Qd_k = ∫_0^{dt_k} e^{A s} Q e^{Aᵀ s} ds,
     b_k  = ∫_0^{dt_k} e^{A s} ds b,
 
-``dt_k = t_{k+1} − t_k`` (DESIGN §4). :func:`discretize` computes ``(F, Qd, bd)`` for every
+``dt_k = t_{k+1} − t_k``. :func:`discretize` computes ``(F, Qd, bd)`` for every
 ``A`` (singular and defective ones included: Brownian motion, integrated random walks, trends)
 and every ``dt ≥ 0``; :meth:`ContinuousLinearSSM._to_discrete` is what the Kalman filter,
 smoother and sampler call when they are handed a continuous model and ``times``.
@@ -152,7 +152,7 @@ def _series(weights, x):
 def _compose(first, second):
     """The transition over ``a + b`` from those over ``a`` (``first``) and ``b`` (``second``).
 
-    Exact semigroup identities of the SDE (DESIGN §4): ``F(a+b) = F(b) F(a)``,
+    Exact semigroup identities of the SDE: ``F(a+b) = F(b) F(a)``,
     ``Qd(a+b) = F(b) Qd(a) F(b)ᵀ + Qd(b)``, ``bd(a+b) = F(b) bd(a) + bd(b)``.
     """
     F_a, Q_a, c_a = first

@@ -11,7 +11,7 @@ over the block totals), not ``lax.associative_scan``, whose ~log2 T unrolled lev
 compiled program, and the compile time of the gradient, grow with T; here the program holds
 three copies of the combination whatever T is.
 
-Convention (DESIGN.md section 2): ``x[0] ~ N(m0, P0)``, ``x[k+1] = F[k] x[k] + b[k] + w[k]``,
+Convention: ``x[0] ~ N(m0, P0)``, ``x[k+1] = F[k] x[k] + b[k] + w[k]``,
 ``w[k] ~ N(0, Q[k])``, ``y[k] = H[k] x[k] + d[k] + v[k]``, ``v[k] ~ N(0, R[k])``; ``y[0]``
 observes ``x[0]``. Every parameter is first broadcast to a leading time axis of length ``T``
 (``F[T-1], Q[T-1], b[T-1]`` are unused).

@@ -5,7 +5,7 @@ missing data, time-varying parameters, offsets and continuous-time models are ha
 filter; the backward pass only needs the transition matrices ``F[k]`` and noise covariances
 ``Q[k]`` that map step ``k`` to ``k + 1``.
 
-Conventions (DESIGN.md section 2): ``x[k+1] = F[k] x[k] + b[k] + w[k]``, ``w[k] ~ N(0, Q[k])``;
+Conventions: ``x[k+1] = F[k] x[k] + b[k] + w[k]``, ``w[k] ~ N(0, Q[k])``;
 ``y[k] = H[k] x[k] + d[k] + v[k]``; ``x[0] ~ N(m0, P0)`` is observed by ``y[0]``. The filter's
 ``predicted_*[k]`` are the moments of ``x[k]`` given ``y[0..k-1]`` and ``filtered_*[k]`` those
 given ``y[0..k]``.

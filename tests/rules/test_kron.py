@@ -142,7 +142,7 @@ def test_seed_example_structural_gradient():
         return 0.5 * jnp.sum((jnp.kron(A, B) @ X - y) ** 2)
 
     _assert_close_grads(jax.grad(loss, (0, 1, 2))(A, B, X), jax.grad(dense_loss, (0, 1, 2))(A, B, X))
-    # DESIGN §3 closed forms, vector case: Ā = Ȳ B Xᵀ, B̄ = Ȳᵀ A X.
+    # the closed forms of rules/_kron.py, vector case: Ā = Ȳ B Xᵀ, B̄ = Ȳᵀ A X.
     x = X[:, 0]
     Xm = x.reshape(3, 2)
     Ybar = (np.kron(A, B) @ x - y[:, 0]).reshape(4, 5)

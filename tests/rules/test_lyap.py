@@ -1,7 +1,7 @@
 """Tests for rules.lyap (A X + X Aᵀ + Q = 0) and rules.dlyap (A X Aᵀ − X + Q = 0).
 
 References: SciPy's solvers (note SciPy's continuous convention A X + X Aᴴ = Q, so it is given
-−Q), the dense n²×n² Kronecker solve, and the adjoint formulas of DESIGN §3.
+−Q), the dense n²×n² Kronecker solve, and the adjoint formulas of rules/_lyap.py.
 """
 
 from fractions import Fraction
@@ -282,7 +282,7 @@ def test_check_grads_second_order_jit_vmap(func, method):
     "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
 )
 def test_reverse_mode_matches_adjoint_formulas(func, method):
-    # DESIGN §3: S = lyap(Aᵀ, X̄), Q̄ = S, Ā = S Xᵀ + Sᵀ X;  dlyap: Ā = S A Xᵀ + Sᵀ A X.
+    # rules/_lyap.py: S = lyap(Aᵀ, X̄), Q̄ = S, Ā = S Xᵀ + Sᵀ X;  dlyap: Ā = S A Xᵀ + Sᵀ A X.
     discrete = func is dlyap
     A = random_stable(5, 8, discrete=discrete)
     Q = np.random.default_rng(8).standard_normal((5, 5))

@@ -4,7 +4,7 @@ The model is written as one joint Gaussian over the stacked vector
 ``[x_0, ..., x_{T-1}, y_0, ..., y_{T-1}]`` and every filtering/smoothing quantity is a plain
 Gaussian conditional of it. This costs O((T (n + m))^3) and is meant for T <= ~50.
 
-Convention (the package's, DESIGN.md section 2 and issue 5)::
+Convention (the package's)::
 
     x[0]   ~ N(m0, P0)
     x[k+1] = F[k] x[k] + b[k] + w[k],   w[k] ~ N(0, Q[k])     (k = 0 .. T-2)

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from statespace import LinearGaussianSSM, log_likelihood
+from statespace._adjoint import _value_and_grad
 from tests.statespace.dense_oracle import random_model, random_observations
 
 NAMES = ("F", "Q", "H", "R", "m0", "P0", "b", "d")
@@ -149,3 +150,15 @@ def test_unknown_gradient_option_raises():
     params, y = _case(T=3)
     with pytest.raises(ValueError, match="gradient"):
         log_likelihood(LinearGaussianSSM(**params), y, gradient="magic")
+
+
+@pytest.mark.parametrize("case, form", [("constant", "cov"), ("time_varying", "cov"),
+                                        ("m3", "cov"), ("m1", "sqrt")])
+def test_split_and_loop_drivers_agree(case, form):
+    # the size picks the driver; both must give the same value and gradient at any size
+    params, y = _case(**CASES[case])
+    model = LinearGaussianSSM(**params)
+    split = _value_and_grad(model, y, form, split=True)
+    loop = _value_and_grad(model, y, form, split=False)
+    np.testing.assert_allclose(split[0], loop[0], rtol=1e-13)
+    _assert_close(split[1:], loop[1:], 1e-10, case)

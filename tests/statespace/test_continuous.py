@@ -153,7 +153,7 @@ def test_discretize_zero_step_and_shapes():
     F0, Q0, _ = discretize(model, 0.7)
     np.testing.assert_allclose(F1 @ F1, F0, rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(F1 @ Q1 @ F1.T + Q1, Q0, rtol=1e-13, atol=1e-15)
-    # Qd also solves A Qd + Qd Aᵀ = F Q Fᵀ − Q (DESIGN §4)
+    # Qd also solves A Qd + Qd Aᵀ = F Q Fᵀ − Q
     np.testing.assert_allclose(A @ Q0 + Q0 @ A.T, F0 @ np.eye(3) @ F0.T - np.eye(3), atol=1e-13)
 
 
