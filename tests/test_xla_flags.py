@@ -10,8 +10,8 @@ from tests.test_cache import run_python
 
 pytestmark = pytest.mark.timeout(180)
 
-# The adjoint gradient of a (4, 2) model: its five loops (filter, covariances, means and the
-# two cotangent recursions) touch more than jaxlib 0.10's default 1024 bytes per step.
+# The adjoint gradient of a (4, 2) model: its loops (the filter storing its predictions, the
+# backward adjoint step) touch more than jaxlib 0.10's default 1024 bytes per step.
 PROGRAM = """
     import json, os
     import jax, jax.numpy as jnp, numpy as np
@@ -43,7 +43,7 @@ def test_flag_compiles_every_loop_of_the_gradient_into_one_function(tmp_path):
     assert out["added"] is True
     assert out["flags"].startswith("--xla_cpu_enable_fast_math=false ")  # kept, then ours
     assert "xla_cpu_small_while_loop_byte_threshold=32768" in out["flags"]
-    assert out["loops"] >= 4 and out["single"] == out["loops"]
+    assert out["loops"] >= 2 and out["single"] == out["loops"]
 
 
 def test_user_backend_options_win(tmp_path):
