@@ -91,18 +91,6 @@ def _outer(a, b):
     return a[..., :, None] * b[..., None, :]
 
 
-def _spd_solve(S, B):
-    """``S^{-1} B`` for symmetric positive definite ``S (..., m, m)``, ``B (..., m, k)``: the
-    filter's scalar ``L D L^T`` for ``m <= 2``, else its Cholesky (unrolled while small, so a
-    loop's step holds no LAPACK call), ``S^{-1} B = L^{-T} (L^{-1} B)``."""
-    m = S.shape[-1]
-    if m <= _SMALL_M:
-        return _spd_solve_small(S, B)[0]
-    eye = jnp.broadcast_to(jnp.eye(m, dtype=S.dtype), S.shape)
-    Y = _chol_solve(S, jnp.concatenate([B, eye], axis=-1))[1]
-    return _T(Y[..., B.shape[-1]:]) @ Y[..., :B.shape[-1]]
-
-
 def _affine_recursion(A, c, x_end, reverse):
     """Forward ``x[k+1] = A[k] x[k] + c[k]`` from ``x[0] = x_end``, or (``reverse``) backward
     ``x[k] = A[k]^T x[k+1] (A[k] if x is a matrix) + c[k]`` from ``x[T] = x_end``.
@@ -130,18 +118,23 @@ def _gain(P, H, R, observed):
     HP = _bmm(Hm, P)
     S = _bmm(HP, _T(Hm)) + Rm
     eye = jnp.broadcast_to(jnp.eye(S.shape[-1], dtype=S.dtype), S.shape)
-    Z = _spd_solve(S, jnp.concatenate([HP, eye], axis=-1))
+    B = jnp.concatenate([HP, eye], axis=-1)
+    if S.shape[-1] <= _SMALL_M:  # the filter's scalar L D L^T
+        Z = _spd_solve_small(S, B)[0]
+    else:  # its Cholesky (unrolled while small): S^{-1} B = L^{-T} (L^{-1} B), L^{-1} from I
+        Y = _chol_solve(S, B)[1]
+        Z = _T(Y[..., HP.shape[-1]:]) @ Y
     n = P.shape[-1]
     return w, Hm, HP, Z[..., :n], Z[..., n:]
 
 
-def _predicted_covariances(P0, par, observed):
+def _predicted_covariances(P0, const, scanned, observed):
     """Predicted covariances of every step by the covariance recursion alone (it does not
     depend on the data): ``P+ = F (P - (H P)^T K^T) F^T + Q``."""
-    per_step = {k: par[k] for k in ("F", "Q", "H", "R") if par[k].ndim == 3}
+    per_step = {k: scanned[k] for k in ("F", "Q", "H", "R") if k in scanned}
 
     def step(P, xs):
-        xs = {**par, **xs}
+        xs = {**const, **xs}
         _, Hm, Rm = _mask_observation(xs["H"], xs["R"], xs["o"])
         HP = _mm(Hm, P)
         S = _mm(HP, Hm.T) + Rm
@@ -189,8 +182,10 @@ def _predicted_covariances(P0, par, observed):
 # was 80-90 % of the gradient's time (Matern-3/2, N = 1e4: 13 ms -> 3.4 ms). From n = 4 on a
 # step's matrices alone pass that size, and one fused loop (_adjoint_step) is faster; jaxlib
 # 0.12 compiles far larger loops into one function by default, and there the split costs
-# 10-40 % at n <= 3 against the one loop (measured, accepted: 0.10 is what pip gives 3.11). Rows/columns of
-# missing entries are masked out of Hb, Rb, vb exactly as the forward step masks H, R, v.
+# 10-40 % at n <= 3 against the one loop (measured, accepted: 0.10 is what pip gives 3.11).
+# The one-loop step restates the formulas with unbatched fused products: written with the
+# split's batched helpers it ran 2-3x slower ((4, 2, 1000): 4.8 against 2.0 ms). Rows/columns
+# of missing entries are masked out of Hb, Rb, vb exactly as the forward step masks H, R, v.
 # The square-root form uses the same recursion with P = L L^T rebuilt from its stored factors:
 # the gradient is a property of the function, not of the algorithm that evaluated it.
 def _gain_terms(P, par, observed):
@@ -273,7 +268,7 @@ def _adjoint_step(const, sqrt, carry, xs):
     observed = ~jnp.isnan(y)
     w, Hm, Rm = _mask_observation(H, R, observed)
 
-    # the update: stored by the forward's packed step, else recomputed (cheap, fused)
+    # the update, recomputed from the stored predictions (cheap, fused)
     n, k = P.shape[0], Hm.shape[0]
     if k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
         # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
@@ -375,10 +370,10 @@ def _value_and_grad(model, y, form, split=None):
         if form == "sqrt":  # the square-root filter's own predictions (lower factors)
             total, _, _, chols = _filter_single(model, y, form, "predicted")
             P = _bmm(chols, _T(chols))
-        else:
+        else:  # the total (and its -inf/NaN rules) from the filter, P from the short loop
             total = _filter_single(model, y, form, False)[0]
-            P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)),
-                                       {**const, **scanned}, ~jnp.isnan(y))
+            P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)), const, scanned,
+                                       ~jnp.isnan(y))
         mb0, Pb0, per_step = _adjoint_split(y, m0, P, {**const, **scanned})
     grads = {"m0": mb0, "P0": Pb0}
     for name in const:  # per-step cotangents (the loop driver: one row, the sum)

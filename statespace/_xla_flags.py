@@ -58,5 +58,6 @@ def enable_small_loop_compilation(max_bytes=_DEFAULT_BYTES):
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_backend_extra_options" in flags:
         return False
-    os.environ["XLA_FLAGS"] = (flags + f" --xla_backend_extra_options={_OPTION}={max_bytes}").strip()
+    option = f"--xla_backend_extra_options={_OPTION}={max_bytes}"
+    os.environ["XLA_FLAGS"] = f"{flags} {option}".strip()
     return True
