@@ -20,11 +20,22 @@ first call. ``grad/loglik`` is our ``value_and_grad`` time over our log-likeliho
 target is ``<= 4``; celerite2's own ratio is beside it). The discrete ``(2, 1, 1000)`` and
 ``(4, 2, 1000)`` rows give the same ratio for a random discrete model (gradient with respect to
 all its parameters). float64.
+
+``malloc``: ``default``, or ``hugetlb`` for rows re-measured in a child process started with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (sizes >= 1e5, where every library's per-call XLA
+scratch buffer exceeds glibc's 32 MiB mmap limit: each call maps fresh pages and faults them
+in, ~half of our gradient's time at N = 1e5 on the 2-core machine; with transparent huge pages
+glibc's mmap'd blocks fault in 2 MiB at a time). The variable must be set when the process
+starts, so the child runs the same rows; all three libraries run under it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +183,25 @@ def _discrete_rows(n, m, T, repeats, min_time):
     }]
 
 
-COLUMNS = ["model", "N", "what", "ours_s", "us_per_step", "celerite2_s", "ours/celerite2",
+_HUGETLB = "glibc.malloc.hugetlb=1"
+_HUGETLB_MIN_N = 100_000
+
+
+def _malloc_mode():
+    return "hugetlb" if _HUGETLB in os.environ.get("GLIBC_TUNABLES", "") else "default"
+
+
+def _hugetlb_rows(models, sizes):
+    """The rows for ``sizes`` re-measured in a child process with glibc's huge-page tunable."""
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(
+        t for t in (os.environ.get("GLIBC_TUNABLES", ""), _HUGETLB) if t))
+    command = [sys.executable, "-m", "benchmarks.gp", "--no-discrete", "--json",
+               "--sizes", *map(str, sizes), "--models", *models]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+COLUMNS = ["model", "N", "malloc", "what", "ours_s", "us_per_step", "celerite2_s", "ours/celerite2",
            "tinygp_s", "ours/tinygp", "grad/loglik", "celerite2 grad/loglik",
            "compile_ours_s", "compile_celerite2_s", "compile_tinygp_s", "rel_diff"]
 
@@ -183,21 +212,32 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="*", type=int, default=None, help="series lengths N")
     parser.add_argument("--models", nargs="*", default=["matern32", "sho"])
     parser.add_argument("--no-discrete", action="store_true", help="skip the discrete rows")
+    parser.add_argument("--no-hugetlb", action="store_true",
+                        help="skip re-measuring N >= 1e5 under GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON on the last line")
     args = parser.parse_args(argv)
     if not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     repeats = 3 if args.quick else 10
     min_time = 0.0 if args.quick else 0.5
-    print(machine_info())
+    if not args.json:
+        print(machine_info())
     rows = []
     for kind in args.models:
         for N in sizes:
-            rows += _gp_rows(kind, N, repeats, min_time)
+            rows += [dict(r, malloc=_malloc_mode()) for r in _gp_rows(kind, N, repeats, min_time)]
+    large = [N for N in sizes if N >= _HUGETLB_MIN_N]
+    if large and not args.no_hugetlb and not args.json and _malloc_mode() == "default":
+        rows += _hugetlb_rows(args.models, large)
     if not args.no_discrete:
         for n, m in ((2, 1), (4, 2)):
             rows += _discrete_rows(n, m, 200 if args.quick else 1000, repeats, min_time)
-    print(markdown_table(rows, COLUMNS))
+    if args.json:
+        print(json.dumps([{k: (float(v) if isinstance(v, (np.floating, jnp.ndarray)) else v)
+                           for k, v in r.items()} for r in rows]))
+    else:
+        print(markdown_table(rows, COLUMNS))
     return rows
 
 

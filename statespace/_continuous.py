@@ -100,19 +100,25 @@ def _series_weights(A, Q, b, degree):
     bounded by ``e^θ`` for ``x <= 1``: nothing overflows). The rows do not depend on the step,
     so all steps together are one ``(T, K+2) @ (K+2, 2n²+n)`` product; :func:`_compose_series`
     forms ``Qd`` inside the composition with the looked-up transition, at no extra product.
-    Built by doubling (``M^m`` times terms ``0 .. m−1`` gives terms ``m .. 2m−1``), so the chain
-    of small ``2n × 2n`` products that autodiff stores and replays has log2(degree) links.
+    The powers ``M^k`` come from a ``lax.scan`` of one ``2n × 2n`` product per power: the
+    program holds one product (and its transpose) instead of a doubling chain of growing
+    concatenations, which compiled twice as slowly (value_and_grad of this function alone,
+    n = 2: 0.76 → 0.37 s CPU; n = 8: 1.04 → 0.51 s) for ~10 µs more run time. Term ``k`` carries
+    ~k rounding errors instead of ~log2(k), relative to itself; it is weighted by
+    ``x^k/k! <= 1/k!``.
     """
     n = A.shape[-1]
     zero = jnp.zeros_like(A)
     block = jnp.concatenate([jnp.concatenate([-A, 0.5 * (Q + Q.T)], axis=1),
                              jnp.concatenate([zero, A.T], axis=1)])
-    powers = jnp.stack([jnp.eye(2 * n, dtype=A.dtype), block])
-    power_m = block  # M^m for m = the current count
-    while powers.shape[0] < degree + 2:
-        power_m = power_m @ power_m
-        powers = jnp.concatenate([powers, jnp.matmul(power_m, powers)])
-    powers = powers[: degree + 2]
+    identity = jnp.eye(2 * n, dtype=A.dtype)
+
+    def next_power(power, _):
+        power = power @ block
+        return power, power
+
+    _, higher = lax.scan(next_power, identity, None, length=degree + 1)
+    powers = jnp.concatenate([identity[None], higher])  # M^k, k = 0 .. degree+1
     F_terms = jnp.swapaxes(powers[:, n:, n:], -1, -2)  # A^k
     G_terms = powers[:, :n, n:]  # (M^k)_{12}, zero for k = 0
     columns = [F_terms.reshape(degree + 2, n * n), G_terms.reshape(degree + 2, n * n)]
