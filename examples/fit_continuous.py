@@ -3,11 +3,12 @@
 ``f'' + (ω/Q) f' + ω² f = white noise`` scaled so that ``Var f = S`` (celerite's SHO term,
 ``statespace.models.sho``), observed with white noise at ``--num-times`` irregular times
 (exponential gaps). All four parameters ``ω, Q, S`` and the noise scale are positive and are
-fitted on the log scale (``statespace.transforms.Positive("exp")``). ``statespace.fit`` runs
-L-BFGS (or Adam) in jitted ``lax.scan`` chunks; standard errors come from the Hessian at the
-optimum (forward-over-reverse through the package's derivative rules), mapped to the natural
-scale by the delta method, and the script prints each estimate's distance from the simulating
-value in standard errors.
+fitted on the log scale: ``statespace.fit(..., constraints=SPEC)`` with NumPyro's
+``constraints.positive`` (``biject_to`` gives ``exp``) optimises their logarithms.
+``statespace.fit`` runs L-BFGS (or Adam) in jitted ``lax.scan`` chunks; standard errors come
+from the Hessian at the optimum in the log-parameters (forward-over-reverse through the
+package's derivative rules), mapped to the natural scale by the delta method, and the script
+prints each estimate's distance from the simulating value in standard errors.
 
 Run::
 
@@ -25,15 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpyro.distributions import constraints
 
 import statespace
 from statespace import models
 from statespace.numpyro import LinearGaussianStateSpace
-from statespace.transforms import Positive, constrain, unconstrain
 
 TRUE = {"omega": np.array(2.0 * np.pi / 3.0), "quality": np.array(4.0),
         "variance": np.array(1.0), "noise_sd": np.array(0.3)}
-SPEC = {name: Positive("exp") for name in TRUE}
+SPEC = {name: constraints.positive for name in TRUE}  # fitted on the log scale
 START = {"omega": np.array(1.5), "quality": np.array(1.0), "variance": np.array(0.5),
          "noise_sd": np.array(0.5)}
 
@@ -43,8 +44,8 @@ def build(p):
     return models.sho(p["omega"], p["quality"], p["variance"], noise_var=p["noise_sd"] ** 2)
 
 
-def negative_log_likelihood(u, times, y):
-    return -statespace.log_likelihood(build(constrain(SPEC, u)), y, times)
+def negative_log_likelihood(p, times, y):
+    return -statespace.log_likelihood(build(p), y, times)
 
 
 def simulate(num_times, seed=0):
@@ -77,15 +78,15 @@ def main(argv=None):
         statespace.enable_compilation_cache()
     times, y = simulate(args.num_times, args.seed)
     optimizer = optax.lbfgs() if args.optimizer == "lbfgs" else optax.adam(0.02)
-    u0 = unconstrain(SPEC, {k: jnp.asarray(v, dtype=jnp.float64) for k, v in START.items()})
+    p0 = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in START.items()}
     start = time.perf_counter()
-    result = statespace.fit(negative_log_likelihood, u0, optimizer=optimizer,
+    result = statespace.fit(negative_log_likelihood, p0, constraints=SPEC, optimizer=optimizer,
                             num_steps=args.num_steps, tol=1e-9,
                             args=(jnp.asarray(times), jnp.asarray(y)),
                             progress=not args.no_progress, description=args.optimizer)
     seconds = time.perf_counter() - start
-    estimates = constrain(SPEC, result.params)
-    se = result.standard_errors(transform=lambda u: constrain(SPEC, u))
+    estimates = result.params
+    se = result.standard_errors()
     print(f"{args.optimizer}: {result.num_steps} steps, {result.status}, {seconds:.1f} s; "
           f"log-likelihood {-result.loss:.3f}")
     print(f"{'parameter':<10} {'true':>8} {'estimate':>10} {'std. err':>9} {'z':>6}")

@@ -108,7 +108,7 @@ def simulate(num_subjects, min_len, max_len, seed=0):
         times[i, :n] = t
         times[i, n:] = t[-1]  # padding: dt = 0 and missing observations
     z = rng.standard_normal((num_subjects, 2))
-    A = subject_drifts(jnp.asarray(DRIFT.inverse(TRUE_A_POP)), jnp.asarray(TRUE_RHO), jnp.asarray(z))
+    A = subject_drifts(jnp.asarray(DRIFT.inv(TRUE_A_POP)), jnp.asarray(TRUE_RHO), jnp.asarray(z))
     ssm = batched_model(A, jnp.asarray(TRUE_SIGMA), jnp.asarray(TRUE_NOISE))
     y = np.array(LinearGaussianStateSpace(ssm, jnp.asarray(times)).sample(jax.random.PRNGKey(seed)))
     for i, n in enumerate(lengths):

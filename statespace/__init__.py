@@ -8,13 +8,24 @@ NumPyro distributions for NUTS and optax fitting loops.
 from statespace import models, numpyro, testing, transforms
 from statespace._cache import enable_compilation_cache
 from statespace._continuous import ContinuousLinearSSM, discretize, predict
-from statespace._fit import FitResult, covariance, fit, standard_errors
+from statespace._fit import (
+    DEFAULT_GTOL,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_RTOL,
+    FitResult,
+    covariance,
+    fit,
+    standard_errors,
+)
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import LinearGaussianSSM
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
 from statespace._xla_flags import enable_small_loop_compilation
 
 __all__ = [
+    "DEFAULT_GTOL",
+    "DEFAULT_MAX_STEPS",
+    "DEFAULT_RTOL",
     "ContinuousLinearSSM",
     "FilterResult",
     "FitResult",

@@ -84,9 +84,10 @@ def load_co2(path=None):
 
 
 def _transforms():
-    from statespace.transforms import Positive
+    """NumPyro constraints of the parameters: all positive (``biject_to``: ``exp``)."""
+    from numpyro.distributions import constraints
 
-    return {name: Positive("exp") for name in PARAMETERS}
+    return {name: constraints.positive for name in PARAMETERS}
 
 
 def build_model(params, offset=0.0):

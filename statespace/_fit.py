@@ -1,10 +1,13 @@
 """Optax fitting loop and Hessian-based standard errors.
 
 ``fit`` runs any ``optax.GradientTransformation`` (Adam, SGD, L-BFGS, chains) on a scalar
-loss for up to ``num_steps`` steps. The steps run inside jitted ``lax.scan`` chunks of
-``chunk_size`` steps; a Python loop over the chunks updates a progress bar and stops early
-once the loss settles (``tol``) or turns non-finite. One chunk program is compiled once and
-reused for every chunk (steps past ``num_steps`` are masked, not recompiled).
+loss for up to ``num_steps`` steps; ``fit(loss, params)`` alone runs L-BFGS until converged.
+The steps run inside jitted ``lax.scan`` chunks of ``chunk_size`` steps; a Python loop over the
+chunks updates a progress bar and stops early once the loss settles (``tol``, ``rtol``), the
+gradient vanishes (``gtol``) or the loss turns non-finite. One chunk program is compiled once
+and reused for every chunk (steps past ``num_steps`` are masked, not recompiled). With
+``constraints=`` (a pytree of NumPyro transforms or constraints) the loss takes constrained
+parameters and ``fit`` optimises their unconstrained images.
 
 ``standard_errors`` / ``covariance`` give the Laplace (observed-information) approximation at
 an optimum: ``Cov ≈ H⁻¹`` with ``H = ∇² loss`` when ``loss`` is a negative log-likelihood or
@@ -15,6 +18,7 @@ so it runs through the forward-mode rules of ``rules`` applied to the reverse-mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,13 +28,30 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-__all__ = ["FitResult", "fit", "standard_errors", "covariance"]
+__all__ = [
+    "FitResult",
+    "fit",
+    "standard_errors",
+    "covariance",
+    "DEFAULT_MAX_STEPS",
+    "DEFAULT_RTOL",
+    "DEFAULT_GTOL",
+]
 
-_RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
+#: step cap of :func:`fit` when ``num_steps`` is not given
+DEFAULT_MAX_STEPS = 1000
+#: relative loss-change tolerance of :func:`fit` without an optimizer or tolerances
+DEFAULT_RTOL = 1e-12
+#: gradient (largest absolute entry) tolerance of :func:`fit` without an optimizer or tolerances
+DEFAULT_GTOL = 1e-6
+
+_RUNNING, _CONVERGED, _NONFINITE, _GRADIENT, _RELATIVE = 0, 1, 2, 3, 4
 _STATUS_TEXT = {
     _RUNNING: "reached num_steps",
     _CONVERGED: "converged: loss change below tol",
     _NONFINITE: "stopped: non-finite loss (params are the last ones with a finite loss)",
+    _GRADIENT: "converged: gradient below gtol",
+    _RELATIVE: "converged: relative loss change below rtol",
 }
 
 
@@ -44,9 +65,13 @@ class FitResult:
             parameters *before* step ``k`` (so ``losses[0]`` is the initial loss).
         loss: the loss at ``params`` (a Python float).
         num_steps: number of optimiser steps taken.
-        converged: ``True`` when the loss change fell below ``tol`` before ``num_steps``.
+        converged: ``True`` when a tolerance (``tol``, ``rtol`` or ``gtol``) was met before
+            ``num_steps``.
         status: a short human-readable reason for stopping.
-        opt_state: the final optimiser state (to resume with another ``fit`` call).
+        opt_state: the final optimiser state (to resume with another ``fit`` call; with
+            ``constraints`` it is a state of the unconstrained parameters).
+        unconstrained_params: with ``constraints``, the fitted unconstrained parameters
+            (``params`` is their constrained image); otherwise ``None``.
     """
 
     params: Any
@@ -56,11 +81,16 @@ class FitResult:
     converged: bool
     status: str
     opt_state: Any = dataclasses.field(repr=False, default=None)
+    unconstrained_params: Any = dataclasses.field(repr=False, default=None)
     _loss_fn: Callable | None = dataclasses.field(repr=False, default=None)
     _args: tuple = dataclasses.field(repr=False, default=())
+    _constrain: Callable | None = dataclasses.field(repr=False, default=None)
 
     def standard_errors(self, transform: Callable | None = None):
         """Standard errors at ``self.params`` from the Hessian of the fitted loss.
+
+        With ``constraints`` the Hessian is taken in the unconstrained parameters (where the
+        optimum is interior) and mapped to ``params`` by the delta method.
 
         Args:
             transform: optional map ``params -> quantities``; if given, the delta-method
@@ -68,10 +98,28 @@ class FitResult:
 
         Returns:
             A pytree like ``params`` (or like ``transform(params)``) of standard errors.
+
+        Raises:
+            ValueError: the result carries no loss function.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> res = fit(lambda p: 0.5 * jnp.sum(p**2 / 4.0), jnp.ones(2), progress=False)
+            >>> res.standard_errors().round(6).tolist()
+            [2.0, 2.0]
         """
         if self._loss_fn is None:
             raise ValueError("this FitResult carries no loss function")
-        return standard_errors(self._loss_fn, self.params, *self._args, transform=transform)
+        if self._constrain is None:
+            return standard_errors(self._loss_fn, self.params, *self._args, transform=transform)
+        to_constrained = self._constrain
+        if transform is None:
+            composed = to_constrained
+        else:
+            def composed(u):
+                return transform(to_constrained(u))
+        return standard_errors(self._loss_fn, self.unconstrained_params, *self._args,
+                               transform=composed)
 
 
 def _hessian_flat(loss: Callable, params, args):
@@ -175,16 +223,25 @@ def fit(
     loss: Callable,
     params,
     *,
-    optimizer: optax.GradientTransformation,
-    num_steps: int,
+    optimizer: optax.GradientTransformation | None = None,
+    num_steps: int | None = None,
     tol: float | None = None,
+    rtol: float | None = None,
+    gtol: float | None = None,
+    constraints=None,
     progress: bool = True,
     chunk_size: int = 50,
     args: tuple = (),
     opt_state=None,
     description: str = "fit",
 ) -> FitResult:
-    """Minimise ``loss(params, *args)`` with an optax optimiser.
+    """Minimise ``loss(params, *args)`` with an optax optimiser (L-BFGS by default).
+
+    ``fit(loss, params)`` alone runs ``optax.lbfgs()`` (with its zoom line search) until
+    converged: until the loss changes by at most ``DEFAULT_RTOL = 1e-12`` relative to
+    ``max(|loss|, 1)`` between steps, or the largest absolute entry of the gradient is at most
+    ``DEFAULT_GTOL = 1e-6``, for at most ``DEFAULT_MAX_STEPS = 1000`` steps (``converged`` is
+    ``False`` and ``status`` says so when the cap is reached first).
 
     The loop runs in jitted ``lax.scan`` chunks of ``chunk_size`` steps; between chunks a
     ``tqdm`` progress bar shows the current loss. Each step evaluates the loss and gradient at
@@ -199,51 +256,105 @@ def fit(
     L-BFGS fit's loop program compiles in about half the time it took when every call site
     held its own copy.
 
-    Stopping: after ``num_steps`` steps; or when ``|loss_k - loss_{k-1}| <= tol`` (absolute
-    change between consecutive steps; ``tol=None`` disables it), which sets ``converged``; or
-    when the loss becomes non-finite, in which case ``params`` are the last parameters with a
-    finite loss and ``converged`` is ``False``.
+    Stopping: after ``num_steps`` steps; or, setting ``converged``, when
+    ``|loss_k - loss_{k-1}| <= tol`` (absolute change between consecutive steps), when
+    ``|loss_k - loss_{k-1}| <= rtol · max(|loss_k|, 1)``, or when ``max |∇loss| <= gtol`` at the
+    current parameters (each ``None`` disables it; without an ``optimizer`` and with all three
+    ``None``, ``rtol`` and ``gtol`` take the defaults above); or when the loss becomes
+    non-finite, in which case ``params`` are the last parameters with a finite loss and
+    ``converged`` is ``False``.
+
+    Constraints: with ``constraints``, a pytree like ``params`` whose leaves are NumPyro
+    transforms (``numpyro.distributions.transforms.Transform``) or constraints
+    (``numpyro.distributions.constraints.Constraint``, meaning ``biject_to(constraint)``, e.g.
+    ``constraints.positive`` for ``exp`` or ``statespace.transforms.stable_matrix``),
+    ``params`` and the ``loss``'s argument are *constrained* values; ``fit`` optimises
+    ``u ↦ loss(constrain(constraints, u))`` from ``unconstrain(constraints, params)`` and
+    returns the constrained optimum as ``params`` (``unconstrained_params`` holds ``u``, and
+    ``standard_errors()`` uses the Hessian in ``u`` with the delta method).
 
     Args:
         loss: scalar function of ``(params, *args)``, differentiable in ``params``.
-        params: initial parameters, any pytree of float arrays.
+        params: initial parameters, any pytree of float arrays (constrained values when
+            ``constraints`` is given).
         optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``,
-            ``optax.lbfgs()``).
-        num_steps: maximum number of steps (>= 0).
+            ``optax.lbfgs()``); default ``optax.lbfgs()``.
+        num_steps: maximum number of steps (>= 0); default ``DEFAULT_MAX_STEPS`` (1000).
         tol: absolute loss-change tolerance for early stopping, or ``None``.
+        rtol: relative loss-change tolerance (relative to ``max(|loss|, 1)``), or ``None``.
+        gtol: tolerance on the largest absolute gradient entry, or ``None``.
+        constraints: optional pytree of NumPyro transforms or constraints matching ``params``.
         progress: show a ``tqdm`` progress bar on stderr.
         chunk_size: steps per jitted chunk (the progress bar updates once per chunk).
         args: extra arguments to ``loss``, passed as jit arguments (not baked in as constants).
-        opt_state: optimiser state to resume from (default ``optimizer.init(params)``).
+        opt_state: optimiser state to resume from (default ``optimizer.init(params)``; of the
+            unconstrained parameters when ``constraints`` is given).
         description: label of the progress bar.
 
     Returns:
         :class:`FitResult` with ``params``, ``losses`` (loss before each step taken), ``loss``
-        (at the returned params), ``num_steps``, ``converged``, ``status``, ``opt_state``, and a
-        ``standard_errors()`` method (Hessian at the returned params).
+        (at the returned params), ``num_steps``, ``converged``, ``status``, ``opt_state``,
+        ``unconstrained_params``, and a ``standard_errors()`` method (Hessian at the returned
+        params).
 
     Raises:
-        ValueError: ``num_steps < 0``, ``chunk_size < 1``, ``tol < 0``.
-        TypeError: ``optimizer`` is not an optax gradient transformation.
+        ValueError: ``num_steps < 0``, ``chunk_size < 1``, a negative tolerance, the structure
+            of ``constraints`` differs from that of ``params``, or an initial value lies
+            outside its constraint (its unconstrained image is not finite).
+        TypeError: ``optimizer`` is not an optax gradient transformation, or a leaf of
+            ``constraints`` is neither a NumPyro transform nor a constraint.
 
     Example:
         >>> import optax, jax.numpy as jnp
+        >>> res = fit(lambda p: jnp.sum((p - 3.0) ** 2), jnp.zeros(2), progress=False)
+        >>> res.converged, res.params.round(6).tolist()
+        (True, [3.0, 3.0])
         >>> res = fit(lambda p: jnp.sum((p - 3.0) ** 2), jnp.zeros(2),
-        ...           optimizer=optax.lbfgs(), num_steps=20, tol=1e-12, progress=False)
-        >>> # res.params ~ [3., 3.], res.converged is True
+        ...           optimizer=optax.adam(0.1), num_steps=20, progress=False)
+        >>> from numpyro.distributions import constraints
+        >>> res = fit(lambda s: (jnp.log(s) - 1.0) ** 2, jnp.ones(()),
+        ...           constraints=constraints.positive, progress=False)
+        >>> round(float(res.params), 6)   # e
+        2.718282
     """
-    num_steps = int(num_steps)
+    default_optimizer = optimizer is None
+    if default_optimizer:
+        optimizer = optax.lbfgs()
+        if tol is None and rtol is None and gtol is None:
+            rtol, gtol = DEFAULT_RTOL, DEFAULT_GTOL
+    num_steps = DEFAULT_MAX_STEPS if num_steps is None else int(num_steps)
     chunk_size = int(chunk_size)
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0 or None, got {tol}")
+    for name, value in (("tol", tol), ("rtol", rtol), ("gtol", gtol)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {value}")
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
         )
+    to_constrained = None
+    if constraints is not None:
+        from statespace.transforms import constrain, unconstrain
+
+        specs = constraints
+        params = unconstrain(specs, jax.tree_util.tree_map(jnp.asarray, params))
+        bad = [jax.tree_util.keystr(path) or "params"
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if not bool(jnp.all(jnp.isfinite(leaf)))]
+        if bad:
+            raise ValueError(
+                f"initial params outside their constraints (non-finite unconstrained value) "
+                f"at {', '.join(bad)}"
+            )
+        constrained_loss = loss
+        to_constrained = functools.partial(constrain, specs)
+
+        def loss(u, *args):
+            return constrained_loss(to_constrained(u), *args)
+
     optimizer = optax.with_extra_args_support(optimizer)
     args = tuple(args)
     params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -275,8 +386,10 @@ def fit(
 
         def value_and_grad(params, state, *args):
             return plain(params, *args)
-    check_tol = tol is not None
+    check_tol, check_rtol, check_gtol = tol is not None, rtol is not None, gtol is not None
     tol_value = 0.0 if tol is None else float(tol)
+    rtol_value = 0.0 if rtol is None else float(rtol)
+    gtol_value = 0.0 if gtol is None else float(gtol)
 
     def where(pred, a, b):
         return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
@@ -295,10 +408,24 @@ def fit(
                 grad, state, params, value=value, grad=grad, value_fn=value_fn
             )
             new_params = optax.apply_updates(params, updates)
-            small = jnp.abs(value - prev_loss) <= tol_value
-            settled = finite & jnp.asarray(check_tol) & small & (taken > 0)
+            change = jnp.abs(value - prev_loss)
+            moved = finite & (taken > 0)  # prev_loss is a loss (not the initial inf)
+            small = moved & check_tol & (change <= tol_value)
+            relative = moved & check_rtol & (
+                change <= rtol_value * jnp.maximum(jnp.abs(value), 1.0)
+            )
+            flat_grad = jax.tree_util.tree_leaves(grad)
+            grad_max = functools.reduce(
+                jnp.maximum, [jnp.max(jnp.abs(g), initial=0.0) for g in flat_grad],
+                jnp.zeros((), dtype=jnp.result_type(float)),
+            )
+            flat = finite & check_gtol & (grad_max <= gtol_value)
+            settled = small | relative | flat
             new_status = jnp.where(
-                finite, jnp.where(settled, _CONVERGED, _RUNNING), _NONFINITE
+                finite,
+                jnp.where(small, _CONVERGED, jnp.where(
+                    relative, _RELATIVE, jnp.where(flat, _GRADIENT, _RUNNING))),
+                _NONFINITE,
             ).astype(status.dtype)
             # on convergence keep the parameters the last loss was evaluated at; on a
             # non-finite loss go back to the previous (finite) ones
@@ -361,19 +488,24 @@ def fit(
         if bar is not None:
             bar.close()
     params_out, state_out = carry[0], carry[1]
+    unconstrained_out = None
+    if to_constrained is not None:
+        unconstrained_out, params_out = params_out, to_constrained(params_out)
     if seed:  # the seeding program, compiled already
-        final_loss = float(value_and_grad_jit(params_out, *args)[0])
+        final_loss = float(value_and_grad_jit(carry[0], *args)[0])
     else:  # loss is jitted (above)
-        final_loss = float(loss(params_out, *args))
+        final_loss = float(loss(carry[0], *args))
     losses_arr = np.concatenate(losses) if losses else np.zeros((0,), dtype=np.float64)
     return FitResult(
         params=params_out,
         losses=losses_arr,
         loss=final_loss,
         num_steps=taken,
-        converged=status == _CONVERGED,
+        converged=status in (_CONVERGED, _GRADIENT, _RELATIVE),
         status=_STATUS_TEXT[status],
         opt_state=state_out,
+        unconstrained_params=unconstrained_out,
         _loss_fn=user_loss,
         _args=args,
+        _constrain=to_constrained,
     )

@@ -1,124 +1,93 @@
-"""Maps between unconstrained real parameters and constrained model parameters.
+"""Stable drift matrices as a NumPyro transform, and pytree helpers for NumPyro transforms.
 
-Optimisers (``statespace.fit``) and NUTS work best on unconstrained ``ℝᵖ``; models need
-positive scales, covariance matrices and stable drift matrices. Each transform here is a
-small immutable object with
+Positive scales, intervals and covariance matrices are NumPyro's own
+(``numpyro.distributions.transforms``, ``numpyro.distributions.constraints`` and
+``biject_to``): e.g. ``biject_to(constraints.positive)`` is ``ExpTransform()``,
+``SoftplusTransform()`` maps onto ``constraints.softplus_positive``,
+``biject_to(constraints.interval(a, b))`` is a sigmoid followed by an affine map, and
+``biject_to(constraints.positive_definite)`` maps ``n(n+1)/2`` reals onto covariance
+matrices. This module adds only what NumPyro lacks:
 
-- ``forward(u)``: unconstrained array -> constrained value (also ``transform(u)``),
-- ``inverse(x)``: constrained value -> unconstrained array,
-- ``log_abs_det_jacobian(u)``: ``log |det ∂ forward / ∂ u|`` (for priors stated on the
-  constrained value while sampling the unconstrained one),
-- ``unconstrained_shape``: the trailing shape of ``u``.
+- :class:`StableMatrix`, a ``numpyro.distributions.transforms.Transform`` from ``ℝ^{n²}`` onto
+  drift matrices ``A`` all of whose eigenvalues have real part ``< -eps``, and its codomain
+  :class:`StableMatrixConstraint` (:data:`stable_matrix` is the instance with the size taken
+  from the value and ``eps = 0``), registered with ``biject_to`` so that
+  ``biject_to(stable_matrix)`` is a :class:`StableMatrix`. Both therefore work in
+  ``numpyro.param(name, init, constraint=stable_matrix)``, as the support of a
+  ``TransformedDistribution`` sampled by NUTS, and with ``TransformReparam``.
+- :func:`constrain` and :func:`unconstrain`: apply a pytree of NumPyro transforms or
+  constraints (a constraint stands for ``biject_to(constraint)``) to a matching pytree of
+  values, as ``statespace.fit(..., constraints=...)`` does.
 
-All accept extra leading (batch) axes on ``u`` and ``x`` and work under ``jit``, ``vmap`` and
-``grad``. :func:`constrain` and :func:`unconstrain` apply a dict (or any pytree) of transforms
-to a matching pytree of values.
+The stable-matrix map: with ``u ∈ ℝ^{n²}`` split into a lower-triangular ``L`` (the first
+``n(n+1)/2`` entries, filled row by row, diagonal on the log scale so ``L_ii = exp(u_ii) > 0``)
+and a strictly lower-triangular ``S`` (the last ``n(n-1)/2`` entries, row by row),
 
-Transforms:
+    ``A = -(L Lᵀ + eps I) + (S - Sᵀ)``.
 
-- :class:`Positive`: ``x = softplus(u)`` (default; gradients stay bounded for large ``u``)
-  or ``x = exp(u)``, optionally shifted by ``lower``.
-- :class:`Interval`: ``x = low + (high - low) · sigmoid(u)``.
-- :class:`CholeskyCovariance`: ``u ∈ ℝ^{n(n+1)/2}`` fills a lower-triangular ``L`` row by
-  row with the diagonal on the log scale, ``L_ii = exp(u_ii)``; ``Σ = L Lᵀ``. One-to-one onto
-  the symmetric positive-definite matrices.
-- :class:`StableMatrix`: a drift matrix ``A`` all of whose eigenvalues have real part
-  ``<= -eps``. With ``u ∈ ℝ^{n²}`` split into a lower-triangular ``L`` (``n(n+1)/2`` entries,
-  log diagonal) and a strictly lower ``S`` (``n(n-1)/2`` entries),
-
-  ``A = -(L Lᵀ + eps I) + (S - Sᵀ)``.
-
-  The symmetric part ``(A + Aᵀ)/2 = -(L Lᵀ + eps I)`` is negative definite, so for any
-  eigenpair ``A v = λ v``: ``Re λ ‖v‖² = Re(vᴴ A v) = vᴴ (A + Aᵀ)/2 v <= -eps ‖v‖²``. Hence
-  every eigenvalue has ``Re λ <= -eps`` and moreover ``‖e^{A t}‖₂ <= e^{-eps t}`` (the flow
-  is a contraction). This covers the *dissipative* stable matrices, not every Hurwitz
-  matrix: e.g. ``[[-1, 10], [0, -1]]`` is stable but its symmetric part is indefinite, so
-  ``inverse`` returns NaN for it. The map is one-to-one onto its image (``n²`` parameters,
-  like ``A``), which keeps NUTS posteriors free of flat directions.
+The symmetric part ``(A + Aᵀ)/2 = -(L Lᵀ + eps I)`` is negative definite, so for any
+eigenpair ``A v = λ v``: ``Re λ ‖v‖² = Re(vᴴ A v) = vᴴ (A + Aᵀ)/2 v < -eps ‖v‖²``. Hence every
+eigenvalue has ``Re λ < -eps`` and moreover ``‖e^{A t}‖₂ <= e^{-eps t}`` (the flow is a
+contraction). This covers the *dissipative* stable matrices, not every Hurwitz matrix: e.g.
+``[[-1, 10], [0, -1]]`` is stable but its symmetric part is indefinite, so the inverse returns
+NaN for it. The map is one-to-one onto its image (``n²`` parameters, like ``A``), which keeps
+NUTS posteriors free of flat directions.
 
 Example:
     >>> import jax.numpy as jnp
+    >>> from numpyro.distributions import constraints
     >>> from statespace import transforms as T
-    >>> spec = {"sigma": T.Positive(), "A": T.StableMatrix(2)}
+    >>> spec = {"sigma": constraints.positive, "A": T.StableMatrix(2)}
     >>> u = {"sigma": jnp.zeros(()), "A": jnp.zeros(4)}
-    >>> p = T.constrain(spec, u)           # p["A"] has eigenvalues with negative real part
-    >>> u_back = T.unconstrain(spec, p)    # equals u up to rounding
+    >>> p = T.constrain(spec, u)           # sigma = exp(0); A = -I
+    >>> float(p["sigma"]), p["A"].tolist()
+    (1.0, [[-1.0, 0.0], [0.0, -1.0]])
+    >>> back = T.unconstrain(spec, p)      # equals u up to rounding
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import operator
 
 import jax
 import jax.numpy as jnp
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import Transform, biject_to
 
 __all__ = [
-    "Transform",
-    "Identity",
-    "Positive",
-    "Interval",
-    "CholeskyCovariance",
     "StableMatrix",
+    "StableMatrixConstraint",
+    "stable_matrix",
     "constrain",
     "unconstrain",
-    "fill_tril",
-    "tril_to_vec",
-    "softplus_inverse",
 ]
 
 
-def softplus_inverse(x):
-    """Inverse of ``softplus``: ``u = x + log(-expm1(-x))`` for ``x > 0`` (NaN for ``x <= 0``).
-
-    Written this way it neither overflows for large ``x`` nor loses digits for small ``x``.
-    """
-    x = jnp.asarray(x)
-    return jnp.where(x > 0, x + jnp.log(-jnp.expm1(-jnp.where(x > 0, x, 1.0))), jnp.nan)
+def _check_size(n, eps):
+    """Validated ``(n, eps)``: ``n`` a positive int or ``None``, ``eps`` a float ``>= 0``."""
+    if n is not None:
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError(f"n must be an int or None, got {type(n).__name__}") from None
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+    eps = float(eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return n, eps
 
 
 def _num_tril(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def fill_tril(vec, n: int, *, log_diagonal: bool = False):
-    """Fill an ``(..., n, n)`` lower-triangular matrix row by row from ``vec (..., n(n+1)/2)``.
-
-    Args:
-        vec: array whose last axis has length ``n(n+1)/2``.
-        n: matrix size.
-        log_diagonal: exponentiate the diagonal entries (gives a positive diagonal).
-
-    Returns:
-        Lower-triangular array of shape ``vec.shape[:-1] + (n, n)``.
-
-    Raises:
-        ValueError: the last axis of ``vec`` is not ``n(n+1)/2``.
-    """
-    vec = jnp.asarray(vec)
-    if vec.ndim < 1 or vec.shape[-1] != _num_tril(n):
-        raise ValueError(
-            f"expected last axis of length n(n+1)/2 = {_num_tril(n)} for n={n}, "
-            f"got shape {vec.shape}"
-        )
-    rows, cols = jnp.tril_indices(n)
-    out = jnp.zeros(vec.shape[:-1] + (n, n), dtype=vec.dtype).at[..., rows, cols].set(vec)
-    if log_diagonal:
-        diag = jnp.diagonal(out, axis1=-2, axis2=-1)
-        out = out + jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(jnp.exp(diag) - diag)
-    return out
-
-
-def tril_to_vec(mat, *, log_diagonal: bool = False):
-    """Inverse of :func:`fill_tril`: the lower triangle of ``mat (..., n, n)`` row by row."""
-    mat = jnp.asarray(mat)
-    if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
-        raise ValueError(f"expected a square matrix (..., n, n), got shape {mat.shape}")
-    n = mat.shape[-1]
-    if log_diagonal:
-        diag = jnp.diagonal(mat, axis1=-2, axis2=-1)
-        mat = mat + jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(jnp.log(diag) - diag)
-    rows, cols = jnp.tril_indices(n)
-    return mat[..., rows, cols]
+def _fill_tril(vec, n: int, k: int = 0):
+    """``(..., n, n)`` matrix with the (``k``-shifted) lower triangle filled row by row."""
+    rows, cols = jnp.tril_indices(n, k=k)
+    out = jnp.zeros(vec.shape[:-1] + (n, n), dtype=vec.dtype)
+    return out.at[..., rows, cols].set(vec)
 
 
 def _all_or_nothing(vec):
@@ -127,249 +96,275 @@ def _all_or_nothing(vec):
     return jnp.where(ok, vec, jnp.nan)
 
 
-class Transform:
-    """Base class: subclasses define ``forward``, ``inverse`` and ``unconstrained_shape``."""
-
-    #: trailing shape of the unconstrained array
-    unconstrained_shape: tuple = ()
-    #: trailing shape of the constrained value
-    constrained_shape: tuple = ()
-
-    def forward(self, u):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def inverse(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __call__(self, u):
-        return self.forward(u)
-
-    def log_abs_det_jacobian(self, u):
-        """``log |det ∂ forward(u) / ∂ u|`` over the trailing unconstrained axes.
-
-        The generic version forms the dense Jacobian of the flattened map (fine for the small
-        parameter blocks of state-space models); subclasses override it with closed forms.
-        """
-        u = jnp.asarray(u)
-        k = len(self.unconstrained_shape)
-        batch = u.shape[: u.ndim - k]
-
-        def single(v):
-            flat = v.reshape(-1)
-
-            def f(w):
-                return self.forward(w.reshape(v.shape)).reshape(-1)
-
-            jac = jax.jacfwd(f)(flat)
-            if jac.shape[0] != jac.shape[1]:
-                # embedding into a larger space (e.g. symmetric matrices): use the free
-                # coordinates, the image of the lower triangle
-                idx = self._free_output_indices()
-                jac = jac[idx, :]
-            return jnp.linalg.slogdet(jac)[1]
-
-        flat_u = u.reshape((-1,) + u.shape[u.ndim - k :])
-        return jax.vmap(single)(flat_u).reshape(batch)
-
-    def _free_output_indices(self):  # pragma: no cover - overridden where needed
-        raise NotImplementedError
+def _size_of_vector(shape, n):
+    """Matrix size of an unconstrained ``(..., n²)`` shape (checked against ``n``)."""
+    shape = tuple(shape)
+    size = shape[-1] if shape else None
+    root = math.isqrt(size) if size is not None else None
+    if size is None or root * root != size or (n is not None and root != n):
+        want = "n²" if n is None else f"n² = {n * n}"
+        raise ValueError(
+            f"StableMatrix expects an unconstrained array whose last axis has length {want}, "
+            f"got shape {shape}"
+        )
+    return root
 
 
-@dataclasses.dataclass(frozen=True)
-class Identity(Transform):
-    """``x = u`` (for parameters that are already unconstrained)."""
-
-    def forward(self, u):
-        return jnp.asarray(u)
-
-    def inverse(self, x):
-        return jnp.asarray(x)
-
-    def log_abs_det_jacobian(self, u):
-        return jnp.zeros(jnp.shape(u))
+def _size_of_matrix(shape, n):
+    """Matrix size of a constrained ``(..., n, n)`` shape (checked against ``n``)."""
+    shape = tuple(shape)
+    if len(shape) < 2 or shape[-1] != shape[-2] or (n is not None and shape[-1] != n):
+        want = "(..., n, n)" if n is None else f"(..., {n}, {n})"
+        raise ValueError(f"expected a square matrix of shape {want}, got shape {shape}")
+    return shape[-1]
 
 
-@dataclasses.dataclass(frozen=True)
-class Positive(Transform):
-    """Positive values ``x = lower + softplus(u)`` (or ``lower + exp(u)``).
+class StableMatrixConstraint(constraints.Constraint):
+    """Matrices ``A`` whose symmetric part is ``< -eps I`` (so ``Re λ(A) < -eps``).
+
+    This is the codomain of :class:`StableMatrix` (see the module docstring), registered with
+    ``numpyro.distributions.transforms.biject_to``: ``biject_to(StableMatrixConstraint(n, eps))``
+    is ``StableMatrix(n, eps)``. :data:`stable_matrix` is ``StableMatrixConstraint()``.
 
     Args:
-        kind: ``"softplus"`` (default) or ``"exp"``.
-        lower: lower bound (default 0).
+        n: matrix size, or ``None`` to take it from the value.
+        eps: margin of stability (``>= 0``).
+
+    Raises:
+        ValueError: ``n < 1`` or ``eps < 0``; calling it on a value that is not a square
+            ``(..., n, n)`` array.
+        TypeError: ``n`` is not an integer.
 
     Example:
-        >>> Positive().forward(0.0)   # log(2)
-        >>> Positive("exp").inverse(1.0)   # 0.0
+        >>> import jax.numpy as jnp
+        >>> from numpyro.distributions.transforms import biject_to
+        >>> c = StableMatrixConstraint(2, eps=0.1)
+        >>> bool(c(jnp.array([[-1.0, 3.0], [-3.0, -1.0]]))), bool(c(-0.05 * jnp.eye(2)))
+        (True, False)
+        >>> biject_to(c)
+        StableMatrix(n=2, eps=0.1)
     """
 
-    kind: str = "softplus"
-    lower: float = 0.0
+    event_dim = 2
 
-    def __post_init__(self):
-        if self.kind not in ("softplus", "exp"):
-            raise ValueError(f"kind must be 'softplus' or 'exp', got {self.kind!r}")
+    def __init__(self, n: int | None = None, eps: float = 0.0):
+        self.n, self.eps = _check_size(n, eps)
 
-    def forward(self, u):
-        u = jnp.asarray(u)
-        core = jax.nn.softplus(u) if self.kind == "softplus" else jnp.exp(u)
-        return self.lower + core
-
-    def inverse(self, x):
-        y = jnp.asarray(x) - self.lower
-        return softplus_inverse(y) if self.kind == "softplus" else jnp.log(y)
-
-    def log_abs_det_jacobian(self, u):
-        u = jnp.asarray(u)
-        return jax.nn.log_sigmoid(u) if self.kind == "softplus" else u
-
-
-@dataclasses.dataclass(frozen=True)
-class Interval(Transform):
-    """Values in ``(low, high)``: ``x = low + (high - low) · sigmoid(u)``."""
-
-    low: float = 0.0
-    high: float = 1.0
-
-    def __post_init__(self):
-        if not self.high > self.low:
-            raise ValueError(f"need high > low, got low={self.low}, high={self.high}")
-
-    def forward(self, u):
-        return self.low + (self.high - self.low) * jax.nn.sigmoid(jnp.asarray(u))
-
-    def inverse(self, x):
-        p = (jnp.asarray(x) - self.low) / (self.high - self.low)
-        return jnp.log(p) - jnp.log1p(-p)
-
-    def log_abs_det_jacobian(self, u):
-        u = jnp.asarray(u)
-        return jnp.log(self.high - self.low) + jax.nn.log_sigmoid(u) + jax.nn.log_sigmoid(-u)
-
-
-@dataclasses.dataclass(frozen=True)
-class CholeskyCovariance(Transform):
-    """Symmetric positive-definite ``(n, n)`` matrices ``Σ = L Lᵀ``.
-
-    ``u`` (length ``n(n+1)/2``) fills ``L`` row by row; the diagonal is stored on the log
-    scale, so ``L_ii = exp(u_ii) > 0`` and the map is one-to-one. ``inverse`` takes the
-    Cholesky factor (NaN for a matrix that is not positive definite). ``cholesky(u)`` returns
-    ``L`` itself, for square-root filters.
-
-    Args:
-        n: matrix size.
-    """
-
-    n: int
-
-    @property
-    def unconstrained_shape(self):
-        return (_num_tril(self.n),)
-
-    @property
-    def constrained_shape(self):
-        return (self.n, self.n)
-
-    def cholesky(self, u):
-        """The lower-triangular factor ``L`` with positive diagonal."""
-        return fill_tril(u, self.n, log_diagonal=True)
-
-    def forward(self, u):
-        chol = self.cholesky(u)
-        return chol @ jnp.swapaxes(chol, -1, -2)
-
-    def inverse(self, x):
+    def __call__(self, x):
         x = jnp.asarray(x)
-        if x.shape[-2:] != (self.n, self.n):
-            raise ValueError(f"expected (..., {self.n}, {self.n}), got shape {x.shape}")
-        return _all_or_nothing(tril_to_vec(jnp.linalg.cholesky(x), log_diagonal=True))
+        n = _size_of_matrix(x.shape, self.n)
+        sym = (x + jnp.swapaxes(x, -1, -2)) / 2 + self.eps * jnp.eye(n, dtype=x.dtype)
+        return jnp.linalg.eigvalsh(sym)[..., -1] < 0
 
-    def _free_output_indices(self):
-        rows, cols = jnp.tril_indices(self.n)
-        return rows * self.n + cols
+    def feasible_like(self, prototype):
+        prototype = jnp.asarray(prototype)
+        n = _size_of_matrix(prototype.shape, self.n)
+        eye = jnp.eye(n, dtype=prototype.dtype)
+        return jnp.broadcast_to(-(1.0 + self.eps) * eye, prototype.shape)
+
+    def tree_flatten(self):
+        return (), ((), {"n": self.n, "eps": self.eps})
+
+    def eq(self, other, static=False):
+        return (isinstance(other, StableMatrixConstraint) and other.n == self.n
+                and other.eps == self.eps)
+
+    def __hash__(self):
+        return hash((StableMatrixConstraint, self.n, self.eps))
+
+    def __repr__(self):
+        return f"StableMatrixConstraint(n={self.n}, eps={self.eps})"
 
 
-@dataclasses.dataclass(frozen=True)
+#: ``StableMatrixConstraint()``: size taken from the value, ``eps = 0``.
+stable_matrix = StableMatrixConstraint()
+
+
 class StableMatrix(Transform):
-    """Drift matrices with every eigenvalue's real part ``<= -eps`` (see the module docstring).
+    """``ℝ^{n²} → `` drift matrices with every eigenvalue's real part ``< -eps``.
 
     ``A = -(L Lᵀ + eps I) + (S - Sᵀ)`` with ``L`` lower triangular (positive diagonal, from
     the first ``n(n+1)/2`` entries of ``u``, diagonal on the log scale) and ``S`` strictly lower
-    triangular (the last ``n(n-1)/2`` entries). ``u`` has ``n²`` entries, as many as ``A``.
+    triangular (the last ``n(n-1)/2`` entries); see the module docstring. A NumPyro
+    ``Transform``: ``t(u)`` is the forward map, ``t.inv(A)`` the inverse (NaN for a matrix whose
+    symmetric part is not ``< -eps I``), ``t.log_abs_det_jacobian(u, A)`` the closed-form
+    ``log |det ∂A/∂u|`` (flattened ``A``),
+    ``n(n+1)/2 · log 2 + Σ_{i=1..n} (n - i + 2) · log L_ii``. Extra leading (batch) axes are
+    allowed and it works under ``jit``, ``vmap`` and ``grad``.
 
     Args:
-        n: matrix size.
+        n: matrix size, or ``None`` to take it from the input (``u`` has ``n²`` entries).
         eps: margin of stability (``>= 0``); ``eps = 0`` allows eigenvalues arbitrarily close
             to the imaginary axis.
 
+    Raises:
+        ValueError: ``n < 1`` or ``eps < 0``; an input whose last axis is not ``n²`` (forward)
+            or that is not ``(..., n, n)`` (inverse).
+        TypeError: ``n`` is not an integer.
+
     Example:
-        >>> A = StableMatrix(2).forward(jnp.array([0.0, 0.3, -0.2, 1.5]))
-        >>> bool(jnp.all(jnp.linalg.eigvals(A).real < 0))   # True
+        >>> import jax.numpy as jnp
+        >>> t = StableMatrix(2)
+        >>> u = jnp.array([0.0, 0.3, -0.2, 1.5])
+        >>> A = t(u)
+        >>> bool(jnp.all(jnp.linalg.eigvals(A).real < 0))
+        True
+        >>> bool(jnp.allclose(t.inv(A), u))
+        True
     """
 
-    n: int
-    eps: float = 0.0
+    domain = constraints.real_vector
 
-    def __post_init__(self):
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+    def __init__(self, n: int | None = None, eps: float = 0.0):
+        self.n, self.eps = _check_size(n, eps)
 
     @property
-    def unconstrained_shape(self):
-        return (self.n * self.n,)
+    def codomain(self):
+        return StableMatrixConstraint(self.n, self.eps)
 
-    @property
-    def constrained_shape(self):
-        return (self.n, self.n)
-
-    def _split(self, u):
-        u = jnp.asarray(u)
-        if u.ndim < 1 or u.shape[-1] != self.n * self.n:
-            raise ValueError(
-                f"expected last axis of length n² = {self.n * self.n}, got shape {u.shape}"
-            )
-        k = _num_tril(self.n)
-        return u[..., :k], u[..., k:]
-
-    def forward(self, u):
-        tril_part, skew_part = self._split(u)
-        n = self.n
-        chol = fill_tril(tril_part, n, log_diagonal=True)
-        rows, cols = jnp.tril_indices(n, k=-1)
-        strict = jnp.zeros(skew_part.shape[:-1] + (n, n), dtype=chol.dtype)
-        strict = strict.at[..., rows, cols].set(skew_part)
+    def __call__(self, x):
+        u = jnp.asarray(x)
+        n = _size_of_vector(u.shape, self.n)
+        k = _num_tril(n)
+        chol = _fill_tril(u[..., :k], n)
+        diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+        chol = chol + jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(jnp.exp(diag) - diag)
+        strict = _fill_tril(u[..., k:], n, k=-1)
         sym = chol @ jnp.swapaxes(chol, -1, -2) + self.eps * jnp.eye(n, dtype=chol.dtype)
         return -sym + (strict - jnp.swapaxes(strict, -1, -2))
 
-    def inverse(self, x):
-        x = jnp.asarray(x)
-        n = self.n
-        if x.shape[-2:] != (n, n):
-            raise ValueError(f"expected (..., {n}, {n}), got shape {x.shape}")
-        xt = jnp.swapaxes(x, -1, -2)
-        sym = -(x + xt) / 2 - self.eps * jnp.eye(n, dtype=x.dtype)
-        skew = (x - xt) / 2
-        tril_part = tril_to_vec(jnp.linalg.cholesky(sym), log_diagonal=True)
-        rows, cols = jnp.tril_indices(n, k=-1)
-        return _all_or_nothing(jnp.concatenate([tril_part, skew[..., rows, cols]], axis=-1))
+    def _inverse(self, y):
+        a = jnp.asarray(y)
+        n = _size_of_matrix(a.shape, self.n)
+        at = jnp.swapaxes(a, -1, -2)
+        sym = -(a + at) / 2 - self.eps * jnp.eye(n, dtype=a.dtype)
+        skew = (a - at) / 2
+        chol = jnp.linalg.cholesky(sym)
+        diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+        chol = chol + jnp.vectorize(jnp.diag, signature="(n)->(n,n)")(jnp.log(diag) - diag)
+        rows, cols = jnp.tril_indices(n)
+        strict_rows, strict_cols = jnp.tril_indices(n, k=-1)
+        vec = jnp.concatenate(
+            [chol[..., rows, cols], skew[..., strict_rows, strict_cols]], axis=-1
+        )
+        return _all_or_nothing(vec)
+
+    def log_abs_det_jacobian(self, x, y=None, intermediates=None):
+        """``log |det ∂ vec(A) / ∂ u|``, shape ``u.shape[:-1]`` (``y`` and ``intermediates``
+        are not needed)."""
+        u = jnp.asarray(x)
+        n = _size_of_vector(u.shape, self.n)
+        # (A_ij, A_ji), i > j, are -sym_ij ± skew_ij: |det| 2 per pair; L ↦ vech(L Lᵀ) has
+        # |det| 2ⁿ ∏ L_ii^(n-i+1) (1-based i); L_ii = exp(u_ii) adds ∏ L_ii
+        i = jnp.arange(n)
+        diag_index = i * (i + 3) // 2  # position of L_ii in the row-by-row fill
+        weights = (n + 1 - i).astype(u.dtype)
+        return _num_tril(n) * math.log(2.0) + jnp.sum(weights * u[..., diag_index], axis=-1)
+
+    def forward_shape(self, shape):
+        n = _size_of_vector(shape, self.n)
+        return tuple(shape[:-1]) + (n, n)
+
+    def inverse_shape(self, shape):
+        n = _size_of_matrix(shape, self.n)
+        return tuple(shape[:-2]) + (n * n,)
+
+    def tree_flatten(self):
+        return (), ((), {"n": self.n, "eps": self.eps})
+
+    def eq(self, other, static=False):
+        return isinstance(other, StableMatrix) and other.n == self.n and other.eps == self.eps
+
+    def __hash__(self):  # static (n, eps): usable as a jit-compiled callable
+        return hash((StableMatrix, self.n, self.eps))
+
+    def __repr__(self):
+        return f"StableMatrix(n={self.n}, eps={self.eps})"
 
 
-def _is_transform(x):
-    return isinstance(x, Transform)
+@biject_to.register(StableMatrixConstraint)
+def _biject_to_stable_matrix(constraint):
+    return StableMatrix(constraint.n, constraint.eps)
+
+
+def _is_spec_leaf(x):
+    return isinstance(x, (Transform, constraints.Constraint))
+
+
+def _as_transform(spec):
+    """``spec`` itself for a NumPyro transform, ``biject_to(spec)`` for a constraint."""
+    if isinstance(spec, Transform):
+        return spec
+    if isinstance(spec, constraints.Constraint):
+        try:
+            return biject_to(spec)
+        except NotImplementedError:
+            raise TypeError(f"NumPyro has no bijection onto the constraint {spec!r}") from None
+    raise TypeError(
+        "expected a numpyro.distributions.transforms.Transform or a "
+        f"numpyro.distributions.constraints.Constraint, got {type(spec).__name__}"
+    )
+
+
+def _map(specs, values, fn, what):
+    leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=_is_spec_leaf)
+    try:
+        value_leaves = treedef.flatten_up_to(values)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{what} must have the structure of the transforms {treedef}: {err}"
+        ) from None
+    out = [fn(_as_transform(s), v) for s, v in zip(leaves, value_leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def constrain(transforms, unconstrained):
-    """Apply a pytree of transforms (leaves are :class:`Transform`) to matching values.
+    """Apply a pytree of NumPyro transforms or constraints to matching unconstrained values.
+
+    Args:
+        transforms: a pytree (e.g. a dict) whose leaves are
+            ``numpyro.distributions.transforms.Transform`` objects or
+            ``numpyro.distributions.constraints.Constraint`` objects (a constraint ``c`` means
+            ``biject_to(c)``; use ``constraints.real`` for a free parameter).
+        unconstrained: a pytree with the structure of ``transforms`` (arrays at its leaves).
+
+    Returns:
+        The pytree of constrained values, ``t(u)`` leaf by leaf.
+
+    Raises:
+        ValueError: the two pytrees' structures differ.
+        TypeError: a leaf of ``transforms`` is neither a transform nor a constraint, or
+            NumPyro has no bijection onto the constraint.
 
     Example:
-        >>> constrain({"s": Positive("exp")}, {"s": jnp.zeros(())})   # {"s": 1.0}
+        >>> import jax.numpy as jnp
+        >>> from numpyro.distributions import constraints
+        >>> p = constrain({"s": constraints.positive, "A": StableMatrix(1)},
+        ...               {"s": jnp.zeros(()), "A": jnp.zeros(1)})
+        >>> float(p["s"]), p["A"].tolist()
+        (1.0, [[-1.0]])
     """
-    return jax.tree_util.tree_map(
-        lambda t, u: t.forward(u), transforms, unconstrained, is_leaf=_is_transform
-    )
+    return _map(transforms, unconstrained, lambda t, u: t(u), "unconstrained")
 
 
 def unconstrain(transforms, constrained):
-    """Inverse of :func:`constrain`."""
-    return jax.tree_util.tree_map(
-        lambda t, x: t.inverse(x), transforms, constrained, is_leaf=_is_transform
-    )
+    """Inverse of :func:`constrain`: ``t.inv(x)`` leaf by leaf.
+
+    Args:
+        transforms: as for :func:`constrain`.
+        constrained: a pytree with the structure of ``transforms``.
+
+    Returns:
+        The pytree of unconstrained values.
+
+    Raises:
+        ValueError: the two pytrees' structures differ.
+        TypeError: a leaf of ``transforms`` is neither a transform nor a constraint.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro.distributions import constraints
+        >>> float(unconstrain({"s": constraints.positive}, {"s": jnp.exp(2.0)})["s"])
+        2.0
+    """
+    return _map(transforms, constrained, lambda t, x: t.inv(x), "constrained")

@@ -269,3 +269,78 @@ def _tiny_model_and_data(u, rng=None, T=40):
 
         y = random_observations(rng, _tiny_params(np.asarray(u)), T, missing=0.1)
     return model, y
+
+
+def test_default_fit_runs_lbfgs_to_convergence_on_a_quadratic():
+    res = statespace.fit(quadratic, quad_init(), progress=False)
+    x_star = np.linalg.solve(A_QUAD, B_QUAD)
+    np.testing.assert_allclose(flat(res.params), x_star, atol=1e-7)
+    np.testing.assert_allclose(res.loss, -0.5 * B_QUAD @ x_star, rtol=1e-12)
+    assert res.converged and res.status.startswith("converged")
+    assert res.num_steps < 50  # L-BFGS on a 3-dimensional quadratic, not the step cap
+    # the gradient test holds at the returned parameters, or the last step changed the loss
+    # by less than DEFAULT_RTOL relative
+    g = flat(jax.grad(quadratic)(res.params))
+    rel = abs(res.losses[-1] - res.losses[-2]) / max(abs(res.losses[-1]), 1.0)
+    assert np.max(np.abs(g)) <= statespace.DEFAULT_GTOL or rel <= statespace.DEFAULT_RTOL
+
+
+def test_default_fit_of_a_state_space_model_matches_scipy():
+    rng = np.random.default_rng(1)
+    true = np.array([np.log(0.8 / 0.2), np.log(0.3), np.log(0.5)])
+    _, y = _tiny_model_and_data(jnp.asarray(true), rng=rng, T=40)
+    y = jnp.asarray(y)
+
+    def nll(u, y):
+        model, _ = _tiny_model_and_data(u)
+        return -statespace.log_likelihood(model, y)
+
+    res = statespace.fit(nll, jnp.zeros(3), args=(y,), progress=False)
+    value_and_grad = jax.jit(jax.value_and_grad(nll))
+
+    def fun(u):
+        v, g = value_and_grad(jnp.asarray(u), y)
+        return float(v), np.asarray(g)
+
+    ref = scipy.optimize.minimize(fun, np.zeros(3), jac=True, method="BFGS",
+                                  options=dict(gtol=1e-9, maxiter=1000))
+    assert np.max(np.abs(ref.jac)) < 1e-6  # scipy's optimum, to its line search's precision
+    assert res.converged and res.num_steps < statespace.DEFAULT_MAX_STEPS
+    np.testing.assert_allclose(res.loss, ref.fun, rtol=1e-12)
+    np.testing.assert_allclose(res.params, ref.x, atol=1e-5)
+
+
+def test_default_fit_stops_on_the_gradient_at_an_optimum_and_at_the_step_cap():
+    x_star = np.linalg.solve(A_QUAD, B_QUAD)
+    at_optimum = {"a": jnp.asarray(x_star[:2]), "b": {"c": jnp.asarray(x_star[2:])}}
+    res = statespace.fit(quadratic, at_optimum, progress=False)
+    assert res.converged and res.status == "converged: gradient below gtol"
+    assert res.num_steps == 1  # the first step finds the gradient below gtol
+    np.testing.assert_array_equal(flat(res.params), x_star)
+    capped = statespace.fit(lambda x: jnp.sum(jnp.cosh(x - 5.0)), jnp.zeros(4), num_steps=2,
+                            progress=False)
+    assert capped.num_steps == 2 and not capped.converged
+    assert capped.status == "reached num_steps"
+
+
+def test_rtol_and_gtol_with_an_explicit_optimizer():
+    res = statespace.fit(quadratic, quad_init(), optimizer=optax.sgd(0.05), num_steps=5000,
+                         rtol=1e-6, progress=False)
+    assert res.converged and res.status == "converged: relative loss change below rtol"
+    assert res.num_steps < 5000
+    assert abs(res.losses[-1] - res.losses[-2]) <= 1e-6 * max(abs(res.losses[-1]), 1.0)
+    assert abs(res.losses[-2] - res.losses[-3]) > 1e-6 * max(abs(res.losses[-2]), 1.0)
+    res = statespace.fit(quadratic, quad_init(), optimizer=optax.sgd(0.05), gtol=1e-4,
+                         progress=False)
+    assert res.converged and res.status == "converged: gradient below gtol"
+    assert np.max(np.abs(flat(jax.grad(quadratic)(res.params)))) <= 1e-4
+    # an explicit optimizer without tolerances runs to the step cap
+    res = statespace.fit(quadratic, quad_init(), optimizer=optax.sgd(0.05), num_steps=30,
+                         progress=False)
+    assert res.num_steps == 30 and not res.converged
+
+
+@pytest.mark.parametrize("kwargs", [dict(rtol=-1.0), dict(gtol=-1e-3)])
+def test_negative_rtol_or_gtol_raise(kwargs):
+    with pytest.raises(ValueError, match="tol"):
+        statespace.fit(quadratic, quad_init(), progress=False, **kwargs)
