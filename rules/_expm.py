@@ -696,10 +696,14 @@ def expm(A):
         TypeError: if ``A`` is complex or not numeric.
 
     Example:
-        >>> import jax.numpy as jnp, rules
-        >>> rules.expm(jnp.array([[0.0, 1.0], [0.0, 0.0]]))
-        Array([[1., 1.],
-               [0., 1.]], dtype=float32)
+        >>> import jax, jax.numpy as jnp, numpy as np, rules
+        >>> np.round(rules.expm(jnp.array([[0.0, 1.0], [0.0, 0.0]])), 6).tolist()  # I + N
+        [[1.0, 1.0], [0.0, 1.0]]
+        >>> round(float(rules.expm(jnp.array([[1.0]]))[0, 0]), 6)  # e
+        2.718282
+        >>> g = jax.grad(lambda a: rules.expm(a).trace())(jnp.diag(jnp.array([0.0, 1.0])))
+        >>> np.round(g, 6).tolist()  # d tr(e^A)/dA = (e^A)ᵀ
+        [[1.0, 0.0], [0.0, 2.718282]]
     """
     if hasattr(A, "__rules_expm__"):
         return A.__rules_expm__()
@@ -739,6 +743,14 @@ def expm_frechet(A, E):
         >>> import jax.numpy as jnp, rules
         >>> A = jnp.array([[1.0, 2.0], [0.0, -1.0]])
         >>> expA, L = rules.expm_frechet(A, jnp.eye(2))  # L = e^A for E = I (A and I commute)
+        >>> bool(jnp.allclose(L, expA)), bool(jnp.allclose(expA, rules.expm(A)))
+        (True, True)
+        >>> _, L = rules.expm_frechet(A, jnp.array([[0.0, 1.0], [0.0, 0.0]]))
+        >>> t = 1e-6  # a central difference of e^{A + tE}
+        >>> E = jnp.array([[0.0, 1.0], [0.0, 0.0]])
+        >>> fd = (rules.expm(A + t * E) - rules.expm(A - t * E)) / (2 * t)
+        >>> bool(jnp.allclose(L, fd, atol=1e-6))
+        True
     """
     A = as_float_array("A", A)
     E = as_float_array("E", E)

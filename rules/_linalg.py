@@ -155,9 +155,16 @@ def solve(A, B, *, assume_a: str = "gen"):
         TypeError: for complex inputs.
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from rules import solve
         >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-        >>> x = solve(A, jnp.array([1.0, 2.0]), assume_a="pos")
-        >>> g = jax.grad(lambda A: solve(A, jnp.ones(2)).sum())(A)
+        >>> b = jnp.array([1.0, 2.0])
+        >>> x = solve(A, b, assume_a="pos")
+        >>> bool(jnp.allclose(A @ x, b)), x.shape, solve(A, jnp.ones((2, 3))).shape
+        (True, (2,), (2, 3))
+        >>> g = jax.grad(lambda A: solve(A, b).sum())(A)
+        >>> bool(jnp.allclose(g, -jnp.outer(solve(A.T, jnp.ones(2)), x)))  # Ā = −A⁻ᵀ 1 xᵀ
+        True
     """
     A, B, vector = _prepare(A, B, assume_a)
     X = _solve(A, B, assume_a)
@@ -184,9 +191,15 @@ def inv(A, *, assume_a: str = "gen"):
         TypeError: for complex inputs.
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from rules import inv
         >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])
         >>> Ainv = inv(A)
-        >>> jax.jvp(inv, (A,), (jnp.eye(2),))  # (A⁻¹, −A⁻²)
+        >>> bool(jnp.allclose(A @ Ainv, jnp.eye(2)))
+        True
+        >>> Ainv_, dAinv = jax.jvp(inv, (A,), (jnp.eye(2),))  # tangent −A⁻¹ I A⁻¹ = −A⁻²
+        >>> bool(jnp.allclose(dAinv, -Ainv @ Ainv))
+        True
     """
     A = as_float_array("A", A)
     n = check_square("A", A)
