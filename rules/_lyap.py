@@ -197,6 +197,10 @@ def lyap(A, Q, *, method: str = "auto"):
         >>> X = lyap(A, jnp.eye(2))
         >>> bool(jnp.allclose(A @ X + X @ A.T + jnp.eye(2), 0.0, atol=1e-6))
         True
+        >>> bool(jnp.allclose(lyap(A, jnp.eye(2), method="kron"), X))
+        True
+        >>> round(float(lyap(jnp.array([[-2.0]]), jnp.array([[1.0]]))[0, 0]), 6)  # 1 / (2·2)
+        0.25
     """
     A, Q, method = _prepare("lyap", A, Q, method, _LYAP_METHODS, "sign")
     if method == "kron" and A.shape[-1] > KRON_MAX_N:
@@ -239,6 +243,8 @@ def dlyap(A, Q, *, method: str = "auto"):
         >>> X = dlyap(A, jnp.eye(2))
         >>> bool(jnp.allclose(A @ X @ A.T - X + jnp.eye(2), 0.0, atol=1e-6))
         True
+        >>> round(float(dlyap(jnp.array([[0.5]]), jnp.array([[1.0]]))[0, 0]), 6)  # 1 / (1 − 0.5²)
+        1.333333
     """
     A, Q, method = _prepare("dlyap", A, Q, method, _DLYAP_METHODS, "doubling")
     core = partial(_dlyap_single, method=method)

@@ -114,8 +114,13 @@ def small_matmul(a, b):
 
     Example:
         >>> import jax.numpy as jnp
-        >>> small_matmul(jnp.ones((10, 2, 3)), jnp.ones((3, 2))).shape
+        >>> from rules._smallmm import small_matmul
+        >>> a = jnp.arange(60.0).reshape(10, 2, 3)
+        >>> b = jnp.arange(6.0).reshape(3, 2)
+        >>> small_matmul(a, b).shape
         (10, 2, 2)
+        >>> bool(jnp.allclose(small_matmul(a, b), a @ b))
+        True
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:

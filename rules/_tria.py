@@ -184,9 +184,16 @@ def tria(M):
         TypeError: for complex inputs.
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from rules import tria
         >>> M = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0]])
-        >>> L = tria(M)          # L @ L.T == M @ M.T
+        >>> L = tria(M)
+        >>> L.shape, bool(jnp.allclose(L @ L.T, M @ M.T)), bool(jnp.all(jnp.triu(L, 1) == 0))
+        ((2, 2), True, True)
+        >>> # Σ log diag(L) = ½ log det(M Mᵀ), whose gradient is (M Mᵀ)⁻¹ M
         >>> g = jax.grad(lambda M: jnp.log(jnp.diag(tria(M))).sum())(M)
+        >>> bool(jnp.allclose(g, jnp.linalg.solve(M @ M.T, M)))
+        True
     """
     M = as_float_array("M", M)
     if M.ndim < 2:
