@@ -92,8 +92,18 @@ class LinearGaussianSSM:
         >>> from statespace import LinearGaussianSSM, log_likelihood
         >>> model = LinearGaussianSSM(F=jnp.eye(2) * 0.9, Q=jnp.eye(2), H=jnp.ones((1, 2)),
         ...                           R=jnp.eye(1), m0=jnp.zeros(2), P0="stationary")
+        >>> model.state_dim, model.obs_dim, model.batch_shape, model.num_timesteps
+        (2, 1, (), None)
+        >>> round(float(model.P0[0, 0]), 6)  # stationary: P0 = 0.81 P0 + 1
+        5.263158
         >>> x, y = model.simulate(jax.random.key(0), 50)
-        >>> ll = log_likelihood(model, y)
+        >>> x.shape, y.shape, bool(jnp.isfinite(log_likelihood(model, y)))
+        ((50, 2), (50, 1), True)
+        >>> # y[0] = 0 observing x[0] ~ N(0, 1) with noise N(0, 1): log N(0; 0, 2) = −½ log 4π
+        >>> scalar = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                            m0=[0.0], P0=[[1.0]])
+        >>> round(float(log_likelihood(scalar, jnp.zeros((1, 1)))), 6)
+        -1.265512
     """
 
     def __init__(self, F, Q, H, R, m0, P0, *, b=None, d=None, diffuse=None):
@@ -174,7 +184,25 @@ class LinearGaussianSSM:
         return obj
 
     def replace(self, **changes) -> "LinearGaussianSSM":
-        """A copy with some fields replaced (no re-validation; use the constructor for that)."""
+        """A copy with some fields replaced (no re-validation; use the constructor for that).
+
+        Args:
+            **changes: new values of some of ``F, Q, H, R, m0, P0, b, d, diffuse``.
+
+        Returns:
+            A new model; the fields not named are shared with ``self``.
+
+        Raises:
+            ValueError: for a name that is not a field.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from statespace import LinearGaussianSSM
+            >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+            ...                           m0=[0.0], P0=[[1.0]])
+            >>> model.replace(R=jnp.array([[4.0]])).R.tolist(), model.R.tolist()
+            ([[4.0]], [[1.0]])
+        """
         unknown = set(changes) - set(_FIELDS) - {"diffuse"}
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}")
@@ -253,6 +281,15 @@ class LinearGaussianSSM:
                 symmetric positive semi-definite, e.g. a negative variance or the
                 ``P0="stationary"`` of an unstable ``F``; the message names the matrix and its
                 smallest eigenvalue.
+
+        Example:
+            >>> from statespace import LinearGaussianSSM
+            >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[-1.0]],
+            ...                           m0=[0.0], P0=[[1.0]])
+            >>> model.check()
+            Traceback (most recent call last):
+                ...
+            ValueError: R must be symmetric positive semi-definite; its smallest eigenvalue is -1...
         """
         for name in ("Q", "R", "P0"):
             _raise_if_indefinite(name, getattr(self, name))
@@ -280,7 +317,15 @@ class LinearGaussianSSM:
                 match the time-varying parameters.
 
         Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from statespace import LinearGaussianSSM
+            >>> model = LinearGaussianSSM(F=0.9 * jnp.eye(2), Q=jnp.eye(2), H=[[1.0, -1.0]],
+            ...                           R=[[0.0]], m0=jnp.zeros(2), P0="stationary")
             >>> x, y = model.simulate(jax.random.key(1), 100)
+            >>> x.shape, y.shape
+            ((100, 2), (100, 1))
+            >>> bool(jnp.allclose(y, x @ model.H.T))  # R = 0: y = H x exactly
+            True
         """
         if self.batch_shape:
             raise ValueError(
