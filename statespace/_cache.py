@@ -30,6 +30,16 @@ def default_cache_dir() -> pathlib.Path:
     Returns:
         ``$XDG_CACHE_HOME/statespace/jax`` when ``XDG_CACHE_HOME`` is set (and not empty),
         else ``~/.cache/statespace/jax``. The folder is not created here.
+
+    Example:
+        >>> import os
+        >>> from unittest import mock
+        >>> from statespace._cache import default_cache_dir
+        >>> with mock.patch.dict(os.environ, {"XDG_CACHE_HOME": "/scratch/cache"}):
+        ...     default_cache_dir().as_posix()
+        '/scratch/cache/statespace/jax'
+        >>> default_cache_dir().parts[-2:]
+        ('statespace', 'jax')
     """
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "statespace" / "jax"
@@ -60,11 +70,25 @@ def enable_compilation_cache(path=None, *, min_compile_time_secs=_MIN_COMPILE_TI
         OSError: the folder cannot be created.
 
     Example:
-        >>> import tempfile
+        At a script's start-up:
+
         >>> import statespace
-        >>> folder = statespace.enable_compilation_cache(tempfile.mkdtemp())  # doctest: +SKIP
-        >>> folder.is_dir()  # doctest: +SKIP
-        True
+        >>> statespace.enable_compilation_cache()  # doctest: +SKIP
+        PosixPath('/home/me/.cache/statespace/jax')
+
+        The settings it makes, undone at the end (a process-wide change):
+
+        >>> import jax, pathlib, tempfile
+        >>> before = (jax.config.jax_compilation_cache_dir,
+        ...           jax.config.jax_persistent_cache_min_compile_time_secs)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     folder = statespace.enable_compilation_cache(pathlib.Path(tmp) / "jax",
+        ...                                                   min_compile_time_secs=0.5)
+        ...     print(folder.is_dir(), jax.config.jax_compilation_cache_dir == str(folder),
+        ...           jax.config.jax_persistent_cache_min_compile_time_secs)
+        True True 0.5
+        >>> jax.config.update("jax_compilation_cache_dir", before[0])
+        >>> jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     """
     if min_compile_time_secs < 0:
         raise ValueError(f"min_compile_time_secs must be >= 0, got {min_compile_time_secs}")

@@ -72,6 +72,15 @@ class FitResult:
             ``constraints`` it is a state of the unconstrained parameters).
         unconstrained_params: with ``constraints``, the fitted unconstrained parameters
             (``params`` is their constrained image); otherwise ``None``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from statespace import fit
+        >>> res = fit(lambda p: jnp.sum((p - 3.0) ** 2), jnp.zeros(2), progress=False)
+        >>> res.converged, res.status.startswith("converged"), res.num_steps == len(res.losses)
+        (True, True, True)
+        >>> float(res.losses[0]), round(res.loss, 6)   # at the initial and the fitted params
+        (18.0, 0.0)
     """
 
     params: Any
@@ -104,6 +113,8 @@ class FitResult:
 
         Example:
             >>> import jax.numpy as jnp
+            >>> from statespace import fit
+            >>> # the negative log-density of N(0, 2²) per coordinate: standard error 2
             >>> res = fit(lambda p: 0.5 * jnp.sum(p**2 / 4.0), jnp.ones(2), progress=False)
             >>> res.standard_errors().round(6).tolist()
             [2.0, 2.0]
@@ -153,7 +164,15 @@ def covariance(loss: Callable, params, *args, transform: Callable | None = None)
         A Hessian that is not positive definite gives NaN entries rather than an error.
 
     Example:
-        >>> cov, unravel = covariance(lambda p: jnp.sum((p - 1.0) ** 2 / 0.5), jnp.zeros(2))
+        >>> import jax.numpy as jnp
+        >>> from statespace import covariance
+        >>> # loss = Σ (p − 1)² / (2 · 0.25): the Hessian is 4 I, the covariance I / 4
+        >>> loss = lambda p: jnp.sum((p["a"] - 1.0) ** 2 / 0.5)
+        >>> cov, unravel = covariance(loss, {"a": jnp.zeros(2)})
+        >>> cov.round(6).tolist()
+        [[0.25, 0.0], [0.0, 0.25]]
+        >>> unravel(jnp.diagonal(cov))["a"].round(6).tolist()
+        [0.25, 0.25]
     """
     flat, unravel, hess = _hessian_flat(loss, params, args)
     chol = jnp.linalg.cholesky(hess)
@@ -189,8 +208,13 @@ def standard_errors(loss: Callable, params, *args, transform: Callable | None = 
         NaN where the Hessian is not positive definite (not at a strict minimum).
 
     Example:
-        >>> se = standard_errors(lambda p: 0.5 * jnp.sum(p**2 / 4.0), jnp.zeros(3))
-        >>> # se == [2., 2., 2.]
+        >>> import jax.numpy as jnp
+        >>> from statespace import standard_errors
+        >>> loss = lambda p: 0.5 * jnp.sum(p**2 / 4.0)  # N(0, 2²) per coordinate
+        >>> standard_errors(loss, jnp.zeros(3)).round(6).tolist()
+        [2.0, 2.0, 2.0]
+        >>> standard_errors(loss, jnp.zeros(1), transform=lambda p: 3.0 * p).round(6).tolist()
+        [6.0]
     """
     cov, unravel = covariance(loss, params, *args, transform=transform)
     return unravel(jnp.sqrt(jnp.diagonal(cov)))
@@ -306,11 +330,14 @@ def fit(
 
     Example:
         >>> import optax, jax.numpy as jnp
+        >>> from statespace import fit
         >>> res = fit(lambda p: jnp.sum((p - 3.0) ** 2), jnp.zeros(2), progress=False)
         >>> res.converged, res.params.round(6).tolist()
         (True, [3.0, 3.0])
         >>> res = fit(lambda p: jnp.sum((p - 3.0) ** 2), jnp.zeros(2),
         ...           optimizer=optax.adam(0.1), num_steps=20, progress=False)
+        >>> res.num_steps, res.converged, res.loss < float(res.losses[0])
+        (20, False, True)
         >>> from numpyro.distributions import constraints
         >>> res = fit(lambda s: (jnp.log(s) - 1.0) ** 2, jnp.ones(()),
         ...           constraints=constraints.positive, progress=False)

@@ -49,9 +49,23 @@ def enable_small_loop_compilation(max_bytes=_DEFAULT_BYTES):
         ValueError: ``max_bytes`` is not a positive integer.
 
     Example:
+        At a script's start-up, before JAX computes anything:
+
         >>> import statespace
         >>> statespace.enable_small_loop_compilation()  # doctest: +SKIP
         True
+
+        What it does to ``XLA_FLAGS`` (here in a copy of the environment that is restored):
+
+        >>> import os
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}):
+        ...     print(statespace.enable_small_loop_compilation(4096), os.environ["XLA_FLAGS"])
+        True --xla_cpu_enable_fast_math=false
+        --xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=4096
+        >>> with mock.patch.dict(os.environ, {"XLA_FLAGS": "--xla_backend_extra_options=a=1"}):
+        ...     print(statespace.enable_small_loop_compilation(), os.environ["XLA_FLAGS"])
+        False --xla_backend_extra_options=a=1
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
