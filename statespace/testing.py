@@ -39,6 +39,15 @@ class DerivativeReport(NamedTuple):
         jvp_errors: ``‖J v − ref‖ / ‖ref‖`` for each direction ``v`` (forward mode).
         vjp_errors: ``|⟨Jᵀū, v⟩ − ⟨ū, ref⟩| / (‖ū‖ ‖ref‖)`` for each direction (reverse mode).
         reference: ``"high-precision"`` or ``"richardson"``.
+
+    Example:
+        >>> import numpy as np
+        >>> from statespace.testing import DerivativeReport
+        >>> report = DerivativeReport(np.array([1e-12, 3e-11]), np.array([2e-10]), "richardson")
+        >>> report.max_error
+        2e-10
+        >>> print(report)
+        DerivativeReport(reference=richardson, jvp=[1.00e-12, 3.00e-11], vjp=[2.00e-10])
     """
 
     jvp_errors: np.ndarray
@@ -61,7 +70,20 @@ class DerivativeReport(NamedTuple):
 def relative_error(value, reference) -> float:
     """``‖value − reference‖ / ‖reference‖`` in float64 (Frobenius over all entries).
 
-    Returns the absolute error where the reference is exactly zero.
+    Args:
+        value: array-like.
+        reference: array-like of the same shape.
+
+    Returns:
+        The relative error as a Python float; the absolute error ``‖value‖`` where the
+        reference is exactly zero.
+
+    Example:
+        >>> from statespace.testing import relative_error
+        >>> round(relative_error([3.0, 4.0], [3.0, 0.0]), 6)   # ‖(0, 4)‖ / ‖(3, 0)‖
+        1.333333
+        >>> relative_error([3.0, 4.0], [0.0, 0.0])   # absolute: ‖(3, 4)‖
+        5.0
     """
     value = np.asarray(value, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
@@ -133,8 +155,16 @@ def check_derivatives(
         >>> from statespace.testing import check_derivatives
         >>> A = jnp.array([[-1.0, 0.3], [0.0, -2.0]])
         >>> report = check_derivatives(rules.expm, (A,))
-        >>> report.max_error < 1e-8
-        True
+        >>> report.reference, len(report.jvp_errors), report.max_error < 1e-8
+        ('richardson', 3, True)
+
+        Against a high-precision reference (``mpmath``, here elementwise ``exp``):
+
+        >>> import mpmath, numpy as np
+        >>> report = check_derivatives(jnp.exp, (jnp.array([0.5, -1.0]),),
+        ...                            reference=np.vectorize(mpmath.exp, otypes=[object]))
+        >>> report.reference, report.max_error < 1e-13
+        ('high-precision', True)
     """
     args = list(args)
     if not 0 <= argnum < len(args):
