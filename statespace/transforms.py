@@ -43,6 +43,8 @@ Example:
     >>> float(p["sigma"]), p["A"].tolist()
     (1.0, [[-1.0, 0.0], [0.0, -1.0]])
     >>> back = T.unconstrain(spec, p)      # equals u up to rounding
+    >>> bool(jnp.allclose(back["A"], u["A"])), round(float(back["sigma"]), 6)
+    (True, 0.0)
 """
 
 from __future__ import annotations
@@ -138,11 +140,15 @@ class StableMatrixConstraint(constraints.Constraint):
     Example:
         >>> import jax.numpy as jnp
         >>> from numpyro.distributions.transforms import biject_to
+        >>> from statespace.transforms import StableMatrixConstraint, stable_matrix
         >>> c = StableMatrixConstraint(2, eps=0.1)
         >>> bool(c(jnp.array([[-1.0, 3.0], [-3.0, -1.0]]))), bool(c(-0.05 * jnp.eye(2)))
         (True, False)
         >>> biject_to(c)
         StableMatrix(n=2, eps=0.1)
+        >>> # stable but not dissipative: the symmetric part is indefinite
+        >>> bool(stable_matrix(jnp.array([[-1.0, 10.0], [0.0, -1.0]])))
+        False
     """
 
     event_dim = 2
@@ -203,13 +209,17 @@ class StableMatrix(Transform):
         TypeError: ``n`` is not an integer.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
+        >>> from statespace.transforms import StableMatrix
         >>> t = StableMatrix(2)
         >>> u = jnp.array([0.0, 0.3, -0.2, 1.5])
         >>> A = t(u)
-        >>> bool(jnp.all(jnp.linalg.eigvals(A).real < 0))
-        True
+        >>> A.shape, bool(jnp.all(jnp.linalg.eigvals(A).real < 0))
+        ((2, 2), True)
         >>> bool(jnp.allclose(t.inv(A), u))
+        True
+        >>> _, logdet = jnp.linalg.slogdet(jax.jacfwd(t)(u).reshape(4, 4))
+        >>> bool(jnp.allclose(t.log_abs_det_jacobian(u, A), logdet))
         True
     """
 
@@ -339,6 +349,7 @@ def constrain(transforms, unconstrained):
     Example:
         >>> import jax.numpy as jnp
         >>> from numpyro.distributions import constraints
+        >>> from statespace.transforms import StableMatrix, constrain
         >>> p = constrain({"s": constraints.positive, "A": StableMatrix(1)},
         ...               {"s": jnp.zeros(()), "A": jnp.zeros(1)})
         >>> float(p["s"]), p["A"].tolist()
@@ -364,7 +375,10 @@ def unconstrain(transforms, constrained):
     Example:
         >>> import jax.numpy as jnp
         >>> from numpyro.distributions import constraints
-        >>> float(unconstrain({"s": constraints.positive}, {"s": jnp.exp(2.0)})["s"])
-        2.0
+        >>> from statespace.transforms import StableMatrix, unconstrain
+        >>> u = unconstrain({"s": constraints.positive, "A": StableMatrix(1)},
+        ...                 {"s": jnp.exp(2.0), "A": -jnp.exp(2.0) * jnp.ones((1, 1))})
+        >>> round(float(u["s"]), 6), jnp.round(u["A"], 6).tolist()   # A = −L² with L = e^u
+        (2.0, [1.0])
     """
     return _map(transforms, constrained, lambda t, x: t.inv(x), "constrained")
