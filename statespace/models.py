@@ -25,8 +25,8 @@ Example:
     >>> model = models.sum_of(models.local_linear_trend(0.1, 0.01),
     ...                       models.quasi_periodic(period=1.0, decay_time=20.0, variances=[1.0]),
     ...                       noise_var=0.05)
-    >>> model.state_dim, model.obs_dim
-    (4, 1)
+    >>> model.state_dim, model.obs_dim, model.diffuse   # the trend starts diffuse
+    (4, 1, (True, True, False, False))
 """
 
 from __future__ import annotations
@@ -124,9 +124,15 @@ def ou(drift, diffusion, H=None, noise_var=0.0):
         ValueError: on inconsistent shapes.
 
     Example:
+        >>> import jax.numpy as jnp, rules
+        >>> from statespace.models import ou
         >>> model = ou(jnp.array([[-1.0, 0.3], [0.0, -0.5]]), jnp.eye(2), noise_var=0.1)
-        >>> model.obs_dim
-        2
+        >>> model.state_dim, model.obs_dim, model.R.tolist()
+        (2, 2, [[0.1, 0.0], [0.0, 0.1]])
+        >>> ou(jnp.array([[-2.0]]), jnp.array([[1.0]])).P0 is None   # stationary start
+        True
+        >>> round(float(rules.lyap(jnp.array([[-2.0]]), jnp.array([[1.0]]))[0, 0]), 6)  # Q / 2|A|
+        0.25
     """
     _check_noise(noise_var)
     A = as_float_array("drift", drift)
@@ -154,8 +160,14 @@ def matern12(lengthscale, variance, noise_var=0.0):
         :class:`ContinuousLinearSSM` with ``n = 1``.
 
     Example:
-        >>> matern12(1.0, 2.0).state_dim
-        1
+        >>> import rules
+        >>> from statespace.models import matern12
+        >>> model = matern12(1.0, 2.0)
+        >>> P = rules.lyap(model.A, model.Q)   # the stationary covariance P∞
+        >>> def k(tau):                         # the covariance H e^{Aτ} P∞ Hᵀ
+        ...     return round(float((model.H @ rules.expm(model.A * tau) @ P @ model.H.T)[0, 0]), 6)
+        >>> model.state_dim, k(0.0), k(1.0)   # σ², σ² e^{−1}
+        (1, 2.0, 0.735759)
     """
     _check_positive(lengthscale=lengthscale, variance=variance)
     _check_noise(noise_var)
@@ -182,8 +194,14 @@ def matern32(lengthscale, variance, noise_var=0.0):
         :class:`ContinuousLinearSSM` with ``n = 2``.
 
     Example:
-        >>> matern32(1.0, 2.0).state_dim
-        2
+        >>> import rules
+        >>> from statespace.models import matern32
+        >>> model = matern32(1.0, 2.0)
+        >>> P = rules.lyap(model.A, model.Q)   # the stationary covariance P∞
+        >>> def k(tau):                         # the covariance H e^{Aτ} P∞ Hᵀ
+        ...     return round(float((model.H @ rules.expm(model.A * tau) @ P @ model.H.T)[0, 0]), 6)
+        >>> model.state_dim, k(0.0), k(1.0)   # σ², σ² (1 + √3) e^{−√3}
+        (2, 2.0, 0.966715)
     """
     _check_positive(lengthscale=lengthscale, variance=variance)
     _check_noise(noise_var)
@@ -212,8 +230,14 @@ def matern52(lengthscale, variance, noise_var=0.0):
         :class:`ContinuousLinearSSM` with ``n = 3``.
 
     Example:
-        >>> matern52(1.0, 2.0).state_dim
-        3
+        >>> import rules
+        >>> from statespace.models import matern52
+        >>> model = matern52(1.0, 2.0)
+        >>> P = rules.lyap(model.A, model.Q)   # the stationary covariance P∞
+        >>> def k(tau):                         # the covariance H e^{Aτ} P∞ Hᵀ
+        ...     return round(float((model.H @ rules.expm(model.A * tau) @ P @ model.H.T)[0, 0]), 6)
+        >>> model.state_dim, k(0.0), k(1.0)   # σ², σ² (1 + √5 + 5/3) e^{−√5}
+        (3, 2.0, 1.047988)
     """
     _check_positive(lengthscale=lengthscale, variance=variance)
     _check_noise(noise_var)
@@ -249,8 +273,16 @@ def sho(omega, quality, variance, noise_var=0.0):
         :class:`ContinuousLinearSSM` with ``n = 2``.
 
     Example:
-        >>> sho(2.0, 5.0, 1.0).state_dim
-        2
+        >>> import math, rules
+        >>> from statespace.models import sho
+        >>> model = sho(2.0, 5.0, 1.0)
+        >>> P = rules.lyap(model.A, model.Q)   # the stationary covariance P∞
+        >>> def k(tau):                         # the covariance H e^{Aτ} P∞ Hᵀ
+        ...     return round(float((model.H @ rules.expm(model.A * tau) @ P @ model.H.T)[0, 0]), 6)
+        >>> eta = math.sqrt(1 - 1 / 100)   # ω = 2, Q = 5, τ = 1 in the formula above
+        >>> celerite = math.exp(-0.2) * (math.cos(2 * eta) + math.sin(2 * eta) / (10 * eta))
+        >>> model.state_dim, k(0.0), k(1.0) == round(celerite, 6)
+        (2, 1.0, True)
     """
     _check_positive(omega=omega, quality=quality, variance=variance)
     _check_noise(noise_var)
@@ -282,8 +314,12 @@ def quasi_periodic(period, decay_time, variances, noise_var=0.0):
         :class:`ContinuousLinearSSM` with ``n = 2J`` (a :func:`sum_of` of SHOs).
 
     Example:
-        >>> quasi_periodic(1.0, 10.0, [1.0, 0.3]).state_dim
-        4
+        >>> import rules
+        >>> from statespace.models import quasi_periodic
+        >>> model = quasi_periodic(1.0, 10.0, [1.0, 0.3])
+        >>> P = rules.lyap(model.A, model.Q)
+        >>> model.state_dim, round(float((model.H @ P @ model.H.T)[0, 0]), 6)   # Σ variances
+        (4, 1.3)
     """
     _check_positive(period=period, decay_time=decay_time, variances=variances)
     _check_noise(noise_var)
@@ -325,8 +361,14 @@ def carma(ar_coefs, ma_coefs, sigma, noise_var=0.0):
         ValueError: if the coefficient vectors are not 1-D or ``q ≥ p``.
 
     Example:
-        >>> carma(jnp.array([1.5, 0.8]), jnp.array([1.0, 0.2]), 1.0).state_dim
-        2
+        >>> import jax.numpy as jnp, rules
+        >>> from statespace.models import carma
+        >>> model = carma(jnp.array([1.5, 0.8]), jnp.array([1.0, 0.2]), 1.0)
+        >>> model.state_dim, model.A.tolist()     # companion matrix
+        (2, [[0.0, 1.0], [-0.8, -1.5]])
+        >>> # CARMA(2, 1) variance σ² (β_0² + β_1² α_2) / (2 α_1 α_2) = 1.032 / 2.4
+        >>> round(float((model.H @ rules.lyap(model.A, model.Q) @ model.H.T)[0, 0]), 6)
+        0.43
     """
     _check_noise(noise_var)
     alpha = as_float_array("ar_coefs", ar_coefs)
@@ -361,7 +403,11 @@ def local_level(sigma, noise_var=0.0, *, m0=None, P0=None):
         :class:`ContinuousLinearSSM` with ``n = 1``.
 
     Example:
-        >>> local_level(0.3).diffuse
+        >>> from statespace.models import local_level
+        >>> model = local_level(0.3, noise_var=0.5)
+        >>> model.diffuse, round(float(model.Q[0, 0]), 6), round(float(model.R[0, 0]), 6)
+        (True, 0.09, 0.5)
+        >>> local_level(0.3, m0=[0.0], P0=[[1.0]]).diffuse is None   # a proper start
         True
     """
     _check_noise(noise_var)
@@ -391,8 +437,13 @@ def local_linear_trend(sigma_level, sigma_slope, noise_var=0.0, *, m0=None, P0=N
         :class:`ContinuousLinearSSM` with ``n = 2``.
 
     Example:
-        >>> local_linear_trend(0.1, 0.01).state_dim
-        2
+        >>> from statespace.models import local_linear_trend
+        >>> model = local_linear_trend(0.1, 0.01)
+        >>> model.state_dim, model.A.tolist()   # the level integrates the slope
+        (2, [[0.0, 1.0], [0.0, 0.0]])
+        >>> import numpy as np
+        >>> model.diffuse, np.round(np.sqrt(np.diag(model.Q)), 6).tolist()   # Q = diag(σ_l², σ_s²)
+        (True, [0.1, 0.01])
     """
     _check_noise(noise_var)
     sl, ss = _scalar("sigma_level", sigma_level), _scalar("sigma_slope", sigma_slope)
@@ -439,8 +490,14 @@ def sum_of(*components, noise_var=0.0):
         ValueError: with no components, or if their observation sizes differ.
 
     Example:
-        >>> sum_of(matern32(1.0, 1.0), sho(2.0, 10.0, 0.5), noise_var=0.1).state_dim
-        4
+        >>> import rules
+        >>> from statespace.models import matern32, sho, sum_of
+        >>> model = sum_of(matern32(1.0, 1.0), sho(2.0, 10.0, 0.5), noise_var=0.1)
+        >>> P = rules.lyap(model.A, model.Q)
+        >>> model.state_dim, round(float((model.H @ P @ model.H.T)[0, 0]), 6)  # 1 + 0.5
+        (4, 1.5)
+        >>> round(float(model.R[0, 0]), 6)
+        0.1
     """
     _check_noise(noise_var)
     if not components:
@@ -502,8 +559,15 @@ def product_of(a, b, noise_var=0.0):
             observes more than one value; or a static ``noise_var < 0``.
 
     Example:
-        >>> product_of(matern32(1.0, 1.0), sho(2.0, 10.0, 1.0)).state_dim
-        4
+        >>> import rules
+        >>> from statespace.models import matern32, product_of, sho
+        >>> def k(model, tau):                  # the covariance H e^{Aτ} P∞ Hᵀ
+        ...     P = rules.lyap(model.A, model.Q)
+        ...     return float((model.H @ rules.expm(model.A * tau) @ P @ model.H.T)[0, 0])
+        >>> a, b = matern32(1.0, 1.0), sho(2.0, 10.0, 1.0)
+        >>> model = product_of(a, b)
+        >>> model.state_dim, round(k(model, 0.7), 6) == round(k(a, 0.7) * k(b, 0.7), 6)
+        (4, True)
     """
     _check_noise(noise_var)
     for name, c in (("a", a), ("b", b)):
