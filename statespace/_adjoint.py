@@ -27,17 +27,16 @@ import numpy as np
 from jax import lax
 
 from rules._precision import full_precision
-from statespace._kalman import (
+from statespace._sequential import _filter_single, _steps_params
+from statespace._steps import (
     _SMALL_M,
     _UNROLL_MAX,
     _chol_solve,
-    _filter_single,
+    _mask_observation,
     _mm,
     _mm_fused,
     _mmm,
-    _mask_observation,
     _spd_solve_small,
-    _steps_params,
     _symmetrise,
 )
 

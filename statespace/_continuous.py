@@ -32,8 +32,9 @@ import rules
 from rules._checks import as_float_array
 from rules._precision import full_precision
 from rules._smallmm import small_matmul
-from statespace._kalman import _cholesky
-from statespace._model import _indefinite, _raise_if_indefinite
+from statespace._model import LinearGaussianSSM, _indefinite, _raise_if_indefinite
+from statespace._smoother import rts_smoother
+from statespace._steps import _cholesky
 
 __all__ = ["ContinuousLinearSSM", "Discretization", "Prediction", "discretize", "predict"]
 
@@ -643,8 +644,6 @@ class ContinuousLinearSSM:
             ``times`` decrease or ``Q`` is not positive semi-definite (the filter then reports
             a ``-inf`` log-likelihood).
         """
-        from statespace._model import LinearGaussianSSM
-
         times = as_float_array("times", times)
         if times.ndim != 1:
             raise ValueError(f"times must have shape (T,); got times.shape = {times.shape}")
@@ -730,8 +729,6 @@ def predict(model, y, times, new_times) -> Prediction:
         >>> pred = predict(model, y, times, jnp.linspace(0, 12, 200))     # doctest: +SKIP
         >>> mean, sd = pred.obs_means[:, 0], jnp.sqrt(pred.obs_covs[:, 0, 0])  # doctest: +SKIP
     """
-    from statespace._smoother import rts_smoother
-
     y = as_float_array("y", y)
     times = as_float_array("times", times)
     new_times = as_float_array("new_times", new_times)

@@ -1,0 +1,150 @@
+"""The packages' import graph: read from the sources with ``ast`` (nothing is imported).
+
+* no cycle among the modules of ``rules`` and ``statespace``, counting imports at any level;
+* imports of package modules at module level only (never inside a function);
+* the layers: models know nothing of filtering, the pure step functions import no driver,
+  the drivers do not import each other except where the dispatcher calls them.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("rules", "statespace")
+
+
+def _module_files():
+    """``{module name: path}`` for every module of the packages (``__init__`` is the package)."""
+    files = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join(parts)] = path
+    return files
+
+
+def _resolve(node, module, is_package, known):
+    """Package modules that one ``import`` / ``from ... import`` node loads."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:
+            parent = module.split(".") if is_package else module.split(".")[:-1]
+            parent = parent[: len(parent) - (node.level - 1)]
+            base = ".".join(parent + ([base] if base else []))
+        # ``from pkg import name`` loads pkg and, where ``name`` is a submodule, pkg.name
+        names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return {name for name in names if name in known}
+
+
+def _imports(source, module, is_package, known):
+    """``(targets, nested)``: the package modules imported anywhere in ``source`` and the
+    ``(line, target)`` pairs of those imported inside a function body."""
+    tree = ast.parse(source)
+    targets, nested = set(), []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found = _resolve(child, module, is_package, known) - {module}
+                targets.update(found)
+                if in_function:
+                    nested.extend((child.lineno, name) for name in sorted(found))
+            inside = in_function or isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            )
+            visit(child, inside)
+
+    visit(tree, False)
+    return targets, nested
+
+
+def _graph():
+    """``(edges, nested)`` over all modules of the packages."""
+    files = _module_files()
+    known = set(files)
+    edges, nested = {}, {}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        edges[module], nested[module] = _imports(path.read_text(), module, is_package, known)
+    return edges, nested
+
+
+def _find_cycle(edges):
+    """One cycle of the directed graph ``edges`` as a list of nodes, or None."""
+    state = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        path.append(node)
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target, path)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            cycle = visit(node, [])
+            if cycle:
+                return cycle
+    return None
+
+
+def _reachable(edges, start):
+    seen, todo = set(), [start]
+    while todo:
+        for target in edges.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+# -- the checkers themselves catch what they should -----------------------------------------
+def test_cycle_finder_sees_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_import_reader_sees_nested_and_relative_imports():
+    known = {"statespace", "statespace._kalman", "statespace._model", "rules", "rules._tria"}
+    source = (
+        "import rules\n"
+        "from . import _model\n"
+        "def f():\n"
+        "    from statespace._kalman import log_likelihood\n"
+        "    return lambda: __import__('os')\n"
+        "class C:\n"
+        "    def g(self):\n"
+        "        from rules import _tria\n"
+    )
+    targets, nested = _imports(source, "statespace._x", False, known)
+    assert targets == {"rules", "statespace", "statespace._model", "statespace._kalman",
+                       "rules._tria"}
+    assert nested == [(4, "statespace._kalman"), (8, "rules"), (8, "rules._tria")]
+
+
+# -- the packages -----------------------------------------------------------------------------
+def test_no_import_cycle():
+    edges, _ = _graph()
+    assert _find_cycle(edges) is None, f"import cycle: {' -> '.join(_find_cycle(edges))}"
+
+
+def test_package_modules_are_imported_at_module_level_only():
+    _, nested = _graph()
+    offenders = [f"{module}:{line} imports {target}"
+                 for module, found in sorted(nested.items()) for line, target in found]
+    assert not offenders, "imports inside functions:\n" + "\n".join(offenders)
