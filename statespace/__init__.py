@@ -7,10 +7,11 @@ NumPyro distributions for NUTS and optax fitting loops.
 
 from statespace import models, numpyro, testing, transforms
 from statespace._cache import enable_compilation_cache
-from statespace._continuous import ContinuousLinearSSM, discretize, predict
+from statespace._continuous import ContinuousLinearSSM, discretize
 from statespace._fit import FitResult, covariance, fit, standard_errors
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import LinearGaussianSSM
+from statespace._predict import predict
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
 from statespace._xla_flags import enable_small_loop_compilation
 

@@ -27,10 +27,10 @@ import numpy as np
 from jax import lax
 
 from rules._precision import full_precision
+from rules._unrolled import UNROLL_MAX
 from statespace._sequential import _filter_single, _steps_params
 from statespace._steps import (
     _SMALL_M,
-    _UNROLL_MAX,
     _chol_solve,
     _mask_observation,
     _mm,
@@ -269,7 +269,7 @@ def _adjoint_step(const, sqrt, carry, xs):
 
     # the update, recomputed from the stored predictions (cheap, fused)
     n, k = P.shape[0], Hm.shape[0]
-    if k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
+    if k <= _SMALL_M and n + 1 <= UNROLL_MAX:
         # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
         # solve, [K v | K H P] in one product (fewer XLA kernels per step)
         X = jnp.concatenate([m[:, None], P], axis=1)

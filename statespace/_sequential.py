@@ -14,11 +14,11 @@ import numpy as np
 from jax import lax
 
 from rules import tria
+from rules._unrolled import UNROLL_MAX
 from statespace._model import _BASE_RANK, _TIME_PARAMS, LinearGaussianSSM, _indefinite
 from statespace._steps import (
     _LOG_2PI,
     _SMALL_M,
-    _UNROLL_MAX,
     FilterResult,
     _chol_solve,
     _mask_observation,
@@ -215,7 +215,7 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         return X_next, out
 
     xs = dict(scanned, y=y)
-    if not sqrt and not q and model.obs_dim <= _SMALL_M and n + 1 <= _UNROLL_MAX:
+    if not sqrt and not q and model.obs_dim <= _SMALL_M and n + 1 <= UNROLL_MAX:
         X0 = jnp.concatenate([m0[:, None], cov0], axis=1)
         _, out = lax.scan(packed_step, X0, xs)
         failed = lax.cummax(jnp.isneginf(out[0]).astype(jnp.int32)) > 0

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Matrices up to this size are factored / solved with unrolled scalar code that XLA fuses
-# into the scan step; larger ones go through LAPACK.
-_UNROLL_MAX = 8
+from rules._unrolled import UNROLL_MAX, assemble_lower, cholesky_entries
+
 _LOG_2PI = math.log(2.0 * math.pi)
+
 
 class FilterResult(NamedTuple):
     """Output of :func:`kalman_filter` (a NamedTuple, hence a pytree).
@@ -54,47 +54,20 @@ class FilterResult(NamedTuple):
 # ------------------------------------------------------------------------------------------
 # Small dense linear algebra
 # ------------------------------------------------------------------------------------------
-def _cholesky(S):
-    """Lower Cholesky factor; NaN (never an exception) when ``S`` is not positive definite."""
-    m = S.shape[-1]
-    if m > _UNROLL_MAX:
-        return jnp.linalg.cholesky(S)
-    return _assemble_lower(_cholesky_entries(S), S)
-
-
-def _cholesky_entries(S):
-    """Unrolled Cholesky of a small ``S`` as nested lists of scalars ``cols[i][j]`` (i >= j)."""
-    m = S.shape[-1]
-    cols = [[None] * m for _ in range(m)]
-    for j in range(m):
-        acc = S[..., j, j]
-        for k in range(j):
-            acc = acc - cols[j][k] * cols[j][k]
-        ljj = jnp.sqrt(acc)
-        cols[j][j] = ljj
-        inv = 1.0 / ljj
-        for i in range(j + 1, m):
-            acc = S[..., i, j]
-            for k in range(j):
-                acc = acc - cols[i][k] * cols[j][k]
-            cols[i][j] = acc * inv
-    return cols
-
-
 def _chol_solve(S, B):
     """``(diag(L), L^{-1} B)`` with ``L = chol(S)`` for ``S (..., m, m)``, ``B (..., m, k)``
     (leading axes batch).
 
     For small ``m`` the factor is never assembled: the substitution reads the scalar entries
     of the unrolled factorisation directly, so XLA fuses factorisation and solve (fewer kernels
-    per scan step than ``_solve_lower(_cholesky(S), B)``, same arithmetic).
+    per scan step than ``_solve_lower(cholesky(S), B)``, same arithmetic).
     """
     m = S.shape[-1]
-    if m > _UNROLL_MAX:
+    if m > UNROLL_MAX:
         L = jnp.linalg.cholesky(S)
         diag = jnp.diagonal(L, axis1=-2, axis2=-1)
         return diag, lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
-    cols = _cholesky_entries(S)
+    cols = cholesky_entries(S)
     rows = []
     for i in range(m):
         acc = B[..., i, :]
@@ -155,7 +128,7 @@ def _psd_cholesky(A):
     m = A.shape[-1]
     finite = jnp.all(jnp.isfinite(A), axis=(-2, -1))
     tol = 8 * m * jnp.finfo(A.dtype).eps * jnp.abs(jnp.diagonal(A, axis1=-2, axis2=-1))
-    if m > _UNROLL_MAX:
+    if m > UNROLL_MAX:
         L = _psd_cholesky_loop(A, tol)
         return jnp.where(finite[..., None, None], L, jnp.nan)
     cols = [[None] * m for _ in range(m)]
@@ -172,7 +145,7 @@ def _psd_cholesky(A):
             for k in range(j):
                 acc_ij = acc_ij - cols[i][k] * cols[j][k]
             cols[i][j] = acc_ij * inv
-    return jnp.where(finite[..., None, None], _assemble_lower(cols, A), jnp.nan)
+    return jnp.where(finite[..., None, None], assemble_lower(cols, A), jnp.nan)
 
 
 def _psd_cholesky_loop(A, tol):
@@ -199,19 +172,10 @@ def _psd_cholesky_loop(A, tol):
     return jnp.swapaxes(Lt, -1, -2)
 
 
-def _assemble_lower(cols, like):
-    m = len(cols)
-    zero = jnp.zeros_like(like[..., 0, 0])
-    rows = [
-        jnp.stack([cols[i][j] if j <= i else zero for j in range(m)], axis=-1) for i in range(m)
-    ]
-    return jnp.stack(rows, axis=-2)
-
-
 def _solve_lower(L, B):
     """``L^{-1} B`` for lower-triangular ``L (m, m)`` and ``B (m, k)`` (forward substitution)."""
     m = L.shape[-1]
-    if m > _UNROLL_MAX:
+    if m > UNROLL_MAX:
         return lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
     rows = []
     for i in range(m):
@@ -225,7 +189,7 @@ def _solve_lower(L, B):
 def _mm(A, B):
     """``A @ B`` for small matrices as broadcast-multiply-sum, which XLA fuses into the step
     (a ``dot`` is a separate kernel call per scan iteration); ``@`` for larger ones."""
-    if max(A.shape + B.shape) > _UNROLL_MAX:
+    if max(A.shape + B.shape) > UNROLL_MAX:
         return A @ B
     if B.ndim == 1:
         return jnp.sum(A * B[None, :], axis=1)

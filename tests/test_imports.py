@@ -148,3 +148,16 @@ def test_package_modules_are_imported_at_module_level_only():
     offenders = [f"{module}:{line} imports {target}"
                  for module, found in sorted(nested.items()) for line, target in found]
     assert not offenders, "imports inside functions:\n" + "\n".join(offenders)
+
+
+_MODEL_MODULES = ("statespace._model", "statespace._continuous", "statespace.models")
+
+
+@pytest.mark.parametrize("module", _MODEL_MODULES)
+def test_models_know_nothing_of_filtering(module):
+    edges, _ = _graph()
+    assert module in edges
+    allowed = set(_MODEL_MODULES)
+    outside = {t for t in _reachable(edges, module)
+               if t.split(".")[0] != "rules" and t not in allowed}
+    assert not outside, f"{module} reaches {sorted(outside)}"
