@@ -13,22 +13,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rules import tria
 from rules._unrolled import UNROLL_MAX
 from statespace._model import _BASE_RANK, _TIME_PARAMS, LinearGaussianSSM, _indefinite
 from statespace._steps import (
     _LOG_2PI,
     _SMALL_M,
     FilterResult,
-    _chol_solve,
+    _innovation,
+    _log_likelihood_term,
     _mask_observation,
     _mm,
-    _mm_fused,
+    _pack,
+    _packed_step,
+    _predict_cov,
+    _predict_sqrt,
     _psd_cholesky,
     _reject,
-    _solve_lower,
-    _spd_solve_small,
     _symmetrise,
+    _unpack,
+    _update_cov,
+    _update_diffuse,
+    _update_sqrt,
 )
 
 
@@ -122,107 +127,55 @@ def _filter_single(model: LinearGaussianSSM, y, form: str, moments):
         F, b = param("F", xs), param("b", xs)
         observed = ~jnp.isnan(yk)
         w, Hm, Rm = _mask_observation(H, R, observed)
-        m = Hm.shape[0]
-        v = jnp.where(observed, yk - _mm(H, mean) - d, 0.0)
+        v = _innovation(yk, observed, H, mean, d)
+        A_in = A if q else None
         if sqrt:
-            L_pred = cov
-            LR = _psd_cholesky(Rm)
-            top = jnp.concatenate([_mm(Hm, L_pred), LR], axis=1)
-            bottom = jnp.concatenate([L_pred, jnp.zeros((n, m), dtype)], axis=1)
-            T_ = tria(jnp.concatenate([top, bottom], axis=0))
-            L_S, G, cov_f = T_[:m, :m], T_[m:, :m], T_[m:, m:]
-            rhs = v[:, None] if not q else jnp.concatenate([v[:, None], _mm(Hm, A)], axis=1)
-            sol = _solve_lower(L_S, rhs)
-            e, E = sol[:, 0], sol[:, 1:]
-            mean_f = mean + _mm(G, e)
-            finite_in = jnp.isfinite(Rm).all() & jnp.isfinite(L_pred).all() & jnp.isfinite(H).all()
-            diag = jnp.diagonal(L_S)
+            upd = _update_sqrt(mean, cov, H, Hm, Rm, v, A_in)
         else:
-            P = cov
-            HP = _mm(Hm, P)
-            S = _mm(HP, Hm.T) + Rm
-            finite_in = jnp.isfinite(S).all()
-        if not sqrt:
-            parts = [HP, v[:, None]] + ([_mm(Hm, A)] if q else [])
-            diag, sol = _chol_solve(S, jnp.concatenate(parts, axis=1))
-            W, e, E = sol[:, :n], sol[:, n], sol[:, n + 1:]
-            G = W.T
-            mean_f = mean + _mm(G, e)
-            cov_f = P - _mm(G, W)
-        ok = jnp.all(jnp.abs(diag) > 0)
-        failed = failed | (finite_in & ~ok)
-        # -inf from the first failed factorisation on (NaN input stays NaN: finite_in is False)
-        ll = -0.5 * (jnp.sum(e * e) + 2.0 * jnp.sum(jnp.log(jnp.abs(diag))) + jnp.sum(w) * _LOG_2PI)
-        ll = jnp.where(failed, -jnp.inf, ll)
+            upd = _update_cov(mean, cov, Hm, Rm, v, A_in)
+        ok = jnp.all(jnp.abs(upd.diag) > 0)
+        failed = failed | (upd.finite & ~ok)
+        # -inf from the first failed factorisation on (NaN input stays NaN: finite is False)
+        ll = jnp.where(failed, -jnp.inf, _log_likelihood_term(upd.e, upd.diag, w))
         A_f = A
         if q:
-            A_f = A - _mm(G, E)
-            S_acc = S_acc + _mm(E.T, E)
-            s_acc = s_acc + _mm(E.T, e)
-        # predict x[k+1]
-        mean_next = _mm(F, mean_f) + b
+            A_f, S_acc, s_acc = _update_diffuse(A, S_acc, s_acc, upd.gain, upd.E, upd.e)
         A_next = _mm(F, A_f) if q else A
         if sqrt:
-            cov_next = tria(jnp.concatenate([_mm(F, cov_f), param("LQ", xs)], axis=1))
+            mean_next, cov_next = _predict_sqrt(upd.mean, upd.cov, F, b, param("LQ", xs))
         else:
-            cov_next = _symmetrise(_mm(_mm(F, cov_f), F.T) + param("Q", xs))
+            mean_next, cov_next = _predict_cov(upd.mean, upd.cov, F, b, param("Q", xs))
         out = (ll,)
         if moments == "predicted":
             out = out + (mean, cov)
         elif moments:
-            out = out + (mean_f, cov_f, mean, cov)
+            out = out + (upd.mean, upd.cov, mean, cov)
             if q:
                 out = out + (A_f, A, S_acc, s_acc)
         return (mean_next, cov_next, A_next, S_acc, s_acc, failed), out
 
-    def packed_step(carry, xs):
-        # Covariance form for small m without diffuse states: the carry is X = [m | P] (one
-        # array), S^{-1} comes from the scalar L D L^T solve, products share operands and every
-        # product is fused, so the step needs about 2/3 of the XLA kernels of `step` (at these
-        # sizes a kernel launch costs about as much as its arithmetic). Same formulas as `step`: K^T = S^{-1} H P, m_f = m + (HP)^T S^{-1} v,
-        # P_f = P - (HP)^T K^T, [m+ | P+] = [F X_f | b | Q] blockdiag(1, F^T; I).
-        X = carry
-        yk = xs["y"]
-        H, d, R = param("H", xs), param("d", xs), param("R", xs)
-        F = param("F", xs)
-        observed = ~jnp.isnan(yk)
-        w, Hm, Rm = _mask_observation(H, R, observed)
-        mean, P = X[:, 0], X[:, 1:]
-        HX = _mm_fused(H, X)
-        v = jnp.where(observed, yk - HX[:, 0] - d, 0.0)
-        HP = HX[:, 1:] * w[:, None]
-        S = _mm_fused(HP, Hm.T) + Rm
-        Z, det, ok = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))
-        corr = _mm_fused(HP.T, Z[:, :n + 1])  # [K v | K H P]
-        X_f = X + jnp.concatenate([corr[:, :1], -corr[:, 1:]], axis=1)
-        # -inf on a failed factorisation (NaN input stays NaN); later steps are set to -inf
-        # after the scan (a carried flag would cost a kernel per step)
-        ll = -0.5 * (jnp.sum(v * Z[:, 0]) + jnp.log(det) + jnp.sum(w) * _LOG_2PI)
-        ll = jnp.where(jnp.isfinite(S).all() & ~ok, -jnp.inf, ll)
-        FX = _mm_fused(F, X_f)
-        eye = jnp.eye(n + 1, dtype=dtype)
-        blk = jnp.zeros((n + 1, n + 1), dtype).at[0, 0].set(1.0).at[1:, 1:].set(F.T)
-        X_next = _mm_fused(
-            jnp.concatenate([FX, param("b", xs)[:, None], param("Q", xs)], axis=1),
-            jnp.concatenate([blk, eye], axis=0),
-        )
+    def packed_step(X, xs):
+        X_next, ll, X_f = _packed_step(X, xs["y"], *(param(k, xs) for k in ("H", "d", "R", "F", "b", "Q")))
         out = (ll,)
         # the carried P is symmetric to rounding only (not symmetrised in the loop: a kernel)
         if moments == "predicted":  # X_next itself (no copy of the carry), split after the scan
             out = out + (X_next,)
         elif moments:
-            out = out + (X_f[:, 0], _symmetrise(X_f[:, 1:]), mean, _symmetrise(P))
+            mean_f, cov_f = _unpack(X_f)
+            mean, P = _unpack(X)
+            out = out + (mean_f, _symmetrise(cov_f), mean, _symmetrise(P))
         return X_next, out
 
     xs = dict(scanned, y=y)
     if not sqrt and not q and model.obs_dim <= _SMALL_M and n + 1 <= UNROLL_MAX:
-        X0 = jnp.concatenate([m0[:, None], cov0], axis=1)
+        X0 = _pack(m0, cov0)
         _, out = lax.scan(packed_step, X0, xs)
         failed = lax.cummax(jnp.isneginf(out[0]).astype(jnp.int32)) > 0
         out = (jnp.where(failed, -jnp.inf, out[0]),) + out[1:]
         if moments == "predicted":  # predictions of steps 1..T -> of steps 0..T-1
             Xs = jnp.concatenate([X0[None], out[1][:-1]], axis=0)
-            out = (out[0], Xs[:, :, 0], _symmetrise(Xs[:, :, 1:]))
+            means, covs = _unpack(Xs)
+            out = (out[0], means, _symmetrise(covs))
     else:
         carry0 = (m0, cov0, A0, jnp.zeros((q, q), dtype), jnp.zeros((q,), dtype), factor_failed)
         (_, _, _, S_T, s_T, _), out = lax.scan(step, carry0, xs)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rules import tria
 from rules._unrolled import UNROLL_MAX, assemble_lower, cholesky_entries
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -246,3 +247,167 @@ def _reject_jvp(primals, tangents):
         t = t + nan_where_bad * jnp.sum(dx).astype(value.dtype)
     return _reject(value, bad, *inputs), t
 
+
+
+# ------------------------------------------------------------------------------------------
+# One step of the filter: innovation, update (three forms), prediction
+# ------------------------------------------------------------------------------------------
+# Notation of one step k (the step index is dropped): predicted mean m and covariance P of
+# x[k] given y[0..k-1], observation model (H, d, R) with missing entries masked
+# (_mask_observation), transition (F, b, Q) to step k+1.
+class Update(NamedTuple):
+    """Result of an update step (covariance or square-root form).
+
+    Attributes:
+        mean: filtered mean ``m_f``.
+        cov: filtered covariance ``P_f`` (its lower factor in square-root form).
+        gain: ``G = Wᵀ`` with ``W = L⁻¹ H P``, so that ``m_f = m + G e``.
+        e: whitened innovation ``L⁻¹ v``.
+        E: whitened diffuse block ``L⁻¹ H A`` (no columns without diffuse states).
+        diag: diagonal of ``L`` (``S = L Lᵀ``); a zero entry is a failed factorisation.
+        finite: whether the inputs of the factorisation were finite (a NaN parameter gives
+            NaN, not ``-inf``).
+    """
+
+    mean: jax.Array
+    cov: jax.Array
+    gain: jax.Array
+    e: jax.Array
+    E: jax.Array
+    diag: jax.Array
+    finite: jax.Array
+
+
+def _innovation(y, observed, H, mean, d):
+    """``v = y − H m − d`` on the observed entries, 0 on the missing ones."""
+    return jnp.where(observed, y - _mm(H, mean) - d, 0.0)
+
+
+def _update_cov(mean, P, Hm, Rm, v, A=None):
+    """Kalman update in covariance form with one Cholesky solve (see :func:`_chol_solve`)::
+
+        S = H P Hᵀ + R = L Lᵀ,   W = L⁻¹ H P,   e = L⁻¹ v,   E = L⁻¹ H A,
+        m_f = m + Wᵀ e,          P_f = P − Wᵀ W.
+
+    Args:
+        mean, P: predicted mean ``(n,)`` and covariance ``(n, n)``.
+        Hm, Rm: the masked observation matrix ``(m, n)`` and noise covariance ``(m, m)``.
+        v: innovation ``(m,)`` (:func:`_innovation`).
+        A: ``(n, q)`` loadings of the diffuse states, or None.
+
+    Returns:
+        An :class:`Update`.
+    """
+    n = P.shape[-1]
+    HP = _mm(Hm, P)
+    S = _mm(HP, Hm.T) + Rm
+    finite = jnp.isfinite(S).all()
+    parts = [HP, v[:, None]] + ([_mm(Hm, A)] if A is not None else [])
+    diag, sol = _chol_solve(S, jnp.concatenate(parts, axis=1))
+    W, e, E = sol[:, :n], sol[:, n], sol[:, n + 1:]
+    G = W.T
+    return Update(mean + _mm(G, e), P - _mm(G, W), G, e, E, diag, finite)
+
+
+def _update_sqrt(mean, L_pred, H, Hm, Rm, v, A=None):
+    """Kalman update in square-root form (one triangularisation, ``rules.tria``)::
+
+        tria([[H L, chol(R)], [L, 0]]) = [[L_S, 0], [G, L_f]],   S = L_S L_Sᵀ,
+        e = L_S⁻¹ v,   E = L_S⁻¹ H A,   m_f = m + G e,   P_f = L_f L_fᵀ.
+
+    Args:
+        mean, L_pred: predicted mean ``(n,)`` and lower factor ``L (n, n)`` of ``P = L Lᵀ``.
+        H: the unmasked observation matrix (only its finiteness is read); ``Hm``, ``Rm``,
+            ``v``, ``A`` as for :func:`_update_cov`.
+
+    Returns:
+        An :class:`Update` whose ``cov`` is the lower factor ``L_f``.
+    """
+    n, m = L_pred.shape[-1], Hm.shape[0]
+    LR = _psd_cholesky(Rm)
+    top = jnp.concatenate([_mm(Hm, L_pred), LR], axis=1)
+    bottom = jnp.concatenate([L_pred, jnp.zeros((n, m), L_pred.dtype)], axis=1)
+    T_ = tria(jnp.concatenate([top, bottom], axis=0))
+    L_S, G, L_f = T_[:m, :m], T_[m:, :m], T_[m:, m:]
+    rhs = v[:, None] if A is None else jnp.concatenate([v[:, None], _mm(Hm, A)], axis=1)
+    sol = _solve_lower(L_S, rhs)
+    e, E = sol[:, 0], sol[:, 1:]
+    mean_f = mean + _mm(G, e)
+    finite = jnp.isfinite(Rm).all() & jnp.isfinite(L_pred).all() & jnp.isfinite(H).all()
+    return Update(mean_f, L_f, G, e, E, jnp.diagonal(L_S), finite)
+
+
+def _log_likelihood_term(e, diag, w):
+    """``log N(v; 0, S) = −(eᵀ e + 2 Σ log|diag L| + m_obs log 2π) / 2`` with ``m_obs = Σ w``
+    observed entries (``e = L⁻¹ v``, ``S = L Lᵀ``)."""
+    return -0.5 * (jnp.sum(e * e) + 2.0 * jnp.sum(jnp.log(jnp.abs(diag))) + jnp.sum(w) * _LOG_2PI)
+
+
+def _update_diffuse(A, S_acc, s_acc, G, E, e):
+    """The diffuse states' part of an update (augmented filter, de Jong 1991)::
+
+        A_f = A − G E,   S⁺ = S + Eᵀ E,   s⁺ = s + Eᵀ e.
+    """
+    return A - _mm(G, E), S_acc + _mm(E.T, E), s_acc + _mm(E.T, e)
+
+
+def _predict_cov(mean_f, P_f, F, b, Q):
+    """Prediction in covariance form: ``m⁻ = F m_f + b``, ``P⁻ = F P_f Fᵀ + Q`` (symmetrised)."""
+    return _mm(F, mean_f) + b, _symmetrise(_mm(_mm(F, P_f), F.T) + Q)
+
+
+def _predict_sqrt(mean_f, L_f, F, b, LQ):
+    """Prediction in square-root form: ``m⁻ = F m_f + b``, ``L⁻ = tria([F L_f, chol(Q)])``
+    (so ``L⁻ L⁻ᵀ = F P_f Fᵀ + Q``)."""
+    return _mm(F, mean_f) + b, tria(jnp.concatenate([_mm(F, L_f), LQ], axis=1))
+
+
+def _pack(mean, cov):
+    """``X = [m | P]``: the mean as column 0, then the covariance's columns."""
+    return jnp.concatenate([mean[..., :, None], cov], axis=-1)
+
+
+def _unpack(X):
+    """``(m, P)`` from ``X = [m | P]`` (:func:`_pack`; leading axes batch)."""
+    return X[..., 0], X[..., 1:]
+
+
+def _packed_step(X, y, H, d, R, F, b, Q):
+    """Update and prediction in covariance form on the packed ``X = [m | P]``, small ``m``.
+
+    For ``m <= _SMALL_M`` without diffuse states: ``S⁻¹`` comes from the scalar ``L D Lᵀ``
+    solve (:func:`_spd_solve_small`), products share operands and every product is fused, so
+    a ``lax.scan`` step needs about 2/3 of the XLA kernels of the general one (at these sizes
+    a kernel launch costs about as much as its arithmetic). The same formulas::
+
+        S = H P Hᵀ + R,   Kᵀ = S⁻¹ H P,   [m_f | P_f] = [m + (H P)ᵀ S⁻¹ v | P − (H P)ᵀ Kᵀ],
+        [m⁻ | P⁻] = [F X_f | b | Q] [[1, 0], [0, Fᵀ], [I]]  (X_f = [m_f | P_f]),
+        ℓ = −(vᵀ S⁻¹ v + log det S + m_obs log 2π) / 2.
+
+    ``P`` is symmetric to rounding only (not symmetrised: a kernel per step).
+
+    Returns:
+        ``(X_next, ll, X_f)``; ``ll`` is ``-inf`` where the factorisation of a finite ``S``
+        failed (NaN input stays NaN; the caller carries ``-inf`` on to later steps).
+    """
+    n = X.shape[-1] - 1
+    dtype = X.dtype
+    observed = ~jnp.isnan(y)
+    w, Hm, Rm = _mask_observation(H, R, observed)
+    HX = _mm_fused(H, X)
+    v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
+    HP = HX[:, 1:] * w[:, None]
+    S = _mm_fused(HP, Hm.T) + Rm
+    Z, det, ok = _spd_solve_small(S, jnp.concatenate([v[:, None], HP], axis=1))
+    corr = _mm_fused(HP.T, Z[:, :n + 1])  # [K v | K H P]
+    X_f = X + jnp.concatenate([corr[:, :1], -corr[:, 1:]], axis=1)
+    ll = -0.5 * (jnp.sum(v * Z[:, 0]) + jnp.log(det) + jnp.sum(w) * _LOG_2PI)
+    ll = jnp.where(jnp.isfinite(S).all() & ~ok, -jnp.inf, ll)
+    FX = _mm_fused(F, X_f)
+    eye = jnp.eye(n + 1, dtype=dtype)
+    blk = jnp.zeros((n + 1, n + 1), dtype).at[0, 0].set(1.0).at[1:, 1:].set(F.T)
+    X_next = _mm_fused(
+        jnp.concatenate([FX, b[:, None], Q], axis=1),
+        jnp.concatenate([blk, eye], axis=0),
+    )
+    return X_next, ll, X_f

@@ -161,3 +161,22 @@ def test_models_know_nothing_of_filtering(module):
     outside = {t for t in _reachable(edges, module)
                if t.split(".")[0] != "rules" and t not in allowed}
     assert not outside, f"{module} reaches {sorted(outside)}"
+def test_steps_is_a_leaf():
+    edges, _ = _graph()
+    assert "statespace._steps" in edges
+    outside = {t for t in _reachable(edges, "statespace._steps") if t.split(".")[0] != "rules"}
+    assert not outside, f"statespace._steps reaches {sorted(outside)}"
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("statespace._adjoint", ("statespace._kalman", "statespace._parallel", "statespace._smoother")),
+    ("statespace._parallel", ("statespace._kalman", "statespace._adjoint",
+                              "statespace._sequential", "statespace._smoother")),
+    ("statespace._sequential", ("statespace._kalman", "statespace._adjoint",
+                                "statespace._parallel", "statespace._smoother")),
+])
+def test_drivers_do_not_import_each_other(module, forbidden):
+    edges, _ = _graph()
+    assert module in edges
+    reached = _reachable(edges, module) & set(forbidden)
+    assert not reached, f"{module} reaches {sorted(reached)}"
