@@ -32,7 +32,7 @@ from jax import lax
 
 from rules._precision import full_precision
 from rules._unrolled import UNROLL_MAX
-from statespace._sequential import _filter_single, _steps_params
+from statespace._sequential import _steps_params, filter_log_likelihoods, filter_predictions
 from statespace._steps import (
     _SMALL_M,
     _chol_solve,
@@ -40,8 +40,10 @@ from statespace._steps import (
     _mm,
     _mm_fused,
     _mmm,
+    _pack,
     _spd_solve_small,
     _symmetrise,
+    _unpack,
 )
 
 
@@ -266,11 +268,17 @@ def _adjoint_split(y, m0, P, par, ops):
 # ------------------------------------------------------------------------------------------
 # The one-loop driver: the adjoint step (same recursion as above, every product fused)
 # ------------------------------------------------------------------------------------------
+def _solution_blocks(Z, n):
+    """The column blocks of ``Z = S^{-1} [v | H P | I]`` (``n`` states): ``alpha = S^{-1} v``,
+    ``K^T = S^{-1} H P``, ``S^{-1}``, and ``[alpha | K^T]`` as one block."""
+    return Z[:, 0], Z[:, 1:n + 1], Z[:, n + 1:], Z[:, :n + 1]
+
+
 def _adjoint_step(const, sqrt, ops, carry, xs):
     """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
     accumulated gradients of the time-constant parameters."""
     Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
-    mb_next, Pb_next = Xb_next[:, 0], Xb_next[:, 1:]
+    mb_next, Pb_next = _unpack(Xb_next)
     par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
     y, m, P = xs["y"], xs["m"], xs["P"]
     if sqrt:  # the square-root filter stored lower factors
@@ -284,7 +292,7 @@ def _adjoint_step(const, sqrt, ops, carry, xs):
     if k <= _SMALL_M and n + 1 <= UNROLL_MAX:
         # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
         # solve, [K v | K H P] in one product (fewer XLA kernels per step)
-        X = jnp.concatenate([m[:, None], P], axis=1)
+        X = _pack(m, P)
         HX = ops.mm_fused(H, X)
         v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
         HP = HX[:, 1:] * w[:, None]
@@ -292,10 +300,11 @@ def _adjoint_step(const, sqrt, ops, carry, xs):
         # one solve S^{-1} [v | H P | I] (one kernel)
         B = jnp.concatenate([v[:, None], HP, jnp.eye(k, dtype=S.dtype)], axis=1)
         Z = ops.spd_solve_small(S, B)[0]
-        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]  # S^{-1} v, P H^T S^{-1}
-        corr = ops.mm_fused(HP.T, Z[:, :n + 1])
-        m_f = m + corr[:, 0]
-        P_f = P - corr[:, 1:]
+        alpha, Kt, Sinv, alpha_Kt = _solution_blocks(Z, n)
+        K = Kt.T  # P H^T S^{-1}
+        Kv, KHP = _unpack(ops.mm_fused(HP.T, alpha_Kt))  # [K v | K H P]
+        m_f = m + Kv
+        P_f = P - KHP
     else:
         v = jnp.where(observed, y - ops.mm(H, m) - d, 0.0)
         HP = ops.mm(Hm, P)
@@ -338,7 +347,7 @@ def _adjoint_step(const, sqrt, ops, carry, xs):
         acc = acc + jnp.concatenate([grads[k].ravel() for k in sorted(const)])
     per_step = {k: grads[k] for k in xs if k not in ("y", "m", "P")}
     per_step["y"] = vb
-    return (jnp.concatenate([mb[:, None], Pb], axis=1), acc), per_step
+    return (_pack(mb, Pb), acc), per_step
 
 
 def _adjoint_loop(y, m, P, const, scanned, sqrt, ops):
@@ -355,7 +364,8 @@ def _adjoint_loop(y, m, P, const, scanned, sqrt, ops):
     offsets = np.cumsum([0] + sizes)
     for k, start, stop in zip(names, offsets[:-1], offsets[1:]):
         per_step[k] = acc[start:stop].reshape(const[k].shape)[None]  # summed already
-    return Xb0[:, 0], Xb0[:, 1:], per_step
+    mb0, Pb0 = _unpack(Xb0)
+    return mb0, Pb0, per_step
 
 
 # The split driver's loops are short only while the state is small; from this size on one
@@ -377,15 +387,20 @@ def _value_and_grad(model, y, form, split=None, ops=None):
     if split is None:
         split = model.state_dim <= _SPLIT_MAX_N
     m0 = model.m0.astype(dtype)
+    sqrt = form == "sqrt"
     if not split:
-        total, _, means, covs = _filter_single(model, y, form, "predicted")
-        mb0, Pb0, per_step = _adjoint_loop(y, means, covs, const, scanned, form == "sqrt", ops)
+        fwd = filter_predictions(model, y, form)
+        total = fwd.log_likelihood
+        stored = fwd.predicted_chols if sqrt else fwd.predicted_covs
+        mb0, Pb0, per_step = _adjoint_loop(y, fwd.predicted_means, stored, const, scanned, sqrt,
+                                           ops)
     else:
-        if form == "sqrt":  # the square-root filter's own predictions (lower factors)
-            total, _, _, chols = _filter_single(model, y, form, "predicted")
+        if sqrt:  # the square-root filter's own predictions (lower factors)
+            fwd = filter_predictions(model, y, form)
+            total, chols = fwd.log_likelihood, fwd.predicted_chols
             P = _bmm(chols, _T(chols))
         else:  # the total (and its -inf/NaN rules) from the filter, P from the short loop
-            total = _filter_single(model, y, form, False)[0]
+            total = filter_log_likelihoods(model, y, form)[0]
             P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)), const, scanned,
                                        ~jnp.isnan(y), ops)
         mb0, Pb0, per_step = _adjoint_split(y, m0, P, {**const, **scanned}, ops)
@@ -404,7 +419,7 @@ def _value_and_grad(model, y, form, split=None, ops=None):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _loglik(model, y, form, ops):
-    return _filter_single(model, y, form, False)[0]
+    return filter_log_likelihoods(model, y, form)[0]
 
 
 @_loglik.defjvp

@@ -15,7 +15,12 @@ from rules._precision import full_precision
 from statespace._adjoint import adjoint_log_likelihood
 from statespace._model import _FIELDS, LinearGaussianSSM, _split_axes
 from statespace._parallel import parallel_filter
-from statespace._sequential import _filter_single, _invalid_covariances, _steps_params
+from statespace._sequential import (
+    _invalid_covariances,
+    _steps_params,
+    filter_log_likelihoods,
+    filter_moments,
+)
 from statespace._steps import FilterResult, _reject
 
 
@@ -103,7 +108,15 @@ def _map_batch(fn, model: LinearGaussianSSM, y):
     out = jax.vmap(lambda lv, yy: fn(model.replace(**lv), yy), in_axes=(axes, 0))(leaves, y_flat)
     return jax.tree_util.tree_map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
-def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
+
+def _prepare_run(model, y, times, form, gradient="autodiff"):
+    """``(disc, ok, y)``: the arguments checked, the discrete model to filter (with ``ok`` as
+    :func:`_as_discrete` gives it) and ``y`` cast to the model's float dtype.
+
+    Raises:
+        ValueError: unknown ``form`` or ``gradient``, and as :func:`_as_discrete`,
+            :func:`_check_observations`, :func:`_check_times`.
+    """
     if form not in ("cov", "sqrt"):
         raise ValueError(f"form must be 'cov' or 'sqrt'; got {form!r}")
     if gradient not in ("adjoint", "autodiff"):
@@ -113,44 +126,76 @@ def _run(model, y, times, form, parallel, moments, gradient="autodiff"):
     _check_times(times, y)
     if disc.obs_dim == 0:
         disc, y = _unobserved(disc, y)
-    if gradient == "adjoint" and not moments and not parallel and disc.diffuse is None:
-        def single(mdl, yy):
-            return adjoint_log_likelihood(mdl, yy, form), None
-    elif parallel:
-        if disc.diffuse is not None:
-            raise NotImplementedError("parallel=True does not support diffuse initialisation yet")
-        def single(mdl, yy):
-            # the sequential filter's covariance checks (it applies them inside its scan)
-            const, scanned = _steps_params(mdl)
-            invalid = _invalid_covariances(const, scanned, mdl.P0, yy.shape[0])
-            out = parallel_filter(mdl, yy, form=form, moments=moments)
-            return _reject_output(out, jnp.any(invalid), invalid, moments, jax.tree_util.tree_leaves(mdl))
-    else:
+    return disc, ok, y
 
+
+def _float_leaves(tree):
+    """The float arrays of ``tree`` (any duck-typed model): what :func:`_reject` gives NaN
+    tangents."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return [x for x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def _reject_result(result: FilterResult, bad, bad_steps, leaves) -> FilterResult:
+    """``result`` with :func:`_reject` applied to its log-likelihood (where ``bad``) and its
+    per-step terms (where ``bad_steps``)."""
+    return result._replace(
+        log_likelihood=_reject(result.log_likelihood, bad, *leaves),
+        log_likelihoods=_reject(result.log_likelihoods, bad_steps, *leaves),
+    )
+
+
+def _parallel_invalid(model, y):
+    """The sequential filter's covariance checks (it applies them inside its scan) for the
+    parallel filter: per-step flags ``(T,)``.
+
+    Raises:
+        NotImplementedError: a diffuse model.
+    """
+    if model.diffuse is not None:
+        raise NotImplementedError("parallel=True does not support diffuse initialisation yet")
+    const, scanned = _steps_params(model)
+    return _invalid_covariances(const, scanned, model.P0, y.shape[0])
+
+
+def _run_moments(model, y, times, form, parallel) -> FilterResult:
+    """:func:`kalman_filter`'s work: the filter with all moments, mapped over batch axes."""
+    disc, ok, y = _prepare_run(model, y, times, form)
+    if parallel:
         def single(mdl, yy):
-            return _filter_single(mdl, yy, form, moments)
+            invalid = _parallel_invalid(mdl, yy)
+            out = parallel_filter(mdl, yy, form=form)
+            return _reject_result(out, jnp.any(invalid), invalid, _float_leaves(mdl))
+    else:
+        def single(mdl, yy):
+            return filter_moments(mdl, yy, form)
 
     out = _map_batch(single, disc, y)
     if ok is None:
         return out
     bad = ~jnp.asarray(ok)
-    return _reject_output(out, bad, bad[..., None], moments, jax.tree_util.tree_leaves(model))
+    return _reject_result(out, bad, bad[..., None], _float_leaves(model))
 
 
-def _reject_output(out, bad, bad_steps, moments, leaves):
-    """The filter's output ``out`` with :func:`_reject` applied to its log-likelihood (where
-    ``bad``) and its per-step terms (where ``bad_steps``); ``leaves``: the model's arrays, of
-    which the float ones get NaN tangents (any duck-typed model)."""
-    leaves = [x for x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if moments:
-        return out._replace(
-            log_likelihood=_reject(out.log_likelihood, bad, *leaves),
-            log_likelihoods=_reject(out.log_likelihoods, bad_steps, *leaves),
-        )
-    total, per_step = out
-    if per_step is not None:
-        per_step = _reject(per_step, bad_steps, *leaves)
-    return _reject(total, bad, *leaves), per_step
+def _run_total(model, y, times, form, parallel, gradient):
+    """:func:`log_likelihood`'s work: the total only, mapped over batch axes."""
+    disc, ok, y = _prepare_run(model, y, times, form, gradient)
+    if gradient == "adjoint" and not parallel and disc.diffuse is None:
+        def single(mdl, yy):
+            return adjoint_log_likelihood(mdl, yy, form)
+    elif parallel:
+        def single(mdl, yy):
+            invalid = _parallel_invalid(mdl, yy)
+            total, _ = parallel_filter(mdl, yy, form=form, moments=False)
+            return _reject(total, jnp.any(invalid), *_float_leaves(mdl))
+    else:
+        def single(mdl, yy):
+            return filter_log_likelihoods(mdl, yy, form)[0]
+
+    total = _map_batch(single, disc, y)
+    if ok is None:
+        return total
+    return _reject(total, ~jnp.asarray(ok), *_float_leaves(model))
 
 
 @full_precision
@@ -234,7 +279,7 @@ def kalman_filter(
         >>> result = kalman_filter(model, y)
         >>> result.log_likelihood, result.filtered_means.shape
     """
-    return _run(model, y, times, form, parallel, moments=True)
+    return _run_moments(model, y, times, form, parallel)
 
 
 @full_precision
@@ -268,6 +313,5 @@ def log_likelihood(model, y, times=None, **kwargs):
     unknown = set(kwargs) - {"form", "parallel", "gradient"}
     if unknown:
         raise TypeError(f"log_likelihood got unexpected keyword arguments {sorted(unknown)}")
-    total, _ = _run(model, y, times, kwargs.get("form", "cov"), kwargs.get("parallel", False),
-                    moments=False, gradient=kwargs.get("gradient", "adjoint"))
-    return total
+    return _run_total(model, y, times, kwargs.get("form", "cov"), kwargs.get("parallel", False),
+                      kwargs.get("gradient", "adjoint"))
