@@ -274,20 +274,9 @@ def _solution_blocks(Z, n):
     return Z[:, 0], Z[:, 1:n + 1], Z[:, n + 1:], Z[:, :n + 1]
 
 
-def _adjoint_step(const, sqrt, ops, carry, xs):
-    """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
-    accumulated gradients of the time-constant parameters."""
-    Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
-    mb_next, Pb_next = _unpack(Xb_next)
-    par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
-    y, m, P = xs["y"], xs["m"], xs["P"]
-    if sqrt:  # the square-root filter stored lower factors
-        P = ops.mm(P, P.T)
-    F, b, H, d, R = par["F"], par["b"], par["H"], par["d"], par["R"]
-    observed = ~jnp.isnan(y)
-    w, Hm, Rm = _mask_observation(H, R, observed)
-
-    # the update, recomputed from the stored predictions (cheap, fused)
+def _recomputed_update(ops, y, observed, m, P, H, d, w, Hm, Rm):
+    """The forward update of one step from its stored prediction ``(m, P)``, for the reverse
+    step: ``(alpha = S^{-1} v, K = P H^T S^{-1}, S^{-1}, m_f, P_f)``."""
     n, k = P.shape[0], Hm.shape[0]
     if k <= _SMALL_M and n + 1 <= UNROLL_MAX:
         # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
@@ -303,18 +292,32 @@ def _adjoint_step(const, sqrt, ops, carry, xs):
         alpha, Kt, Sinv, alpha_Kt = _solution_blocks(Z, n)
         K = Kt.T  # P H^T S^{-1}
         Kv, KHP = _unpack(ops.mm_fused(HP.T, alpha_Kt))  # [K v | K H P]
-        m_f = m + Kv
-        P_f = P - KHP
-    else:
-        v = jnp.where(observed, y - ops.mm(H, m) - d, 0.0)
-        HP = ops.mm(Hm, P)
-        S = ops.mm(HP, Hm.T) + Rm
-        Linv = ops.inverse_cholesky(S)
-        Sinv = ops.mm(Linv.T, Linv)
-        K = ops.mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
-        alpha = ops.mm(Sinv, v)
-        m_f = m + ops.mm(K, v)
-        P_f = P - ops.mm(K, HP)
+        return alpha, K, Sinv, m + Kv, P - KHP
+    v = jnp.where(observed, y - ops.mm(H, m) - d, 0.0)
+    HP = ops.mm(Hm, P)
+    S = ops.mm(HP, Hm.T) + Rm
+    Linv = ops.inverse_cholesky(S)
+    Sinv = ops.mm(Linv.T, Linv)
+    K = ops.mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
+    alpha = ops.mm(Sinv, v)
+    return alpha, K, Sinv, m + ops.mm(K, v), P - ops.mm(K, HP)
+
+
+def _adjoint_step(const, sqrt, ops, carry, xs):
+    """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
+    accumulated gradients of the time-constant parameters."""
+    Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
+    mb_next, Pb_next = _unpack(Xb_next)
+    par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
+    y, m, P = xs["y"], xs["m"], xs["P"]
+    if sqrt:  # the square-root filter stored lower factors
+        P = ops.mm(P, P.T)
+    F, H, d, R = par["F"], par["H"], par["d"], par["R"]
+    observed = ~jnp.isnan(y)
+    w, Hm, Rm = _mask_observation(H, R, observed)
+
+    # the update, recomputed from the stored predictions (cheap, fused)
+    alpha, K, Sinv, m_f, P_f = _recomputed_update(ops, y, observed, m, P, H, d, w, Hm, Rm)
 
     # prediction adjoint
     grads = {
