@@ -56,6 +56,7 @@ def _invalid_covariances(const, scanned, P0, T):
         bad = bad | (_indefinite(const["Q"]) & (jnp.arange(T) > 0))
     return lax.cummax(bad.astype(jnp.int32)) > 0
 
+
 def _steps_params(model: LinearGaussianSSM):
     """Split parameters into constants and per-step (scanned) arrays."""
     const, scanned = {}, {}
@@ -68,6 +69,7 @@ def _steps_params(model: LinearGaussianSSM):
         else:
             scanned[name] = x
     return const, scanned
+
 
 # ------------------------------------------------------------------------------------------
 # The filter on one series

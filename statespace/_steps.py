@@ -1,6 +1,8 @@
 """Pure building blocks of the Kalman filters: small dense linear algebra, the missing-data
-mask and the result type, shared by the sequential filter, its adjoint, the parallel filter
-and the smoother (a leaf module: it imports no other module of this package).
+mask, the steps of the filter (innovation, update and prediction in covariance, square-root
+and packed small-``m`` form, each a function of arrays) and the result type, shared by the
+sequential filter, its adjoint, the parallel filter and the smoother (a leaf module: it
+imports no other module of this package).
 
 The ``m x m`` innovation covariance is factored once per step (Cholesky, unrolled for small
 ``m``; for ``m <= 2`` in the covariance form a square-root-free ``L D L^T`` written as scalar
@@ -246,7 +248,6 @@ def _reject_jvp(primals, tangents):
     for dx in tangents[2:]:
         t = t + nan_where_bad * jnp.sum(dx).astype(value.dtype)
     return _reject(value, bad, *inputs), t
-
 
 
 # ------------------------------------------------------------------------------------------
