@@ -32,7 +32,8 @@ from jax import lax
 
 from rules._precision import full_precision
 from rules._unrolled import UNROLL_MAX
-from statespace._sequential import _steps_params, filter_log_likelihoods, filter_predictions
+from statespace._model import _steps_params
+from statespace._sequential import filter_log_likelihoods, filter_predictions
 from statespace._steps import (
     _SMALL_M,
     _chol_solve,

@@ -13,55 +13,23 @@ import numpy as np
 
 from rules._precision import full_precision
 from statespace._adjoint import adjoint_log_likelihood
-from statespace._model import _FIELDS, LinearGaussianSSM, _split_axes
-from statespace._parallel import parallel_filter
-from statespace._sequential import (
+from statespace._model import (
+    _FIELDS,
+    LinearGaussianSSM,
+    _as_discrete,
+    _check_times,
     _invalid_covariances,
+    _split_axes,
     _steps_params,
-    filter_log_likelihoods,
-    filter_moments,
 )
+from statespace._parallel import parallel_filter
+from statespace._sequential import filter_log_likelihoods, filter_moments
 from statespace._steps import FilterResult, _reject
 
 
 # ------------------------------------------------------------------------------------------
 # Model plumbing
 # ------------------------------------------------------------------------------------------
-def _as_discrete(model, times):
-    """The discrete model to filter and an ``ok`` flag (``None`` for discrete models).
-
-    Continuous-time models are recognised by duck typing: an object with a method
-    ``_to_discrete(times)`` returning ``(LinearGaussianSSM, ok)``; the filter sets the
-    log-likelihood to ``-inf`` where ``ok`` is False.
-
-    Raises:
-        ValueError: ``times`` given for a discrete model, or missing for a continuous one.
-        TypeError: ``model`` is neither.
-    """
-    if hasattr(model, "_to_discrete"):
-        if times is None:
-            raise ValueError(f"{type(model).__name__} is a continuous-time model: pass times")
-        return model._to_discrete(times)
-    if times is not None:
-        raise ValueError(
-            "times is only meaningful for continuous-time models; got a discrete model"
-        )
-    if not isinstance(model, LinearGaussianSSM):
-        raise TypeError(f"expected a LinearGaussianSSM or continuous-time model; got {type(model)}")
-    return model, None
-
-
-def _check_times(times, y):
-    """``times`` must have one entry per row of ``y`` (a static check: shapes only).
-
-    Raises:
-        ValueError: naming both shapes.
-    """
-    if times is not None and tuple(jnp.shape(times)) != (y.shape[-2],):
-        raise ValueError(f"times must have shape (T,) with T = {y.shape[-2]} rows of y; got "
-                         f"times.shape = {jnp.shape(times)}, y.shape = {y.shape}")
-
-
 def _check_observations(model: LinearGaussianSSM, y):
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.floating):

@@ -16,7 +16,12 @@ import numpy as np
 from jax import lax
 
 from rules._unrolled import UNROLL_MAX
-from statespace._model import _BASE_RANK, _TIME_PARAMS, LinearGaussianSSM, _indefinite
+from statespace._model import (
+    LinearGaussianSSM,
+    _indefinite,
+    _invalid_covariances,
+    _steps_params,
+)
 from statespace._steps import (
     _LOG_2PI,
     _SMALL_M,
@@ -37,38 +42,6 @@ from statespace._steps import (
     _update_diffuse,
     _update_sqrt,
 )
-
-
-def _invalid_covariances(const, scanned, P0, T):
-    """Per-step flags ``(T,)``: from the first step that uses a finite ``P0``, ``R[k]`` (step
-    ``k``) or ``Q[k]`` (step ``k + 1``) that is clearly not positive semi-definite
-    (``_indefinite``) on. Such a model has no density: the filter reports ``-inf`` from there
-    on, as for a failed factorisation, even where the innovation covariances happen to be
-    positive definite."""
-    bad = jnp.broadcast_to(_indefinite(P0), (T,))
-    if "R" in scanned:
-        bad = bad | _indefinite(scanned["R"])
-    else:
-        bad = bad | _indefinite(const["R"])
-    if "Q" in scanned:  # Q[k] maps step k to k + 1
-        bad = bad | jnp.concatenate([jnp.zeros((1,), bool), _indefinite(scanned["Q"])[:-1]])
-    else:
-        bad = bad | (_indefinite(const["Q"]) & (jnp.arange(T) > 0))
-    return lax.cummax(bad.astype(jnp.int32)) > 0
-
-
-def _steps_params(model: LinearGaussianSSM):
-    """Split parameters into constants and per-step (scanned) arrays."""
-    const, scanned = {}, {}
-    for name in _TIME_PARAMS:
-        x = getattr(model, name)
-        if x.ndim == _BASE_RANK[name]:
-            const[name] = x
-        elif x.shape[0] == 1:
-            const[name] = x[0]
-        else:
-            scanned[name] = x
-    return const, scanned
 
 
 # ------------------------------------------------------------------------------------------

@@ -180,3 +180,27 @@ def test_drivers_do_not_import_each_other(module, forbidden):
     assert module in edges
     reached = _reachable(edges, module) & set(forbidden)
     assert not reached, f"{module} reaches {sorted(reached)}"
+
+
+_DRIVERS = ("statespace._kalman", "statespace._sequential", "statespace._adjoint",
+            "statespace._parallel", "statespace._smoother", "statespace._predict")
+
+
+def _private_imports(source, module, modules):
+    """``(module, source module, name)`` for every private name ``source`` (the code of
+    ``module``) imports from one of ``modules``."""
+    return [(module, node.module, alias.name) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ImportFrom) and node.module in modules
+            for alias in node.names if alias.name.startswith("_")]
+
+
+def test_private_import_reader_sees_them():
+    source = "from statespace._kalman import _x, y\nimport statespace._kalman\n"
+    assert _private_imports(source, "m", _DRIVERS) == [("m", "statespace._kalman", "_x")]
+
+
+def test_drivers_share_no_private_names():
+    files = _module_files()
+    found = [hit for module in _DRIVERS
+             for hit in _private_imports(files[module].read_text(), module, _DRIVERS)]
+    assert not found, "\n".join(f"{a} imports {name} from {b}" for a, b, name in found)
