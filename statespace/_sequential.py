@@ -29,7 +29,6 @@ from statespace._steps import (
     _innovation,
     _log_likelihood_term,
     _mask_observation,
-    _mm,
     _pack,
     _packed_step,
     _predict_cov,
@@ -172,14 +171,14 @@ def _general_step(prep: _Prepared, store, carry, xs):
     failed = failed | (upd.finite & ~ok)
     # -inf from the first failed factorisation on (NaN input stays NaN: finite is False)
     ll = jnp.where(failed, -jnp.inf, _log_likelihood_term(upd.e, upd.diag, w))
-    A_f = A
+    A_f = A  # without diffuse states the empty (n, 0) loadings pass through unchanged
     if q:
         A_f, S_acc, s_acc = _update_diffuse(A, S_acc, s_acc, upd.gain, upd.E, upd.e)
-    A_next = _mm(F, A_f) if q else A
-    if prep.sqrt:
-        mean_next, cov_next = _predict_sqrt(upd.mean, upd.cov, F, b, _param(prep, "LQ", xs))
-    else:
-        mean_next, cov_next = _predict_cov(upd.mean, upd.cov, F, b, _param(prep, "Q", xs))
+    predict = _predict_sqrt if prep.sqrt else _predict_cov
+    noise = _param(prep, "LQ" if prep.sqrt else "Q", xs)
+    mean_next, cov_next, A_next = predict(upd.mean, upd.cov, F, b, noise, A_f if q else None)
+    if not q:
+        A_next = A
     values = _StepValues(ll, mean, cov, upd.mean, upd.cov, A, A_f, S_acc, s_acc)
     return (mean_next, cov_next, A_next, S_acc, s_acc, failed), store(values)
 

@@ -352,15 +352,28 @@ def _update_diffuse(A, S_acc, s_acc, G, E, e):
     return A - _mm(G, E), S_acc + _mm(E.T, E), s_acc + _mm(E.T, e)
 
 
-def _predict_cov(mean_f, P_f, F, b, Q):
-    """Prediction in covariance form: ``m⁻ = F m_f + b``, ``P⁻ = F P_f Fᵀ + Q`` (symmetrised)."""
-    return _mm(F, mean_f) + b, _symmetrise(_mm(_mm(F, P_f), F.T) + Q)
+def _predict_cov(mean_f, P_f, F, b, Q, A_f=None):
+    """Prediction in covariance form: ``m⁻ = F m_f + b``, ``P⁻ = F P_f Fᵀ + Q`` (symmetrised)
+    and, for diffuse states with loadings ``A_f``, ``A⁻ = F A_f``.
+
+    Returns:
+        ``(m⁻, P⁻, A⁻)``; ``A⁻`` is None when ``A_f`` is.
+    """
+    mean_next = _mm(F, mean_f) + b
+    A_next = None if A_f is None else _mm(F, A_f)
+    return mean_next, _symmetrise(_mm(_mm(F, P_f), F.T) + Q), A_next
 
 
-def _predict_sqrt(mean_f, L_f, F, b, LQ):
+def _predict_sqrt(mean_f, L_f, F, b, LQ, A_f=None):
     """Prediction in square-root form: ``m⁻ = F m_f + b``, ``L⁻ = tria([F L_f, chol(Q)])``
-    (so ``L⁻ L⁻ᵀ = F P_f Fᵀ + Q``)."""
-    return _mm(F, mean_f) + b, tria(jnp.concatenate([_mm(F, L_f), LQ], axis=1))
+    (so ``L⁻ L⁻ᵀ = F P_f Fᵀ + Q``) and ``A⁻ = F A_f`` as :func:`_predict_cov`.
+
+    Returns:
+        ``(m⁻, L⁻, A⁻)``; ``A⁻`` is None when ``A_f`` is.
+    """
+    mean_next = _mm(F, mean_f) + b
+    A_next = None if A_f is None else _mm(F, A_f)
+    return mean_next, tria(jnp.concatenate([_mm(F, L_f), LQ], axis=1)), A_next
 
 
 def _pack(mean, cov):
