@@ -59,35 +59,29 @@ def _ours(form, gradient="adjoint"):
 
 
 def _unfused_adjoint_grad():
-    """The adjoint gradient with the reverse step's fused helpers replaced by ``@``, LAPACK
-    Cholesky and triangular solves (one XLA kernel per small operation): shows what the fused
-    reverse step buys. Traced (jitted) here, with the module's helpers patched only meanwhile."""
-    from statespace import _adjoint
+    """The adjoint gradient with the products and solves inside its loops replaced by ``@``,
+    LAPACK Cholesky and triangular solves (one XLA kernel per small operation): shows what the
+    fused reverse step buys. Returns a function of ``(params, y)`` giving the compiled gradient."""
+    from statespace import LinearGaussianSSM
+    from statespace._adjoint import LoopOps, adjoint_log_likelihood
 
-    plain = {
-        "_mm": lambda A, B: A @ B,
-        "_mm_fused": lambda A, B: A @ B,
-        "_mmm": lambda A, B, C: A @ B @ C,
-        "_spd_solve_small": lambda S, B: (
+    plain = LoopOps(
+        mm=lambda A, B: A @ B,
+        mm_fused=lambda A, B: A @ B,
+        mmm=lambda A, B, C: A @ B @ C,
+        spd_solve_small=lambda S, B: (
             jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(S, lower=True), B), None, None
         ),
-        "_inverse_cholesky": lambda S: jax.lax.linalg.triangular_solve(
+        inverse_cholesky=lambda S: jax.lax.linalg.triangular_solve(
             jnp.linalg.cholesky(S), jnp.eye(S.shape[-1], dtype=S.dtype), left_side=True,
             lower=True),
-    }
-    grad = _ours("cov")[1]
+    )
 
-    def traced(params, y):
-        saved = {k: getattr(_adjoint, k) for k in plain}
-        try:
-            for k, f in plain.items():
-                setattr(_adjoint, k, f)
-            return grad.lower(params, y).compile()
-        finally:
-            for k, f in saved.items():
-                setattr(_adjoint, k, f)
+    def loglik(params, y):
+        return adjoint_log_likelihood(LinearGaussianSSM(**_symmetric(params)), y, "cov", plain)
 
-    return traced
+    grad = jax.jit(jax.grad(loglik))
+    return lambda params, y: grad.lower(params, y).compile()
 
 
 def _dynamax():

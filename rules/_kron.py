@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from rules._checks import as_float_array, check_square
+from rules._expm import expm
+from rules._linalg import inv, solve
 from rules._precision import full_precision
 
 
@@ -186,8 +188,6 @@ class Kronecker:
         Returns:
             x with ``K x = b``, b's shape; NaN if a factor is singular.
         """
-        from rules._linalg import solve
-
         self._require_square("solve")
         b = _check_operand("K.solve", self.shape, b)
         ops = [(lambda f: (lambda t: solve(f, t, assume_a=assume_a)))(f) for f in self.factors]
@@ -195,8 +195,6 @@ class Kronecker:
 
     def inv(self, *, assume_a: str = "gen") -> Kronecker:
         """``K⁻¹ = F₁⁻¹ ⊗ … ⊗ F_N⁻¹`` (a ``Kronecker``), each by :func:`rules.inv`."""
-        from rules._linalg import inv
-
         self._require_square("inv")
         return Kronecker(*(inv(f, assume_a=assume_a) for f in self.factors))
 
@@ -308,8 +306,6 @@ class KroneckerSum:
 
     def __rules_expm__(self) -> Kronecker:
         """``expm(A ⊕ B) = expm(A) ⊗ expm(B)``: what ``rules.expm`` returns for this type."""
-        from rules._expm import expm  # lazy: rules._expm may import this module
-
         return Kronecker(expm(self.A), expm(self.B))
 
 

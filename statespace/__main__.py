@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from statespace import _demo
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``statespace`` argument parser (one sub-command per job)."""
-    from statespace import _demo
-
     parser = argparse.ArgumentParser(
         prog="statespace",
         description="Continuous- and discrete-time linear-Gaussian state-space models in JAX.",
@@ -32,8 +32,6 @@ def main(argv=None) -> int:
     """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from statespace import _demo
-
         return _demo.run(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects others
 

@@ -21,24 +21,30 @@ per-step log-likelihoods, moments, diffuse starts and the parallel filter use pl
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from rules._precision import full_precision
-from statespace._kalman import (
+from rules._unrolled import UNROLL_MAX
+from statespace._model import _steps_params
+from statespace._sequential import filter_log_likelihoods, filter_predictions
+from statespace._steps import (
     _SMALL_M,
-    _UNROLL_MAX,
     _chol_solve,
-    _filter_single,
+    _mask_observation,
     _mm,
     _mm_fused,
     _mmm,
-    _mask_observation,
+    _pack,
     _spd_solve_small,
-    _steps_params,
     _symmetrise,
+    _unpack,
 )
 
 
@@ -68,19 +74,27 @@ def _bmv(A, x):
     return sum(A[..., :, k] * x[..., k, None] for k in range(inner))
 
 
-def _mtm(A, B):
-    """``A^T @ B`` for one step's small matrices (the transpose folded into the fused product)."""
-    return _mm(A.T, B)
-
-
-def _mmt(A, B):
-    """``A @ B^T`` for one step's small matrices."""
-    return _mm(A, B.T)
-
-
 def _inverse_cholesky(S):
     """``L^{-1}`` with ``L = chol(S)`` (fused factorisation and substitution for small sizes)."""
     return _chol_solve(S, jnp.eye(S.shape[-1], dtype=S.dtype))[1]
+
+
+class LoopOps(NamedTuple):
+    """The small products and solves inside the adjoint's loops (a static argument).
+
+    :data:`FUSED` holds the filter's fused ones (broadcast-multiply-sums and unrolled
+    solves); ``benchmarks.kalman --unfused`` passes plain ones (``@``, LAPACK) to measure what
+    fusing buys.
+    """
+
+    mm: Callable  # A @ B (B a matrix or a vector)
+    mm_fused: Callable  # A @ B as one broadcast-multiply-sum whatever the size
+    mmm: Callable  # A @ B @ C
+    spd_solve_small: Callable  # (S^{-1} B, det S, pd) for m <= _SMALL_M
+    inverse_cholesky: Callable  # L^{-1} with L = chol(S)
+
+
+FUSED = LoopOps(_mm, _mm_fused, _mmm, _spd_solve_small, _inverse_cholesky)
 
 
 def _T(A):
@@ -91,7 +105,7 @@ def _outer(a, b):
     return a[..., :, None] * b[..., None, :]
 
 
-def _affine_recursion(A, c, x_end, reverse):
+def _affine_recursion(A, c, x_end, reverse, ops):
     """Forward ``x[k+1] = A[k] x[k] + c[k]`` from ``x[0] = x_end``, or (``reverse``) backward
     ``x[k] = A[k]^T x[k+1] (A[k] if x is a matrix) + c[k]`` from ``x[T] = x_end``.
 
@@ -100,9 +114,9 @@ def _affine_recursion(A, c, x_end, reverse):
     def step(x, xs):
         Ak, ck = xs
         if x.ndim == 2:
-            x = _mmm(Ak.T, x, Ak) + ck
+            x = ops.mmm(Ak.T, x, Ak) + ck
         else:
-            x = _mm(Ak.T if reverse else Ak, x) + ck
+            x = ops.mm(Ak.T if reverse else Ak, x) + ck
         return x, x  # the new value as the output: no copy of the carry per step
 
     last, xs = lax.scan(step, x_end, (A, c), reverse=reverse)
@@ -128,7 +142,7 @@ def _gain(P, H, R, observed):
     return w, Hm, HP, Z[..., :n], Z[..., n:]
 
 
-def _predicted_covariances(P0, const, scanned, observed):
+def _predicted_covariances(P0, const, scanned, observed, ops):
     """Predicted covariances of every step by the covariance recursion alone (it does not
     depend on the data): ``P+ = F (P - (H P)^T K^T) F^T + Q``."""
     per_step = {k: scanned[k] for k in ("F", "Q", "H", "R") if k in scanned}
@@ -136,14 +150,14 @@ def _predicted_covariances(P0, const, scanned, observed):
     def step(P, xs):
         xs = {**const, **xs}
         _, Hm, Rm = _mask_observation(xs["H"], xs["R"], xs["o"])
-        HP = _mm(Hm, P)
-        S = _mm(HP, Hm.T) + Rm
+        HP = ops.mm(Hm, P)
+        S = ops.mm(HP, Hm.T) + Rm
         if S.shape[-1] <= _SMALL_M:
-            P_f = P - _mm(HP.T, _spd_solve_small(S, HP)[0])
+            P_f = P - ops.mm(HP.T, ops.spd_solve_small(S, HP)[0])
         else:  # whitened: (H P)^T S^{-1} H P = W^T W with W = L^{-1} H P
             W = _chol_solve(S, HP)[1]
-            P_f = P - _mm(W.T, W)
-        return _mm(_mm(xs["F"], P_f), xs["F"].T) + xs["Q"], P
+            P_f = P - ops.mm(W.T, W)
+        return ops.mm(ops.mm(xs["F"], P_f), xs["F"].T) + xs["Q"], P
 
     return _symmetrise(lax.scan(step, P0, dict(per_step, o=observed))[1])
 
@@ -232,7 +246,7 @@ def _parameter_cotangents(g, f, c, F, mb_next, Pb_next):
     }
 
 
-def _adjoint_split(y, m0, P, par):
+def _adjoint_split(y, m0, P, par, ops):
     """The adjoint as four short loops, everything else for all steps at once (small ``n``).
 
     Given the predicted covariances ``P``: the predicted means, then the cotangents of the
@@ -244,81 +258,92 @@ def _adjoint_split(y, m0, P, par):
     # predicted means: m+ = F (m + K v) + b = A m + F K (y - d) + b (v = 0 where y is missing)
     y_d = jnp.where(observed, y - par["d"], 0.0)
     source = _bmv(par["F"], _bmv(_T(g["Kt"]), y_d)) + par["b"]
-    m = _affine_recursion(g["A"], source, m0, reverse=False)[1]
+    m = _affine_recursion(g["A"], source, m0, False, ops)[1]
     f = _mean_terms(y, m, par, g, observed)
-    mb0, mb_next = _affine_recursion(g["A"], f["a"], jnp.zeros_like(m0), reverse=True)
+    mb0, mb_next = _affine_recursion(g["A"], f["a"], jnp.zeros_like(m0), True, ops)
     c = _mean_cotangent_terms(g, f, par["F"], mb_next)
-    Pb0, Pb_next = _affine_recursion(g["A"], c["G"], jnp.zeros((n, n), P.dtype), reverse=True)
+    Pb0, Pb_next = _affine_recursion(g["A"], c["G"], jnp.zeros((n, n), P.dtype), True, ops)
     return mb0, Pb0, _parameter_cotangents(g, f, c, par["F"], mb_next, Pb_next)
 
 
 # ------------------------------------------------------------------------------------------
 # The one-loop driver: the adjoint step (same recursion as above, every product fused)
 # ------------------------------------------------------------------------------------------
-def _adjoint_step(const, sqrt, carry, xs):
+def _solution_blocks(Z, n):
+    """The column blocks of ``Z = S^{-1} [v | H P | I]`` (``n`` states): ``alpha = S^{-1} v``,
+    ``K^T = S^{-1} H P``, ``S^{-1}``, and ``[alpha | K^T]`` as one block."""
+    return Z[:, 0], Z[:, 1:n + 1], Z[:, n + 1:], Z[:, :n + 1]
+
+
+def _recomputed_update(ops, y, observed, m, P, H, d, w, Hm, Rm):
+    """The forward update of one step from its stored prediction ``(m, P)``, for the reverse
+    step: ``(alpha = S^{-1} v, K = P H^T S^{-1}, S^{-1}, m_f, P_f)``."""
+    n, k = P.shape[0], Hm.shape[0]
+    if k <= _SMALL_M and n + 1 <= UNROLL_MAX:
+        # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
+        # solve, [K v | K H P] in one product (fewer XLA kernels per step)
+        X = _pack(m, P)
+        HX = ops.mm_fused(H, X)
+        v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
+        HP = HX[:, 1:] * w[:, None]
+        S = ops.mm_fused(HP, Hm.T) + Rm
+        # one solve S^{-1} [v | H P | I] (one kernel)
+        B = jnp.concatenate([v[:, None], HP, jnp.eye(k, dtype=S.dtype)], axis=1)
+        Z = ops.spd_solve_small(S, B)[0]
+        alpha, Kt, Sinv, alpha_Kt = _solution_blocks(Z, n)
+        K = Kt.T  # P H^T S^{-1}
+        Kv, KHP = _unpack(ops.mm_fused(HP.T, alpha_Kt))  # [K v | K H P]
+        return alpha, K, Sinv, m + Kv, P - KHP
+    v = jnp.where(observed, y - ops.mm(H, m) - d, 0.0)
+    HP = ops.mm(Hm, P)
+    S = ops.mm(HP, Hm.T) + Rm
+    Linv = ops.inverse_cholesky(S)
+    Sinv = ops.mm(Linv.T, Linv)
+    K = ops.mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
+    alpha = ops.mm(Sinv, v)
+    return alpha, K, Sinv, m + ops.mm(K, v), P - ops.mm(K, HP)
+
+
+def _adjoint_step(const, sqrt, ops, carry, xs):
     """One reverse step; ``carry`` holds the cotangents of step k+1's predicted moments and the
     accumulated gradients of the time-constant parameters."""
     Xb_next, acc = carry  # [mb+ | Pb+] in one array (one loop-carried copy, not two)
-    mb_next, Pb_next = Xb_next[:, 0], Xb_next[:, 1:]
+    mb_next, Pb_next = _unpack(Xb_next)
     par = {**const, **{k: v for k, v in xs.items() if k not in ("y", "m", "P")}}
     y, m, P = xs["y"], xs["m"], xs["P"]
     if sqrt:  # the square-root filter stored lower factors
-        P = _mmt(P, P)
-    F, b, H, d, R = par["F"], par["b"], par["H"], par["d"], par["R"]
+        P = ops.mm(P, P.T)
+    F, H, d, R = par["F"], par["H"], par["d"], par["R"]
     observed = ~jnp.isnan(y)
     w, Hm, Rm = _mask_observation(H, R, observed)
 
     # the update, recomputed from the stored predictions (cheap, fused)
-    n, k = P.shape[0], Hm.shape[0]
-    if k <= _SMALL_M and n + 1 <= _UNROLL_MAX:
-        # as the forward's packed step: products on [m | P], S^{-1} by the scalar L D L^T
-        # solve, [K v | K H P] in one product (fewer XLA kernels per step)
-        X = jnp.concatenate([m[:, None], P], axis=1)
-        HX = _mm_fused(H, X)
-        v = jnp.where(observed, y - HX[:, 0] - d, 0.0)
-        HP = HX[:, 1:] * w[:, None]
-        S = _mm_fused(HP, Hm.T) + Rm
-        # one solve S^{-1} [v | H P | I] (one kernel)
-        B = jnp.concatenate([v[:, None], HP, jnp.eye(k, dtype=S.dtype)], axis=1)
-        Z = _spd_solve_small(S, B)[0]
-        alpha, K, Sinv = Z[:, 0], Z[:, 1:n + 1].T, Z[:, n + 1:]  # S^{-1} v, P H^T S^{-1}
-        corr = _mm_fused(HP.T, Z[:, :n + 1])
-        m_f = m + corr[:, 0]
-        P_f = P - corr[:, 1:]
-    else:
-        v = jnp.where(observed, y - _mm(H, m) - d, 0.0)
-        HP = _mm(Hm, P)
-        S = _mmt(HP, Hm) + Rm
-        Linv = _inverse_cholesky(S)
-        Sinv = _mtm(Linv, Linv)
-        K = _mmm(HP.T, Linv.T, Linv)  # P H^T S^{-1}, (n, m)
-        alpha = _mm(Sinv, v)
-        m_f = m + _mm(K, v)
-        P_f = P - _mm(K, HP)
+    alpha, K, Sinv, m_f, P_f = _recomputed_update(ops, y, observed, m, P, H, d, w, Hm, Rm)
 
     # prediction adjoint
     grads = {
-        "F": _outer(mb_next, m_f) + 2.0 * _mmm(Pb_next, F, P_f),
+        "F": _outer(mb_next, m_f) + 2.0 * ops.mmm(Pb_next, F, P_f),
         "Q": Pb_next,
         "b": mb_next,
     }
-    mb_f = _mm(F.T, mb_next)
-    Pb_f = _mmm(F.T, Pb_next, F)
+    mb_f = ops.mm(F.T, mb_next)
+    Pb_f = ops.mmm(F.T, Pb_next, F)
 
     # update adjoint
-    u = _mm(K.T, mb_f)  # S^{-1} H P mb_f
+    u = ops.mm(K.T, mb_f)  # S^{-1} H P mb_f
     vb = (u - alpha) * w
     D = 0.5 * (_outer(alpha, alpha) - Sinv - _outer(u, alpha) - _outer(alpha, u))
-    Sb = D + _mmm(K.T, Pb_f, K)
+    Sb = D + ops.mmm(K.T, Pb_f, K)
     grads["R"] = Sb * _outer(w, w)
     grads["H"] = (
-        _outer(alpha, _mm(P, mb_f)) + 2.0 * (_mmm(Sb, Hm, P) - _mmm(K.T, Pb_f, P)) - _outer(vb, m)
+        _outer(alpha, ops.mm(P, mb_f)) + 2.0 * (ops.mmm(Sb, Hm, P) - ops.mmm(K.T, Pb_f, P))
+        - _outer(vb, m)
     ) * w[:, None]
     grads["d"] = -vb
-    mb = mb_f - _mm(Hm.T, vb)
-    J = jnp.eye(P.shape[0], dtype=P.dtype) - _mm(K, Hm)
-    a = _mm(Hm.T, alpha)
-    Pb = _mmm(J.T, Pb_f, J) + _mmm(Hm.T, D, Hm) + _symmetrise(_outer(mb_f, a))
+    mb = mb_f - ops.mm(Hm.T, vb)
+    J = jnp.eye(P.shape[0], dtype=P.dtype) - ops.mm(K, Hm)
+    a = ops.mm(Hm.T, alpha)
+    Pb = ops.mmm(J.T, Pb_f, J) + ops.mmm(Hm.T, D, Hm) + _symmetrise(_outer(mb_f, a))
 
     # one flat accumulator for all time-constant parameters: one fused update per step
     # instead of one kernel per parameter
@@ -326,10 +351,10 @@ def _adjoint_step(const, sqrt, carry, xs):
         acc = acc + jnp.concatenate([grads[k].ravel() for k in sorted(const)])
     per_step = {k: grads[k] for k in xs if k not in ("y", "m", "P")}
     per_step["y"] = vb
-    return (jnp.concatenate([mb[:, None], Pb], axis=1), acc), per_step
+    return (_pack(mb, Pb), acc), per_step
 
 
-def _adjoint_loop(y, m, P, const, scanned, sqrt):
+def _adjoint_loop(y, m, P, const, scanned, sqrt, ops):
     """The adjoint as one backward loop over the filter's stored predictions ``m``, ``P``
     (lower factors when ``sqrt``), for larger ``n``: there the products dominate, and one fused
     step beats the split's traffic through memory. Same outputs as :func:`_adjoint_split`
@@ -338,12 +363,13 @@ def _adjoint_loop(y, m, P, const, scanned, sqrt):
     names = sorted(const)
     sizes = [const[k].size for k in names]
     carry0 = (jnp.zeros((n, n + 1), P.dtype), jnp.zeros((sum(sizes),), P.dtype))
-    (Xb0, acc), per_step = lax.scan(lambda c, x: _adjoint_step(const, sqrt, c, x), carry0,
+    (Xb0, acc), per_step = lax.scan(lambda c, x: _adjoint_step(const, sqrt, ops, c, x), carry0,
                                     dict(scanned, y=y, m=m, P=P), reverse=True)
     offsets = np.cumsum([0] + sizes)
     for k, start, stop in zip(names, offsets[:-1], offsets[1:]):
         per_step[k] = acc[start:stop].reshape(const[k].shape)[None]  # summed already
-    return Xb0[:, 0], Xb0[:, 1:], per_step
+    mb0, Pb0 = _unpack(Xb0)
+    return mb0, Pb0, per_step
 
 
 # The split driver's loops are short only while the state is small; from this size on one
@@ -351,9 +377,11 @@ def _adjoint_loop(y, m, P, const, scanned, sqrt):
 _SPLIT_MAX_N = 3
 
 
-def _value_and_grad(model, y, form, split=None):
+def _value_and_grad(model, y, form, split=None, ops=None):
     """Log-likelihood and its gradient (a model-shaped pytree and ``y``-shaped array) by the
-    forward filter and the adjoint recursions (``split``: which driver; default by size)."""
+    forward filter and the adjoint recursions (``split``: which driver, default by size;
+    ``ops``: the products and solves inside the loops, default :data:`FUSED`)."""
+    ops = FUSED if ops is None else ops
     const, scanned = _steps_params(model)
     dtype = y.dtype
     # Q and R enter the forward pass through their symmetric part; their cotangents below are
@@ -363,18 +391,23 @@ def _value_and_grad(model, y, form, split=None):
     if split is None:
         split = model.state_dim <= _SPLIT_MAX_N
     m0 = model.m0.astype(dtype)
+    sqrt = form == "sqrt"
     if not split:
-        total, _, means, covs = _filter_single(model, y, form, "predicted")
-        mb0, Pb0, per_step = _adjoint_loop(y, means, covs, const, scanned, form == "sqrt")
+        fwd = filter_predictions(model, y, form)
+        total = fwd.log_likelihood
+        stored = fwd.predicted_chols if sqrt else fwd.predicted_covs
+        mb0, Pb0, per_step = _adjoint_loop(y, fwd.predicted_means, stored, const, scanned, sqrt,
+                                           ops)
     else:
-        if form == "sqrt":  # the square-root filter's own predictions (lower factors)
-            total, _, _, chols = _filter_single(model, y, form, "predicted")
+        if sqrt:  # the square-root filter's own predictions (lower factors)
+            fwd = filter_predictions(model, y, form)
+            total, chols = fwd.log_likelihood, fwd.predicted_chols
             P = _bmm(chols, _T(chols))
         else:  # the total (and its -inf/NaN rules) from the filter, P from the short loop
-            total = _filter_single(model, y, form, False)[0]
+            total = filter_log_likelihoods(model, y, form)[0]
             P = _predicted_covariances(_symmetrise(model.P0.astype(dtype)), const, scanned,
-                                       ~jnp.isnan(y))
-        mb0, Pb0, per_step = _adjoint_split(y, m0, P, {**const, **scanned})
+                                       ~jnp.isnan(y), ops)
+        mb0, Pb0, per_step = _adjoint_split(y, m0, P, {**const, **scanned}, ops)
     grads = {"m0": mb0, "P0": Pb0}
     for name in const:  # per-step cotangents (the loop driver: one row, the sum)
         grads[name] = jnp.sum(per_step[name], axis=0).reshape(getattr(model, name).shape)
@@ -388,37 +421,26 @@ def _value_and_grad(model, y, form, split=None):
     return total, model.replace(**grads), y_bar
 
 
-@jax.custom_jvp
-def _loglik_cov(model, y):
-    return _filter_single(model, y, "cov", False)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _loglik(model, y, form, ops):
+    return filter_log_likelihoods(model, y, form)[0]
 
 
-@jax.custom_jvp
-def _loglik_sqrt(model, y):
-    return _filter_single(model, y, "sqrt", False)[0]
+@_loglik.defjvp
+@full_precision
+def _loglik_jvp(form, ops, primals, tangents):
+    model, y = primals
+    model_dot, y_dot = tangents
+    total, g_model, g_y = _value_and_grad(model, y, form, ops=ops)
+    leaves_g = jax.tree_util.tree_leaves(g_model)
+    leaves_t = jax.tree_util.tree_leaves(model_dot)
+    tangent = sum(jnp.sum(g * t.astype(g.dtype)) for g, t in zip(leaves_g, leaves_t))
+    observed = ~jnp.isnan(y)
+    tangent = tangent + jnp.sum(jnp.where(observed, g_y * y_dot.astype(g_y.dtype), 0.0))
+    return total, tangent.astype(total.dtype)
 
 
-def _make_jvp(form):
-    @full_precision
-    def jvp(primals, tangents):
-        model, y = primals
-        model_dot, y_dot = tangents
-        total, g_model, g_y = _value_and_grad(model, y, form)
-        leaves_g = jax.tree_util.tree_leaves(g_model)
-        leaves_t = jax.tree_util.tree_leaves(model_dot)
-        tangent = sum(jnp.sum(g * t.astype(g.dtype)) for g, t in zip(leaves_g, leaves_t))
-        observed = ~jnp.isnan(y)
-        tangent = tangent + jnp.sum(jnp.where(observed, g_y * y_dot.astype(g_y.dtype), 0.0))
-        return total, tangent.astype(total.dtype)
-
-    return jvp
-
-
-_loglik_cov.defjvp(_make_jvp("cov"))
-_loglik_sqrt.defjvp(_make_jvp("sqrt"))
-
-
-def adjoint_log_likelihood(model, y, form: str):
+def adjoint_log_likelihood(model, y, form: str, ops: LoopOps = FUSED):
     """Total log-likelihood of one series whose derivatives use the adjoint recursion.
 
     Args:
@@ -427,8 +449,10 @@ def adjoint_log_likelihood(model, y, form: str):
         y: ``(T, m)`` observations, NaN = missing.
         form: ``"cov"`` or ``"sqrt"`` (the forward pass; the reverse pass is the same
             covariance-form recursion for both, with ``P = L L^T`` in the sqrt form).
+        ops: the products and solves inside the adjoint's loops (:class:`LoopOps`); the
+            default :data:`FUSED` is what the filter uses, a benchmark may pass plain ones.
 
     Returns:
         The scalar log-likelihood; ``-inf`` on a failed factorisation (its gradient is NaN).
     """
-    return (_loglik_cov if form == "cov" else _loglik_sqrt)(model, y)
+    return _loglik(model, y, form, ops)

@@ -32,10 +32,10 @@ import rules
 from rules._checks import as_float_array
 from rules._precision import full_precision
 from rules._smallmm import small_matmul
-from statespace._kalman import _cholesky
-from statespace._model import _indefinite, _raise_if_indefinite
+from rules._unrolled import cholesky
+from statespace._model import LinearGaussianSSM, _indefinite, _raise_if_indefinite
 
-__all__ = ["ContinuousLinearSSM", "Discretization", "Prediction", "discretize", "predict"]
+__all__ = ["ContinuousLinearSSM", "Discretization", "discretize"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ class ContinuousLinearSSM:
 
     ``y[0]`` observes ``x(t_0)`` (no prediction step before it). Hand it, with ``times``, to
     :func:`statespace.kalman_filter`, :func:`statespace.log_likelihood`,
-    :func:`statespace.rts_smoother`, :func:`statespace.sample_posterior` or :func:`predict`.
+    :func:`statespace.rts_smoother`, :func:`statespace.sample_posterior` or :func:`statespace.predict`.
 
     Stationary start: ``P0=None`` (and no ``diffuse``) means ``P0 = P∞ = rules.lyap(A, Q)``
     (``A P∞ + P∞ Aᵀ + Q = 0``) and, if ``m0`` is ``None``, ``m0 = −A⁻¹ b`` (zeros without
@@ -653,8 +653,6 @@ class ContinuousLinearSSM:
             ``times`` decrease or ``Q`` is not positive semi-definite (the filter then reports
             a ``-inf`` log-likelihood).
         """
-        from statespace._model import LinearGaussianSSM
-
         times = as_float_array("times", times)
         if times.ndim != 1:
             raise ValueError(f"times must have shape (T,); got times.shape = {times.shape}")
@@ -686,90 +684,5 @@ def _is_positive_definite(X):
     The Cholesky is the filter's unrolled one for n <= 8 (no LAPACK call: in a vmapped panel's
     gradient a batched LAPACK Cholesky ran beside the adjoint's triangular solve and
     deadlocked XLA:CPU under jaxlib 0.10, see ``initial``)."""
-    L = _cholesky(0.5 * (X + X.T))
+    L = cholesky(0.5 * (X + X.T))
     return jnp.all(jnp.isfinite(L))
-
-
-# --------------------------------------------------------------------------------------------
-# Prediction at new times
-# --------------------------------------------------------------------------------------------
-
-
-class Prediction(NamedTuple):
-    """Predictive moments at new times given all the data (smoothing distribution).
-
-    Attributes:
-        means: ``(N, n)`` state means ``E[x(s_j) | y]``.
-        covs: ``(N, n, n)`` state covariances.
-        obs_means: ``(N, m)`` means of a new observation ``y(s_j) = H x(s_j) + d + v``.
-        obs_covs: ``(N, m, m)`` its covariance ``H P Hᵀ + R`` (noise included; subtract ``R``
-            for the latent ``H x + d``).
-    """
-
-    means: jax.Array
-    covs: jax.Array
-    obs_means: jax.Array
-    obs_covs: jax.Array
-
-
-@full_precision
-def predict(model, y, times, new_times) -> Prediction:
-    """Predictive means and covariances at arbitrary ``new_times`` (inside or beyond the data).
-
-    Method: the new times are merged with the observation times (stable sort; a new time equal
-    to an observation time comes right after it, ``dt = 0``), given all-NaN (missing)
-    observations, the RTS smoother is run on the merged series and the new entries are picked
-    out. Before the data this is the prior propagated back (the first merged time starts from
-    ``N(m0, P0)``, exact for stationary models); beyond the data it is the forecast.
-
-    Args:
-        model: a :class:`ContinuousLinearSSM` with time-invariant ``H``, ``R``, ``d``.
-        y: ``(T, m)`` observations (NaN = missing).
-        times: ``(T,)`` non-decreasing observation times.
-        new_times: ``(N,)`` times at which to predict (any order; duplicates allowed).
-
-    Returns:
-        :class:`Prediction` with state and observation means and covariances, in the order of
-        ``new_times``; NaN at the entries of non-finite ``new_times`` (only there).
-
-    Raises:
-        ValueError: on mismatched shapes or a time-varying ``H``, ``R`` or ``d``.
-
-    Example:
-        >>> model = statespace.models.matern32(1.0, 1.0, noise_var=0.01)  # doctest: +SKIP
-        >>> pred = predict(model, y, times, jnp.linspace(0, 12, 200))     # doctest: +SKIP
-        >>> mean, sd = pred.obs_means[:, 0], jnp.sqrt(pred.obs_covs[:, 0, 0])  # doctest: +SKIP
-    """
-    from statespace._smoother import rts_smoother
-
-    y = as_float_array("y", y)
-    times = as_float_array("times", times)
-    new_times = as_float_array("new_times", new_times)
-    if model.H.ndim != 2 or model.R.ndim != 2 or (model.d is not None and model.d.ndim != 1):
-        raise ValueError(
-            f"predict needs time-invariant H, R, d; got H.shape = {model.H.shape}, R.shape = {model.R.shape}"
-        )
-    m = model.obs_dim
-    if y.ndim != 2 or y.shape[1] != m or times.shape != (y.shape[0],):
-        raise ValueError(f"y must be (T, m) = (T, {m}) and times (T,); got y.shape = {y.shape}, times.shape = {times.shape}")
-    if new_times.ndim != 1:
-        raise ValueError(f"new_times must have shape (N,); got new_times.shape = {new_times.shape}")
-    T, N = times.shape[0], new_times.shape[0]
-    dtype = jnp.result_type(y, times, new_times, model.dtype)
-    # A NaN or infinite new time gets NaN moments of its own; merged as it is, its NaN
-    # transition would reach every other prediction through the smoother.
-    bad = ~jnp.isfinite(new_times)
-    new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
-    all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
-    all_y = jnp.concatenate([y.astype(dtype), jnp.full((N, m), jnp.nan, dtype)])
-    order = jnp.argsort(all_times, stable=True)
-    smoothed = rts_smoother(model, all_y[order], all_times[order])
-    position = jnp.argsort(order)[T:]  # where each new time landed in the merged series
-    means = jnp.where(bad[:, None], jnp.nan, smoothed.smoothed_means[position])
-    covs = jnp.where(bad[:, None, None], jnp.nan, smoothed.smoothed_covs[position])
-    H, R = model.H.astype(dtype), model.R.astype(dtype)
-    obs_means = means @ H.T
-    if model.d is not None:
-        obs_means = obs_means + model.d
-    obs_covs = H @ covs @ H.T + R
-    return Prediction(means, covs, obs_means, 0.5 * (obs_covs + jnp.swapaxes(obs_covs, -1, -2)))

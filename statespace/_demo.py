@@ -33,9 +33,24 @@ import sys
 import time
 from importlib import resources
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+from numpyro.diagnostics import summary
+from numpyro.distributions import constraints
+from numpyro.infer import MCMC, NUTS, init_to_value
 
+import statespace
+from statespace import models
+from statespace._cache import enable_compilation_cache
+from statespace._continuous import ContinuousLinearSSM
+from statespace._fit import covariance
 from statespace._xla_flags import enable_small_loop_compilation
+from statespace.numpyro import LinearGaussianStateSpace
+from statespace.transforms import constrain, unconstrain
 
 __all__ = ["load_co2", "build_model", "add_arguments", "run", "PARAMETERS"]
 
@@ -85,8 +100,6 @@ def load_co2(path=None):
 
 def _transforms():
     """NumPyro constraints of the parameters: all positive (``biject_to``: ``exp``)."""
-    from numpyro.distributions import constraints
-
     return {name: constraints.positive for name in PARAMETERS}
 
 
@@ -103,11 +116,6 @@ def build_model(params, offset=0.0):
         A ``statespace.ContinuousLinearSSM`` with 6 states (level, slope, 2 × oscillator),
         diffuse in the trend states and stationary in the seasonal ones.
     """
-    import jax.numpy as jnp
-
-    from statespace import models
-    from statespace._continuous import ContinuousLinearSSM
-
     model = models.sum_of(
         models.local_linear_trend(params["sigma_level"], params["sigma_slope"]),
         models.quasi_periodic(_PERIOD, params["decay_time"], params["seasonal_var"]),
@@ -179,14 +187,6 @@ def fit_mle(times, y, *, num_steps, progress=True, offset=None):
         log-likelihood, the Laplace covariance of the log-parameters (flattened in
         ``ravel_pytree`` order, i.e. sorted parameter names) and the ``FitResult``.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import statespace
-    from statespace._fit import covariance
-    from statespace.transforms import constrain, unconstrain
-
     spec = _transforms()
     if offset is None:
         offset = float(np.nanmean(y))
@@ -217,15 +217,6 @@ def run_nuts(times, y, init_params, *, num_warmup, num_samples, seed=0, progress
     (the Laplace covariance of the log-parameters) as the dense mass matrix, kept fixed, so
     the warm-up only tunes the step size and a short chain mixes.
     """
-    import jax
-    import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
-    from numpyro.infer import MCMC, NUTS, init_to_value
-
-    from statespace.numpyro import LinearGaussianStateSpace
-    from statespace.transforms import constrain
-
     spec = _transforms()
     if offset is None:
         offset = float(np.nanmean(y))
@@ -261,8 +252,6 @@ def run_nuts(times, y, init_params, *, num_warmup, num_samples, seed=0, progress
 
 
 def _summary_rows(samples):
-    from numpyro.diagnostics import summary
-
     stats = summary({k: np.asarray(samples[k])[None] for k in PARAMETERS}, prob=0.95,
                     group_by_chain=True)
     rows = []
@@ -288,11 +277,6 @@ def make_figure(path, times, y, params, *, forecast_years=2.0, offset=None):
         print("matplotlib is not installed: skipping the figure "
               "(pip install matplotlib, or pass --no-plot)", file=sys.stderr)
         return None
-    import jax
-    import jax.numpy as jnp
-
-    import statespace
-
     if offset is None:
         offset = float(np.nanmean(y))
     model = build_model({k: jnp.asarray(v) for k, v in params.items()}, offset)
@@ -348,15 +332,11 @@ class _Stopwatch:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments; returns the exit status."""
-    import jax
-
     # an application entry point (not a library import): the demo needs float64 (the diffuse
     # trend sits at ~300 ppm and the likelihood sums 2000+ terms)
     jax.config.update("jax_enable_x64", True)
     enable_small_loop_compilation()  # before the first computation; see statespace._xla_flags
     if not args.no_cache:  # a second run loads its programs instead of compiling them
-        from statespace._cache import enable_compilation_cache
-
         enable_compilation_cache()
     progress = not args.no_progress
     t_start, cpu_start = time.perf_counter(), time.process_time()

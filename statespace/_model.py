@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from rules import dlyap
 from rules._checks import as_float_array
@@ -449,3 +450,75 @@ def _normalise_diffuse(diffuse, n: int):
     if not mask.any():
         return None
     return tuple(bool(v) for v in mask)
+
+
+# ------------------------------------------------------------------------------------------
+# What the filters and smoothers read from a model: the discrete model (continuous-time
+# models by duck typing), its time-constant and per-step parameters, and from which step on
+# an indefinite covariance leaves it without a density
+# ------------------------------------------------------------------------------------------
+def _as_discrete(model, times):
+    """The discrete model to filter and an ``ok`` flag (``None`` for discrete models).
+
+    Continuous-time models are recognised by duck typing: an object with a method
+    ``_to_discrete(times)`` returning ``(LinearGaussianSSM, ok)``; the filter sets the
+    log-likelihood to ``-inf`` where ``ok`` is False.
+
+    Raises:
+        ValueError: ``times`` given for a discrete model, or missing for a continuous one.
+        TypeError: ``model`` is neither.
+    """
+    if hasattr(model, "_to_discrete"):
+        if times is None:
+            raise ValueError(f"{type(model).__name__} is a continuous-time model: pass times")
+        return model._to_discrete(times)
+    if times is not None:
+        raise ValueError(
+            "times is only meaningful for continuous-time models; got a discrete model"
+        )
+    if not isinstance(model, LinearGaussianSSM):
+        raise TypeError(f"expected a LinearGaussianSSM or continuous-time model; got {type(model)}")
+    return model, None
+
+
+def _check_times(times, y):
+    """``times`` must have one entry per row of ``y`` (a static check: shapes only).
+
+    Raises:
+        ValueError: naming both shapes.
+    """
+    if times is not None and tuple(jnp.shape(times)) != (y.shape[-2],):
+        raise ValueError(f"times must have shape (T,) with T = {y.shape[-2]} rows of y; got "
+                         f"times.shape = {jnp.shape(times)}, y.shape = {y.shape}")
+
+
+def _invalid_covariances(const, scanned, P0, T):
+    """Per-step flags ``(T,)``: from the first step that uses a finite ``P0``, ``R[k]`` (step
+    ``k``) or ``Q[k]`` (step ``k + 1``) that is clearly not positive semi-definite
+    (``_indefinite``) on. Such a model has no density: the filter reports ``-inf`` from there
+    on, as for a failed factorisation, even where the innovation covariances happen to be
+    positive definite."""
+    bad = jnp.broadcast_to(_indefinite(P0), (T,))
+    if "R" in scanned:
+        bad = bad | _indefinite(scanned["R"])
+    else:
+        bad = bad | _indefinite(const["R"])
+    if "Q" in scanned:  # Q[k] maps step k to k + 1
+        bad = bad | jnp.concatenate([jnp.zeros((1,), bool), _indefinite(scanned["Q"])[:-1]])
+    else:
+        bad = bad | (_indefinite(const["Q"]) & (jnp.arange(T) > 0))
+    return lax.cummax(bad.astype(jnp.int32)) > 0
+
+
+def _steps_params(model: LinearGaussianSSM):
+    """Split parameters into constants and per-step (scanned) arrays."""
+    const, scanned = {}, {}
+    for name in _TIME_PARAMS:
+        x = getattr(model, name)
+        if x.ndim == _BASE_RANK[name]:
+            const[name] = x
+        elif x.shape[0] == 1:
+            const[name] = x[0]
+        else:
+            scanned[name] = x
+    return const, scanned

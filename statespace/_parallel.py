@@ -73,8 +73,8 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._kalman import FilterResult, _mask_observation
-from statespace._kalman import _psd_cholesky as _kalman_psd_cholesky
+from statespace._steps import FilterResult, _mask_observation
+from statespace._steps import _psd_cholesky as _steps_psd_cholesky
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 _BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "b": 1, "d": 1, "m0": 1, "P0": 2}
@@ -111,7 +111,7 @@ def _solve_lower_T(L, B):
 
 def _psd_cholesky(P):
     """The sequential filter's semi-definite Cholesky, applied to the symmetric part."""
-    return _kalman_psd_cholesky(_sym(P))
+    return _steps_psd_cholesky(_sym(P))
 
 
 def _get(model, name):
@@ -538,7 +538,7 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     Args:
         model: a discrete ``LinearGaussianSSM`` (or any object / dict with ``F, Q, H, R, m0,
             P0`` and optional ``b, d``) with no batch axes; continuous models must be
-            discretised first (``statespace._kalman._as_discrete``). Exact diffuse
+            discretised first (``statespace._model._as_discrete``). Exact diffuse
             initialisation is not supported.
         y: ``(T, m)`` observations, NaN = missing.
         form: ``"cov"`` (covariance elements, symmetrised at every combination) or ``"sqrt"``

@@ -22,9 +22,17 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._kalman import _as_discrete, _check_times, _psd_cholesky, _reject, kalman_filter
-from statespace._model import _FIELDS, _per_step, _psd_sqrt, _split_axes
+from statespace._kalman import kalman_filter
+from statespace._model import (
+    _FIELDS,
+    _as_discrete,
+    _check_times,
+    _per_step,
+    _psd_sqrt,
+    _split_axes,
+)
 from statespace._parallel import parallel_filter, parallel_smoother
+from statespace._steps import _psd_cholesky, _reject
 
 _FORMS = ("cov", "sqrt")
 

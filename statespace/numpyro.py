@@ -32,6 +32,9 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import Distribution
 from numpyro.util import not_jax_tracer
 
+from statespace._kalman import log_likelihood
+from statespace._model import LinearGaussianSSM, _split_axes
+
 __all__ = ["LinearGaussianStateSpace"]
 
 # base ranks of the parameters of the two model classes (one time step, one model)
@@ -40,8 +43,6 @@ _DISCRETE_TIME = ("F", "Q", "H", "R", "b", "d")
 
 
 def _is_discrete(model) -> bool:
-    from statespace._model import LinearGaussianSSM
-
     return isinstance(model, LinearGaussianSSM)
 
 
@@ -92,8 +93,6 @@ def _broadcast_model(model, batch_shape: tuple):
     if not batch_shape:
         return model
     if _is_discrete(model):
-        from statespace._model import _split_axes
-
         changes = {}
         for name, base in _DISCRETE_BASE.items():
             x = getattr(model, name)
@@ -315,8 +314,6 @@ class LinearGaussianStateSpace(Distribution):
         return model, times
 
     def _single_log_prob(self, model, times, y):
-        from statespace._kalman import log_likelihood
-
         kwargs = {"form": self.form}
         if self.parallel:
             kwargs["parallel"] = True

@@ -47,13 +47,17 @@ DOCTEST_MODULES = [
 # its examples run (and add any module the restructuring creates).
 DOCTEST_MODULES_TODO = [
     "rules._kron",
+    "rules._unrolled",
     "statespace.__main__",
     "statespace._adjoint",
     "statespace._continuous",
     "statespace._demo",
     "statespace._kalman",
     "statespace._parallel",
+    "statespace._predict",
+    "statespace._sequential",
     "statespace._smoother",
+    "statespace._steps",
     "statespace.numpyro",
 ]
 

@@ -8,7 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 from statespace import LinearGaussianSSM, kalman_filter, log_likelihood
-from statespace._kalman import _as_discrete
+from statespace._model import _as_discrete
 from tests.statespace.dense_oracle import (
     dense_filtered,
     dense_joint,
