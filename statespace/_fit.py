@@ -28,6 +28,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from statespace.transforms import constrain, unconstrain
+
 __all__ = [
     "FitResult",
     "fit",
@@ -364,8 +366,6 @@ def fit(
         )
     to_constrained = None
     if constraints is not None:
-        from statespace.transforms import constrain, unconstrain
-
         specs = constraints
         params = unconstrain(specs, jax.tree_util.tree_map(jnp.asarray, params))
         bad = [jax.tree_util.keystr(path) or "params"
