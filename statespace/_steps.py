@@ -42,6 +42,28 @@ class FilterResult(NamedTuple):
 
     The filtered and predicted moments are all a Rauch-Tung-Striebel smoother needs:
     ``G[k] = filtered_covs[k] F[k]^T predicted_covs[k+1]^{-1}``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, kalman_filter
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> result = kalman_filter(model, y)
+        >>> result.log_likelihoods.shape, result.predicted_covs.shape, result.filtered_chols
+        ((3,), (3, 1, 1), None)
+        >>> bool(np.allclose(result.log_likelihoods.sum(), result.log_likelihood))
+        True
+        >>> # predicted[k+1] = F filtered[k] F^T + Q, predicted[0] = P0
+        >>> P = result.filtered_covs[:-1, 0, 0]
+        >>> bool(np.allclose(result.predicted_covs[1:, 0, 0], 0.25 * P + 1.0))
+        True
+        >>> bool(np.allclose(result.predicted_covs[0], model.P0))
+        True
+        >>> sqrt = kalman_filter(model, y, form="sqrt")
+        >>> L = sqrt.filtered_chols
+        >>> bool(np.allclose(L @ L.transpose(0, 2, 1), result.filtered_covs))
+        True
     """
 
     log_likelihood: jax.Array
