@@ -37,6 +37,8 @@ DOCTEST_MODULES = [
     "statespace._fit",
     "statespace._kalman",
     "statespace._model",
+    "statespace._predict",
+    "statespace._smoother",
     "statespace._xla_flags",
     "statespace.models",
     "statespace.testing",
@@ -54,9 +56,7 @@ DOCTEST_MODULES_TODO = [
     "statespace._continuous",
     "statespace._demo",
     "statespace._parallel",
-    "statespace._predict",
     "statespace._sequential",
-    "statespace._smoother",
     "statespace._steps",
     "statespace.numpyro",
 ]
