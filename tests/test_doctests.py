@@ -42,6 +42,7 @@ DOCTEST_MODULES = [
     "statespace._smoother",
     "statespace._xla_flags",
     "statespace.models",
+    "statespace.numpyro",
     "statespace.testing",
     "statespace.transforms",
 ]
@@ -58,7 +59,6 @@ DOCTEST_MODULES_TODO = [
     "statespace._parallel",
     "statespace._sequential",
     "statespace._steps",
-    "statespace.numpyro",
 ]
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
