@@ -27,6 +27,7 @@ DOCTEST_MODULES = [
     "rules",
     "rules._checks",
     "rules._expm",
+    "rules._kron",
     "rules._linalg",
     "rules._lyap",
     "rules._precision",
@@ -51,7 +52,6 @@ DOCTEST_MODULES = [
 # docstrings will be brought up to date afterwards. Move each into DOCTEST_MODULES once
 # its examples run (and add any module the restructuring creates).
 DOCTEST_MODULES_TODO = [
-    "rules._kron",
     "rules._unrolled",
     "statespace.__main__",
     "statespace._adjoint",
