@@ -41,6 +41,7 @@ DOCTEST_MODULES = [
     "statespace._model",
     "statespace._predict",
     "statespace._smoother",
+    "statespace._steps",
     "statespace._xla_flags",
     "statespace.models",
     "statespace.numpyro",
@@ -58,7 +59,6 @@ DOCTEST_MODULES_TODO = [
     "statespace._demo",
     "statespace._parallel",
     "statespace._sequential",
-    "statespace._steps",
 ]
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
