@@ -40,6 +40,7 @@ DOCTEST_MODULES = [
     "statespace._kalman",
     "statespace._model",
     "statespace._predict",
+    "statespace._sequential",
     "statespace._smoother",
     "statespace._steps",
     "statespace._xla_flags",
@@ -58,7 +59,6 @@ DOCTEST_MODULES_TODO = [
     "statespace._adjoint",
     "statespace._demo",
     "statespace._parallel",
-    "statespace._sequential",
 ]
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
