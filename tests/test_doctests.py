@@ -34,6 +34,7 @@ DOCTEST_MODULES = [
     "rules._smallmm",
     "rules._tria",
     "statespace",
+    "statespace._adjoint",
     "statespace._cache",
     "statespace._continuous",
     "statespace._fit",
@@ -56,7 +57,6 @@ DOCTEST_MODULES = [
 DOCTEST_MODULES_TODO = [
     "rules._unrolled",
     "statespace.__main__",
-    "statespace._adjoint",
     "statespace._demo",
     "statespace._parallel",
 ]
