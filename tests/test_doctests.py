@@ -40,6 +40,7 @@ DOCTEST_MODULES = [
     "statespace._fit",
     "statespace._kalman",
     "statespace._model",
+    "statespace._parallel",
     "statespace._predict",
     "statespace._sequential",
     "statespace._smoother",
@@ -58,7 +59,6 @@ DOCTEST_MODULES_TODO = [
     "rules._unrolled",
     "statespace.__main__",
     "statespace._demo",
-    "statespace._parallel",
 ]
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
