@@ -33,6 +33,7 @@ DOCTEST_MODULES = [
     "rules._precision",
     "rules._smallmm",
     "rules._tria",
+    "rules._unrolled",
     "statespace",
     "statespace._adjoint",
     "statespace._cache",
@@ -56,7 +57,6 @@ DOCTEST_MODULES = [
 # docstrings will be brought up to date afterwards. Move each into DOCTEST_MODULES once
 # its examples run (and add any module the restructuring creates).
 DOCTEST_MODULES_TODO = [
-    "rules._unrolled",
     "statespace.__main__",
     "statespace._demo",
 ]
