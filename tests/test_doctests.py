@@ -35,9 +35,11 @@ DOCTEST_MODULES = [
     "rules._tria",
     "rules._unrolled",
     "statespace",
+    "statespace.__main__",
     "statespace._adjoint",
     "statespace._cache",
     "statespace._continuous",
+    "statespace._demo",
     "statespace._fit",
     "statespace._kalman",
     "statespace._model",
@@ -56,10 +58,7 @@ DOCTEST_MODULES = [
 # Modules whose examples are not run yet: they are being restructured, and their
 # docstrings will be brought up to date afterwards. Move each into DOCTEST_MODULES once
 # its examples run (and add any module the restructuring creates).
-DOCTEST_MODULES_TODO = [
-    "statespace.__main__",
-    "statespace._demo",
-]
+DOCTEST_MODULES_TODO = []
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
