@@ -669,7 +669,7 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
         ValueError: as :func:`parallel_filter`.
 
     Example:
-        >>> from statespace import rts_smoother
+        >>> from statespace import kalman_filter, rts_smoother
         >>> import jax.numpy as jnp, numpy as np
         >>> from statespace import LinearGaussianSSM
         >>> from statespace._parallel import parallel_filter, parallel_smoother
@@ -684,7 +684,8 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
         True
         >>> bool(np.allclose(s.smoothed_cross_covs, ref.smoothed_cross_covs))
         True
-        >>> sqrt = parallel_smoother(model, y, form="sqrt")
+        >>> # sqrt form, here on the sequential filter's factors
+        >>> sqrt = parallel_smoother(model, y, kalman_filter(model, y, form="sqrt"), form="sqrt")
         >>> bool(np.allclose(sqrt.smoothed_covs, ref.smoothed_covs))
         True
     """
