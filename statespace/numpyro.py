@@ -7,6 +7,7 @@ states, which removes the funnel geometry that makes latent-state HMC slow.
 
 Example (continuous-time Ornstein–Uhlenbeck process observed at irregular times)::
 
+    import jax.numpy as jnp
     import numpyro, numpyro.distributions as dist
     import statespace
     from statespace.numpyro import LinearGaussianStateSpace
