@@ -17,7 +17,22 @@ UNROLL_MAX = 8
 
 
 def cholesky(S):
-    """Lower Cholesky factor; NaN (never an exception) when ``S`` is not positive definite."""
+    """Lower Cholesky factor; NaN (never an exception) when ``S`` is not positive definite.
+
+    Example:
+        >>> from rules._unrolled import UNROLL_MAX, cholesky
+        >>> import jax.numpy as jnp, numpy as np
+        >>> S = jnp.array([[4.0, 2.0, 0.4], [2.0, 5.0, 1.0], [0.4, 1.0, 3.0]])
+        >>> bool(np.allclose(cholesky(S), np.linalg.cholesky(S)))
+        True
+        >>> cholesky(jnp.stack([S, 4 * S])).shape  # leading axes batch
+        (2, 3, 3)
+        >>> bool(jnp.isnan(cholesky(jnp.array([[1.0, 2.0], [2.0, 1.0]]))).any())  # indefinite
+        True
+        >>> big = 4.0 * jnp.eye(UNROLL_MAX + 1)  # larger than UNROLL_MAX: LAPACK
+        >>> bool(np.allclose(cholesky(big), 2.0 * np.eye(UNROLL_MAX + 1)))
+        True
+    """
     m = S.shape[-1]
     if m > UNROLL_MAX:
         return jnp.linalg.cholesky(S)
@@ -25,7 +40,16 @@ def cholesky(S):
 
 
 def cholesky_entries(S):
-    """Unrolled Cholesky of a small ``S`` as nested lists of scalars ``cols[i][j]`` (i >= j)."""
+    """Unrolled Cholesky of a small ``S`` as nested lists of scalars ``cols[i][j]`` (i >= j).
+
+    Example:
+        >>> from rules._unrolled import cholesky_entries
+        >>> import jax.numpy as jnp, numpy as np
+        >>> S = jnp.array([[4.0, 2.0, 0.4], [2.0, 5.0, 1.0], [0.4, 1.0, 3.0]])
+        >>> cols = cholesky_entries(S)  # L[0, 0] = sqrt(4), L[1, 0] = 2 / 2; none above
+        >>> round(float(cols[0][0]), 6), round(float(cols[1][0]), 6), cols[0][1]
+        (2.0, 1.0, None)
+    """
     m = S.shape[-1]
     cols = [[None] * m for _ in range(m)]
     for j in range(m):
@@ -45,7 +69,17 @@ def cholesky_entries(S):
 
 def assemble_lower(cols, like):
     """The lower-triangular matrix ``(..., m, m)`` with entries ``cols[i][j]`` (i >= j) and
-    zeros above the diagonal (``like``: an array of the entries' shape and dtype)."""
+    zeros above the diagonal (``like``: an array ``(..., m, m)``, e.g. the factored matrix,
+    whose leading axes and dtype the zeros take).
+
+    Example:
+        >>> from rules._unrolled import assemble_lower, cholesky_entries
+        >>> import jax.numpy as jnp, numpy as np
+        >>> S = jnp.array([[4.0, 2.0, 0.4], [2.0, 5.0, 1.0], [0.4, 1.0, 3.0]])
+        >>> L = assemble_lower(cholesky_entries(S), S)
+        >>> bool(np.allclose(L, np.linalg.cholesky(S))), bool(np.allclose(L @ L.T, S))
+        (True, True)
+    """
     m = len(cols)
     zero = jnp.zeros_like(like[..., 0, 0])
     rows = [

@@ -9,7 +9,17 @@ from statespace import _demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``statespace`` argument parser (one sub-command per job)."""
+    """The ``statespace`` argument parser (one sub-command per job).
+
+    Example:
+        >>> from statespace.__main__ import build_parser
+        >>> parser = build_parser()
+        >>> parser.prog
+        'statespace'
+        >>> args = parser.parse_args(["demo", "--num-samples", "0", "--no-plot"])
+        >>> args.command, args.num_samples, args.no_plot
+        ('demo', 0, True)
+    """
     parser = argparse.ArgumentParser(
         prog="statespace",
         description="Continuous- and discrete-time linear-Gaussian state-space models in JAX.",
@@ -29,7 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status."""
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status.
+
+    Example:
+        >>> # the demo checks its arguments before fitting anything (a complete run compiles
+        >>> # for tens of seconds: tests/test_demo.py runs those)
+        >>> from statespace.__main__ import main
+        >>> main(["demo", "--last-weeks", "5", "--no-cache", "--no-plot", "--no-progress"])
+        Traceback (most recent call last):
+            ...
+        SystemExit: --last-weeks must be at least 10
+    """
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo.run(args)

@@ -85,6 +85,24 @@ class LoopOps(NamedTuple):
     :data:`FUSED` holds the filter's fused ones (broadcast-multiply-sums and unrolled
     solves); ``benchmarks.kalman --unfused`` passes plain ones (``@``, LAPACK) to measure what
     fusing buys.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace._adjoint import FUSED
+        >>> FUSED._fields
+        ('mm', 'mm_fused', 'mmm', 'spd_solve_small', 'inverse_cholesky')
+        >>> A, B = jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([[0.5, 0.0], [1.0, 1.0]])
+        >>> bool(np.allclose(FUSED.mm(A, B), A @ B))
+        True
+        >>> bool(np.allclose(FUSED.mmm(A, B, A), A @ B @ A))
+        True
+        >>> S = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+        >>> X, det, pd = FUSED.spd_solve_small(S, B)  # S⁻¹ B, det S, positive definite
+        >>> bool(np.allclose(S @ X, B)), round(float(det), 6), bool(pd)
+        (True, 1.75, True)
+        >>> Li = FUSED.inverse_cholesky(S)  # L⁻¹ with S = L Lᵀ
+        >>> bool(np.allclose(Li @ S @ Li.T, np.eye(2)))
+        True
     """
 
     mm: Callable  # A @ B (B a matrix or a vector)
@@ -454,5 +472,22 @@ def adjoint_log_likelihood(model, y, form: str, ops: LoopOps = FUSED):
 
     Returns:
         The scalar log-likelihood; ``-inf`` on a failed factorisation (its gradient is NaN).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, log_likelihood
+        >>> from statespace._adjoint import adjoint_log_likelihood
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> round(float(adjoint_log_likelihood(model, y, "cov")), 6)
+        -4.201405
+        >>> # its gradient (sqrt forward pass here) equals autodiff through the filter's scan
+        >>> adjoint = jax.grad(lambda Q: adjoint_log_likelihood(model.replace(Q=Q), y, "sqrt"))
+        >>> auto = jax.grad(lambda Q: log_likelihood(model.replace(Q=Q), y, gradient="autodiff"))
+        >>> round(float(adjoint(model.Q)[0, 0]), 6)
+        -0.341018
+        >>> bool(np.allclose(adjoint(model.Q), auto(model.Q)))
+        True
     """
     return _loglik(model, y, form, ops)

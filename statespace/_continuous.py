@@ -50,6 +50,23 @@ class Discretization(NamedTuple):
         F: ``e^{A dt}``, shape ``dt.shape + (n, n)``.
         Qd: ``∫_0^dt e^{A s} Q e^{Aᵀ s} ds``, shape ``dt.shape + (n, n)``.
         bd: ``∫_0^dt e^{A s} ds b``, shape ``dt.shape + (n,)`` (zeros when ``b`` is ``None``).
+
+    Example:
+        >>> import numpy as np
+        >>> from scipy.linalg import expm
+        >>> from statespace import ContinuousLinearSSM, discretize
+        >>> A = np.array([[0.0, 1.0], [-2.0, -0.5]])  # a damped oscillator
+        >>> model = ContinuousLinearSSM(A=A, Q=np.diag([0.0, 1.0]), H=[[1.0, 0.0]], R=[[0.1]])
+        >>> half, full = discretize(model, 0.5), discretize(model, 1.0)
+        >>> half.F.shape, half.Qd.shape, np.asarray(half.bd).tolist()
+        ((2, 2), (2, 2), [0.0, 0.0])
+        >>> bool(np.allclose(full.F, expm(A)))
+        True
+        >>> # two half steps make a whole one
+        >>> bool(np.allclose(full.F, half.F @ half.F))
+        True
+        >>> bool(np.allclose(full.Qd, half.F @ half.Qd @ half.F.T + half.Qd))
+        True
     """
 
     F: jax.Array
@@ -401,11 +418,21 @@ def discretize(model, dt) -> Discretization:
         ValueError: if ``model.A`` is time-varying (has more than two dimensions).
 
     Example:
-        >>> model = ContinuousLinearSSM(jnp.array([[-1.0]]), jnp.array([[2.0]]),
-        ...                             jnp.array([[1.0]]), jnp.array([[0.1]]))
-        >>> F, Qd, bd = discretize(model, jnp.array([0.0, 0.5, 1.0]))
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import ContinuousLinearSSM, discretize
+        >>> # Ornstein-Uhlenbeck dx = (1 - x) dt + dW, Cov(dW) = 2 dt
+        >>> model = ContinuousLinearSSM(A=[[-1.0]], Q=[[2.0]], H=[[1.0]], R=[[0.1]], b=[1.0])
+        >>> dt = jnp.array([0.0, 0.5, 1.0])
+        >>> F, Qd, bd = discretize(model, dt)
         >>> F.shape, Qd.shape, bd.shape
         ((3, 1, 1), (3, 1, 1), (3, 1))
+        >>> # closed forms: F = e^{-dt}, Qd = 1 - e^{-2 dt}, bd = 1 - e^{-dt}
+        >>> bool(np.allclose(F[:, 0, 0], np.exp(-dt)))
+        True
+        >>> bool(np.allclose(Qd[:, 0, 0], 1 - np.exp(-2 * dt)))
+        True
+        >>> bool(np.allclose(bd[:, 0], 1 - np.exp(-dt)))
+        True
     """
     if model.A.ndim != 2:
         raise ValueError(f"discretize needs a time-invariant A of shape (n, n); got A.shape = {model.A.shape}")
@@ -482,11 +509,19 @@ class ContinuousLinearSSM:
         TypeError: on complex or non-numeric inputs.
 
     Example:
-        >>> import statespace
-        >>> model = statespace.models.matern32(lengthscale=1.0, variance=2.0, noise_var=0.1)
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from scipy.stats import multivariate_normal
+        >>> from statespace import ContinuousLinearSSM, log_likelihood
+        >>> # Ornstein-Uhlenbeck dx = (1 - x) dt + dW, Cov(dW) = 2 dt, stationary start N(1, 1)
+        >>> model = ContinuousLinearSSM(A=[[-1.0]], Q=[[2.0]], H=[[1.0]], R=[[0.1]], b=[1.0])
         >>> times = jnp.array([0.0, 0.3, 1.7, 2.0])
-        >>> y = jnp.array([[0.1], [0.4], [-0.3], [0.2]])
-        >>> ll = statespace.log_likelihood(model, y, times)  # doctest: +SKIP
+        >>> y = jnp.array([[1.1], [1.4], [0.7], [1.2]])
+        >>> # dense: y ~ N(1, exp(-|t - s|) + 0.1 I)
+        >>> t = np.array([0.0, 0.3, 1.7, 2.0])
+        >>> cov = np.exp(-np.abs(np.subtract.outer(t, t))) + 0.1 * np.eye(4)
+        >>> dense = multivariate_normal(np.ones(4), cov).logpdf([1.1, 1.4, 0.7, 1.2])
+        >>> round(float(log_likelihood(model, y, times)), 6), round(float(dense), 6)
+        (-3.533179, -3.533179)
     """
 
     def __init__(self, A, Q, H, R, m0=None, P0=None, *, b=None, d=None, diffuse=None):

@@ -82,6 +82,15 @@ def load_co2(path=None):
 
     Raises:
         ValueError: the file lacks the columns or its times decrease.
+
+    Example:
+        >>> import numpy as np
+        >>> from statespace._demo import load_co2
+        >>> times, y = load_co2()
+        >>> times.shape, y.shape, int(np.isnan(y).sum()), round(float(times[0]), 2)
+        ((2284,), (2284, 1), 59, 1958.24)
+        >>> bool(np.all(np.diff(times) >= 0))
+        True
     """
     if path is None:
         text = resources.files("statespace").joinpath("data", "co2_weekly.csv").read_text()
@@ -115,6 +124,19 @@ def build_model(params, offset=0.0):
     Returns:
         A ``statespace.ContinuousLinearSSM`` with 6 states (level, slope, 2 × oscillator),
         diffuse in the trend states and stationary in the seasonal ones.
+
+    Example:
+        >>> import numpy as np
+        >>> from statespace._demo import PARAMETERS, build_model
+        >>> PARAMETERS
+        ('sigma_level', 'sigma_slope', 'decay_time', 'seasonal_var', 'noise_sd')
+        >>> params = {"sigma_level": 0.1, "sigma_slope": 0.01, "decay_time": 10.0,
+        ...           "seasonal_var": np.array([1.0, 0.1]), "noise_sd": 0.3}
+        >>> model = build_model(params, offset=350.0)
+        >>> model.state_dim, model.obs_dim, model.diffuse
+        (6, 1, (True, True, False, False, False, False))
+        >>> float(model.d[0]), round(float(model.R[0, 0]), 6)  # offset, noise_sd ** 2
+        (350.0, 0.09)
     """
     model = models.sum_of(
         models.local_linear_trend(params["sigma_level"], params["sigma_slope"]),
@@ -129,7 +151,16 @@ def build_model(params, offset=0.0):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the demo's options to ``parser``."""
+    """Add the demo's options to ``parser``.
+
+    Example:
+        >>> import argparse
+        >>> from statespace._demo import add_arguments
+        >>> parser = add_arguments(argparse.ArgumentParser())
+        >>> args = parser.parse_args(["--num-samples", "0", "--no-plot"])
+        >>> args.num_samples, args.num_steps, args.no_plot, args.output
+        (0, 200, True, 'co2_demo.png')
+    """
     parser.add_argument("--data", metavar="CSV", default=None,
                         help="CSV with columns decimal_year, co2_ppm (default: the bundled "
                              "weekly Mauna Loa series)")
@@ -331,7 +362,20 @@ class _Stopwatch:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo with parsed arguments; returns the exit status."""
+    """Run the demo with parsed arguments; returns the exit status.
+
+    Example:
+        >>> # the arguments are checked before anything is fitted (a complete run, even a tiny
+        >>> # one, compiles for tens of seconds: tests/test_demo.py runs those)
+        >>> import argparse
+        >>> from statespace._demo import add_arguments, run
+        >>> args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ...     ["--last-weeks", "5", "--no-cache", "--no-plot", "--no-progress"])
+        >>> run(args)
+        Traceback (most recent call last):
+            ...
+        SystemExit: --last-weeks must be at least 10
+    """
     # an application entry point (not a library import): the demo needs float64 (the diffuse
     # trend sits at ~300 ppm and the likelihood sums 2000+ terms)
     jax.config.update("jax_enable_x64", True)

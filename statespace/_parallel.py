@@ -82,7 +82,19 @@ _FORMS = ("cov", "sqrt")
 
 
 class ParallelSmootherResult(NamedTuple):
-    """Smoothed moments from :func:`parallel_smoother`."""
+    """Smoothed moments from :func:`parallel_smoother`.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM
+        >>> from statespace._parallel import parallel_filter, parallel_smoother
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [jnp.nan], [1.1]])
+        >>> out = parallel_smoother(model, y)  # runs parallel_filter itself
+        >>> type(out).__name__, out.smoothed_means.shape, out.smoothed_cross_covs.shape
+        ('ParallelSmootherResult', (3, 1), (2, 1, 1))
+    """
 
     smoothed_means: jax.Array
     smoothed_covs: jax.Array
@@ -559,10 +571,20 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
         NotImplementedError: a model with ``diffuse`` states.
 
     Example:
-        >>> model = LinearGaussianSSM(F=0.9 * jnp.eye(2), Q=jnp.eye(2), H=jnp.ones((1, 2)),
-        ...                           R=jnp.eye(1), m0=jnp.zeros(2), P0=jnp.eye(2))
-        >>> out = parallel_filter(model, y)          # y: (T, 1)
-        >>> out.log_likelihood, out.filtered_means.shape
+        >>> from statespace import kalman_filter
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM
+        >>> from statespace._parallel import parallel_filter, parallel_smoother
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [jnp.nan], [1.1]])
+        >>> out, ref = parallel_filter(model, y), kalman_filter(model, y)
+        >>> round(float(out.log_likelihood), 6), round(float(ref.log_likelihood), 6)
+        (-2.866744, -2.866744)
+        >>> bool(np.allclose(out.filtered_covs, ref.filtered_covs))
+        True
+        >>> bool(np.allclose(out.predicted_means, ref.predicted_means))
+        True
     """
     _check_form(form)
     params, y0, observed = _normalise(model, y)
@@ -647,9 +669,25 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
         ValueError: as :func:`parallel_filter`.
 
     Example:
-        >>> f = parallel_filter(model, y)
-        >>> s = parallel_smoother(model, y, f)
-        >>> s.smoothed_means.shape
+        >>> from statespace import kalman_filter, rts_smoother
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM
+        >>> from statespace._parallel import parallel_filter, parallel_smoother
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [jnp.nan], [1.1]])
+        >>> s = parallel_smoother(model, y, parallel_filter(model, y))
+        >>> s.smoothed_means.shape, s.smoothed_covs.shape, s.smoothed_cross_covs.shape
+        ((3, 1), (3, 1, 1), (2, 1, 1))
+        >>> ref = rts_smoother(model, y)  # the sequential smoother: the same moments
+        >>> bool(np.allclose(s.smoothed_means, ref.smoothed_means))
+        True
+        >>> bool(np.allclose(s.smoothed_cross_covs, ref.smoothed_cross_covs))
+        True
+        >>> # sqrt form, here on the sequential filter's factors
+        >>> sqrt = parallel_smoother(model, y, kalman_filter(model, y, form="sqrt"), form="sqrt")
+        >>> bool(np.allclose(sqrt.smoothed_covs, ref.smoothed_covs))
+        True
     """
     _check_form(form)
     params, _, _ = _normalise(model, y)

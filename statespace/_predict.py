@@ -23,6 +23,19 @@ class Prediction(NamedTuple):
         obs_means: ``(N, m)`` means of a new observation ``y(s_j) = H x(s_j) + d + v``.
         obs_covs: ``(N, m, m)`` its covariance ``H P Hᵀ + R`` (noise included; subtract ``R``
             for the latent ``H x + d``).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import predict
+        >>> from statespace.models import matern12
+        >>> model = matern12(1.0, 2.0, noise_var=0.1)  # k(t, s) = 2 exp(-|t - s|), noise 0.1
+        >>> times, y = jnp.array([0.0, 0.5, 2.0]), jnp.array([[0.4], [0.1], [-0.3]])
+        >>> pred = predict(model, y, times, jnp.array([1.0, 3.0]))
+        >>> pred.means.shape, pred.covs.shape, pred.obs_means.shape, pred.obs_covs.shape
+        ((2, 1), (2, 1, 1), (2, 1), (2, 1, 1))
+        >>> # the observation covariance is the state's (H = [[1]]) plus the noise variance
+        >>> bool(np.allclose(pred.obs_covs, pred.covs + 0.1))
+        True
     """
 
     means: jax.Array
@@ -55,9 +68,24 @@ def predict(model, y, times, new_times) -> Prediction:
         ValueError: on mismatched shapes or a time-varying ``H``, ``R`` or ``d``.
 
     Example:
-        >>> model = statespace.models.matern32(1.0, 1.0, noise_var=0.01)  # doctest: +SKIP
-        >>> pred = predict(model, y, times, jnp.linspace(0, 12, 200))     # doctest: +SKIP
-        >>> mean, sd = pred.obs_means[:, 0], jnp.sqrt(pred.obs_covs[:, 0, 0])  # doctest: +SKIP
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import predict
+        >>> from statespace.models import matern12
+        >>> model = matern12(1.0, 2.0, noise_var=0.1)  # k(t, s) = 2 exp(-|t - s|), noise 0.1
+        >>> times, y = jnp.array([0.0, 0.5, 2.0]), jnp.array([[0.4], [0.1], [-0.3]])
+        >>> new_times = jnp.array([1.0, 3.0, -1.0, jnp.nan])  # between, after, before; NaN
+        >>> pred = predict(model, y, times, new_times)
+        >>> # the same as dense Gaussian-process regression with that kernel
+        >>> k = lambda a, b: 2.0 * np.exp(-np.abs(np.subtract.outer(a, b)))
+        >>> t, s = np.array([0.0, 0.5, 2.0]), np.array([1.0, 3.0, -1.0])
+        >>> A = np.linalg.solve(k(t, t) + 0.1 * np.eye(3), k(t, s))
+        >>> mean, var = A.T @ np.array([0.4, 0.1, -0.3]), 2.0 - np.sum(k(t, s) * A, axis=0)
+        >>> np.round(np.asarray(pred.obs_means[:3, 0]), 6), np.round(mean, 6)
+        (array([-0.010947, -0.104412,  0.138099]), array([-0.010947, -0.104412,  0.138099]))
+        >>> bool(np.allclose(pred.obs_covs[:3, 0, 0], var + 0.1))
+        True
+        >>> bool(jnp.isnan(pred.obs_means[3, 0]))  # only the NaN time gets NaN
+        True
     """
     y = as_float_array("y", y)
     times = as_float_array("times", times)

@@ -54,6 +54,20 @@ class ForwardPass(NamedTuple):
         predicted_means: ``(T, n)``, ``E[x[k] | y[0..k-1]]``.
         predicted_covs: ``(T, n, n)`` covariances (covariance form; else None).
         predicted_chols: ``(T, n, n)`` their lower factors (square-root form; else None).
+
+    Example:
+        >>> from statespace._sequential import filter_predictions
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, kalman_filter
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> cov, sqrt = filter_predictions(model, y, "cov"), filter_predictions(model, y, "sqrt")
+        >>> cov.predicted_covs.shape, cov.predicted_chols, sqrt.predicted_covs
+        ((3, 1, 1), None, None)
+        >>> L = sqrt.predicted_chols
+        >>> bool(np.allclose(L @ L.transpose(0, 2, 1), cov.predicted_covs))
+        True
     """
 
     log_likelihood: jax.Array
@@ -243,6 +257,19 @@ def filter_log_likelihoods(model: LinearGaussianSSM, y, form: str):
 
     Returns:
         ``(total, log_likelihoods (T,))``.
+
+    Example:
+        >>> from statespace._sequential import filter_log_likelihoods
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, kalman_filter
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> total, terms = filter_log_likelihoods(model, y, "cov")
+        >>> round(float(total), 6), terms.shape, bool(np.allclose(terms.sum(), total))
+        (-4.201405, (3,), True)
+        >>> bool(np.allclose(terms, kalman_filter(model, y).log_likelihoods))
+        True
     """
     if y.shape[0] == 0:
         return _empty_total(model, y.dtype), jnp.zeros((0,), y.dtype)
@@ -259,7 +286,21 @@ def filter_log_likelihoods(model: LinearGaussianSSM, y, form: str):
 
 def filter_predictions(model: LinearGaussianSSM, y, form: str) -> ForwardPass:
     """The filter on one series (no diffuse states), storing the predicted moments the
-    adjoint reads: covariances in covariance form, lower factors in square-root form."""
+    adjoint reads: covariances in covariance form, lower factors in square-root form.
+
+    Example:
+        >>> from statespace._sequential import filter_predictions
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, kalman_filter
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> forward = filter_predictions(model, y, "cov")
+        >>> round(float(forward.log_likelihood), 6)
+        -4.201405
+        >>> bool(np.allclose(forward.predicted_means, kalman_filter(model, y).predicted_means))
+        True
+    """
     n, dtype = model.state_dim, y.dtype
     sqrt = form == "sqrt"
     if y.shape[0] == 0:
@@ -284,7 +325,21 @@ def filter_predictions(model: LinearGaussianSSM, y, form: str) -> ForwardPass:
 
 def filter_moments(model: LinearGaussianSSM, y, form: str) -> FilterResult:
     """The filter on one series with all filtered and predicted moments (diffuse states
-    collapsed: ``delta | y[0..k] ~ N(S_k^{-1} s_k, S_k^{-1})``)."""
+    collapsed: ``delta | y[0..k] ~ N(S_k^{-1} s_k, S_k^{-1})``).
+
+    Example:
+        >>> from statespace._sequential import filter_moments
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, kalman_filter
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> result = filter_moments(model, y, "sqrt")  # kalman_filter without the plumbing
+        >>> type(result).__name__, result.filtered_chols.shape
+        ('FilterResult', (3, 1, 1))
+        >>> bool(np.allclose(result.filtered_covs, kalman_filter(model, y).filtered_covs))
+        True
+    """
     n, dtype = model.state_dim, y.dtype
     if y.shape[0] == 0:
         per_step, means, covs = (jnp.zeros(s, dtype) for s in ((0,), (0, n), (0, n, n)))

@@ -42,6 +42,28 @@ class FilterResult(NamedTuple):
 
     The filtered and predicted moments are all a Rauch-Tung-Striebel smoother needs:
     ``G[k] = filtered_covs[k] F[k]^T predicted_covs[k+1]^{-1}``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import LinearGaussianSSM, kalman_filter
+        >>> model = LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                           m0=[0.0], P0=[[1.0]])
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> result = kalman_filter(model, y)
+        >>> result.log_likelihoods.shape, result.predicted_covs.shape, result.filtered_chols
+        ((3,), (3, 1, 1), None)
+        >>> bool(np.allclose(result.log_likelihoods.sum(), result.log_likelihood))
+        True
+        >>> # predicted[k+1] = F filtered[k] F^T + Q, predicted[0] = P0
+        >>> P = result.filtered_covs[:-1, 0, 0]
+        >>> bool(np.allclose(result.predicted_covs[1:, 0, 0], 0.25 * P + 1.0))
+        True
+        >>> bool(np.allclose(result.predicted_covs[0], model.P0))
+        True
+        >>> sqrt = kalman_filter(model, y, form="sqrt")
+        >>> L = sqrt.filtered_chols
+        >>> bool(np.allclose(L @ L.transpose(0, 2, 1), result.filtered_covs))
+        True
     """
 
     log_likelihood: jax.Array
@@ -268,6 +290,26 @@ class Update(NamedTuple):
         diag: diagonal of ``L`` (``S = L Lᵀ``); a zero entry is a failed factorisation.
         finite: whether the inputs of the factorisation were finite (a NaN parameter gives
             NaN, not ``-inf``).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace._steps import _update_cov, _update_sqrt
+        >>> m, P = jnp.array([0.0, 1.0]), jnp.array([[2.0, 0.5], [0.5, 1.0]])
+        >>> H, R, y = jnp.array([[1.0, 1.0]]), jnp.array([[0.5]]), jnp.array([2.5])
+        >>> u = _update_cov(m, P, H, R, y - H @ m)
+        >>> u.mean.shape, u.cov.shape, u.gain.shape, u.E.shape, bool(u.finite)
+        ((2,), (2, 2), (2, 1), (1, 0), True)
+        >>> # the textbook update with the gain K = P Hᵀ S⁻¹
+        >>> S = H @ P @ H.T + R
+        >>> K = P @ H.T @ np.linalg.inv(S)
+        >>> np.round(np.asarray(u.mean), 6), bool(np.allclose(u.mean, m + K @ (y - H @ m)))
+        (array([0.833333, 1.5     ]), True)
+        >>> bool(np.allclose(u.cov, P - K @ S @ K.T)), bool(np.allclose(u.diag ** 2, S))
+        (True, True)
+        >>> # the square-root form: the same mean, and the lower factor of the same covariance
+        >>> r = _update_sqrt(m, jnp.linalg.cholesky(P), H, H, R, y - H @ m)
+        >>> bool(np.allclose(r.mean, u.mean)), bool(np.allclose(r.cov @ r.cov.T, u.cov))
+        (True, True)
     """
 
     mean: jax.Array

@@ -7,6 +7,7 @@ states, which removes the funnel geometry that makes latent-state HMC slow.
 
 Example (continuous-time Ornstein–Uhlenbeck process observed at irregular times)::
 
+    import jax.numpy as jnp
     import numpyro, numpyro.distributions as dist
     import statespace
     from statespace.numpyro import LinearGaussianStateSpace
@@ -185,13 +186,30 @@ class LinearGaussianStateSpace(Distribution):
             validating.
 
     Example:
-        >>> import jax, jax.numpy as jnp, statespace
+        >>> import jax, jax.numpy as jnp, numpy as np, statespace
+        >>> from scipy.stats import multivariate_normal
         >>> from statespace.numpyro import LinearGaussianStateSpace
-        >>> ssm = statespace.LinearGaussianSSM(F=0.9 * jnp.eye(1), Q=jnp.eye(1), H=jnp.eye(1),
-        ...                                    R=jnp.eye(1), m0=jnp.zeros(1), P0=jnp.eye(1))
-        >>> d = LinearGaussianStateSpace(ssm, num_steps=100)
-        >>> y = d.sample(jax.random.key(0))          # (100, 1)
-        >>> lp = d.log_prob(y)                          # scalar
+        >>> ssm = statespace.LinearGaussianSSM(F=[[0.5]], Q=[[1.0]], H=[[1.0]], R=[[1.0]],
+        ...                                    m0=[0.0], P0=[[1.0]])
+        >>> d = LinearGaussianStateSpace(ssm, num_steps=3)
+        >>> d.event_shape, d.batch_shape, d.sample(jax.random.key(0), (4,)).shape
+        ((3, 1), (), (4, 3, 1))
+        >>> y = jnp.array([[0.3], [-0.2], [1.1]])
+        >>> round(float(d.log_prob(y)), 6)  # = statespace.log_likelihood(ssm, y)
+        -4.201405
+        >>> # a continuous-time model with two time grids: a batch of two distributions
+        >>> ou = statespace.ContinuousLinearSSM(A=[[-1.0]], Q=[[2.0]], H=[[1.0]], R=[[0.1]],
+        ...                                     b=[1.0])  # stationary N(1, 1), corr e^{-|t-s|}
+        >>> times = np.array([[0.0, 0.3, 1.7, 2.0], [0.0, 1.0, 2.0, 3.0]])
+        >>> d = LinearGaussianStateSpace(ou, times)
+        >>> d.event_shape, d.batch_shape
+        ((4, 1), (2,))
+        >>> y = np.array([1.1, 1.4, 0.7, 1.2])
+        >>> np.round(np.asarray(d.log_prob(y[:, None])), 6)
+        array([-3.533179, -3.901991])
+        >>> cov = lambda t: np.exp(-np.abs(np.subtract.outer(t, t))) + 0.1 * np.eye(4)
+        >>> [round(float(multivariate_normal(np.ones(4), cov(t)).logpdf(y)), 6) for t in times]
+        [-3.533179, -3.901991]
     """
 
     arg_constraints = {}

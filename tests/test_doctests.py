@@ -27,17 +27,30 @@ DOCTEST_MODULES = [
     "rules",
     "rules._checks",
     "rules._expm",
+    "rules._kron",
     "rules._linalg",
     "rules._lyap",
     "rules._precision",
     "rules._smallmm",
     "rules._tria",
+    "rules._unrolled",
     "statespace",
+    "statespace.__main__",
+    "statespace._adjoint",
     "statespace._cache",
+    "statespace._continuous",
+    "statespace._demo",
     "statespace._fit",
+    "statespace._kalman",
     "statespace._model",
+    "statespace._parallel",
+    "statespace._predict",
+    "statespace._sequential",
+    "statespace._smoother",
+    "statespace._steps",
     "statespace._xla_flags",
     "statespace.models",
+    "statespace.numpyro",
     "statespace.testing",
     "statespace.transforms",
 ]
@@ -45,21 +58,7 @@ DOCTEST_MODULES = [
 # Modules whose examples are not run yet: they are being restructured, and their
 # docstrings will be brought up to date afterwards. Move each into DOCTEST_MODULES once
 # its examples run (and add any module the restructuring creates).
-DOCTEST_MODULES_TODO = [
-    "rules._kron",
-    "rules._unrolled",
-    "statespace.__main__",
-    "statespace._adjoint",
-    "statespace._continuous",
-    "statespace._demo",
-    "statespace._kalman",
-    "statespace._parallel",
-    "statespace._predict",
-    "statespace._sequential",
-    "statespace._smoother",
-    "statespace._steps",
-    "statespace.numpyro",
-]
+DOCTEST_MODULES_TODO = []
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
