@@ -7,7 +7,7 @@ NumPyro distributions for NUTS and optax fitting loops.
 
 from statespace import models, numpyro, testing, transforms
 from statespace._cache import enable_compilation_cache
-from statespace._continuous import ContinuousLinearSSM, discretize
+from statespace._continuous import ContinuousLinearSSM, Discretization, discretize
 from statespace._fit import (
     DEFAULT_GTOL,
     DEFAULT_MAX_STEPS,
@@ -19,7 +19,7 @@ from statespace._fit import (
 )
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import LinearGaussianSSM
-from statespace._predict import predict
+from statespace._predict import Prediction, predict
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
 from statespace._xla_flags import enable_small_loop_compilation
 
@@ -28,9 +28,11 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "DEFAULT_RTOL",
     "ContinuousLinearSSM",
+    "Discretization",
     "FilterResult",
     "FitResult",
     "LinearGaussianSSM",
+    "Prediction",
     "SmootherResult",
     "covariance",
     "discretize",

@@ -231,8 +231,8 @@ def kalman_filter(
         y: observations ``(..., T, m)``; ``NaN`` marks missing entries.
         times: observation times ``(T,)``, only for continuous-time models.
         form: ``"cov"`` (default) or ``"sqrt"``.
-        parallel: use the associative-scan filter (Särkkä & García-Fernández 2021,
-            ``statespace._parallel``): O(log T) depth, the same numbers; it pays off on
+        parallel: use the associative-scan filter (Särkkä & García-Fernández 2021):
+            O(log T) depth, the same numbers; it pays off on
             GPU/TPU, not on CPU. Not available with diffuse initialisation.
 
     Returns:

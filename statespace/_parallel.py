@@ -73,7 +73,7 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._steps import FilterResult, _mask_observation
+from statespace._steps import FilterResult, _mask_observation, _symmetrise
 from statespace._steps import _psd_cholesky as _steps_psd_cholesky
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
@@ -108,10 +108,6 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _sym(P):
-    return 0.5 * (P + _mT(P))
-
-
 def _solve_lower(L, B):
     return lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
 
@@ -123,7 +119,7 @@ def _solve_lower_T(L, B):
 
 def _psd_cholesky(P):
     """The sequential filter's semi-definite Cholesky, applied to the symmetric part."""
-    return _steps_psd_cholesky(_sym(P))
+    return _steps_psd_cholesky(_symmetrise(P))
 
 
 def _get(model, name):
@@ -212,14 +208,14 @@ def _prior_of_elements(params):
 # ------------------------------------------------------------------------------------------
 def _filter_element_cov(Fp, mp, Pp, H, R, d, y, observed):
     Hm, Rm, dm = _mask_step(H, R, d, observed)
-    L = jnp.linalg.cholesky(_sym(Hm @ Pp @ Hm.T + Rm))
+    L = jnp.linalg.cholesky(_symmetrise(Hm @ Pp @ Hm.T + Rm))
     e = _solve_lower(L, (y - Hm @ mp - dm)[:, None])[:, 0]
     W = _solve_lower(L, Hm @ Pp)
     V = _solve_lower(L, Hm @ Fp)
     A = Fp - W.T @ V
     b = mp + W.T @ e
-    C = _sym(Pp - W.T @ W)
-    return A, b, C, V.T @ e, _sym(V.T @ V)
+    C = _symmetrise(Pp - W.T @ W)
+    return A, b, C, V.T @ e, _symmetrise(V.T @ V)
 
 
 def _filter_combine_cov(elem_i, elem_j):
@@ -243,14 +239,14 @@ def _filter_combine_cov(elem_i, elem_j):
     AjMinv = lax.custom_linear_solve(lambda x: M.T @ x, A_j.T, solve_T, solve).T
     A = AjMinv @ A_i
     b = AjMinv @ (b_i + C_i @ eta_j) + b_j
-    C = _sym(AjMinv @ C_i @ A_j.T) + C_j
+    C = _symmetrise(AjMinv @ C_i @ A_j.T) + C_j
     eta = MinvAi.T @ (eta_j - J_j @ b_i) + eta_i
-    J = _sym(MinvAi.T @ J_j @ A_i) + J_i
+    J = _symmetrise(MinvAi.T @ J_j @ A_i) + J_i
     return A, b, C, eta, J
 
 
 def _smoother_element_cov(mf, Pf, F, Q, b):
-    Pp = _sym(F @ Pf @ F.T + Q)
+    Pp = _symmetrise(F @ Pf @ F.T + Q)
     L = jnp.linalg.cholesky(Pp)
     # E^T = Pp^{-1} F Pf
     E = _solve_lower_T(L, _solve_lower(L, F @ Pf)).T
@@ -258,14 +254,14 @@ def _smoother_element_cov(mf, Pf, F, Q, b):
     n = F.shape[-1]
     I_EF = jnp.eye(n, dtype=F.dtype) - E @ F
     # P - E F P in Joseph form: a sum of PSD terms.
-    Lk = _sym(I_EF @ Pf @ I_EF.T + E @ Q @ E.T)
+    Lk = _symmetrise(I_EF @ Pf @ I_EF.T + E @ Q @ E.T)
     return E, g, Lk
 
 
 def _smoother_combine_cov(elem_later, elem_earlier):
     E_j, g_j, L_j = elem_later
     E_i, g_i, L_i = elem_earlier
-    return E_i @ E_j, E_i @ g_j + g_i, _sym(E_i @ L_j @ E_i.T) + L_i
+    return E_i @ E_j, E_i @ g_j + g_i, _symmetrise(E_i @ L_j @ E_i.T) + L_i
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,7 +347,7 @@ def _step_log_likelihood(mp, Pp_or_Up, H, R_or_LR, d, y, observed, sqrt):
         finite_in = jnp.isfinite(L).all()
     else:
         _, Rm, _ = _mask_step(H, R_or_LR, d, observed)
-        S = _sym(Hm @ Pp_or_Up @ Hm.T + Rm)
+        S = _symmetrise(Hm @ Pp_or_Up @ Hm.T + Rm)
         L = jnp.linalg.cholesky(S)
         finite_in = jnp.isfinite(S).all()
     e = _solve_lower(L, (y - Hm @ mp - dm)[:, None])[:, 0]
@@ -618,7 +614,7 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
             chunk,
         )(pred_means, chols_p, H, LR, d, y0, observed)
     else:
-        tail = _sym(F[:-1] @ covs[:-1] @ _mT(F[:-1]) + Q[:-1])
+        tail = _symmetrise(F[:-1] @ covs[:-1] @ _mT(F[:-1]) + Q[:-1])
         pred_covs = jnp.concatenate([params["P0"][None], tail])
         lls, failed = _vmap(
             lambda mp_, Pp_, H_, R_, d_, y_, o_: _step_log_likelihood(
@@ -633,8 +629,8 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
         return total, lls
     if sqrt:
         return FilterResult(
-            total, lls, means, _sym(chols_f @ _mT(chols_f)), pred_means,
-            _sym(chols_p @ _mT(chols_p)), chols_f, chols_p,
+            total, lls, means, _symmetrise(chols_f @ _mT(chols_f)), pred_means,
+            _symmetrise(chols_p @ _mT(chols_p)), chols_f, chols_p,
         )
     return FilterResult(total, lls, means, covs, pred_means, pred_covs, None, None)
 
@@ -699,7 +695,7 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
     dtype = means.dtype
     F, Q, b = (params[k].astype(dtype) for k in ("F", "Q", "b"))
     if T == 1:
-        return ParallelSmootherResult(means, _sym(covs), jnp.zeros((0, n, n), dtype))
+        return ParallelSmootherResult(means, _symmetrise(covs), jnp.zeros((0, n, n), dtype))
     chunk = _cpu_chunk(_lapack_dim(form, n, 1))
     if form == "sqrt":
         chols = getattr(filter_result, "filtered_chols", None)
@@ -715,7 +711,7 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
             jnp.concatenate([D, chols[-1:]]),
         )
         _, sm, sD = _prefix_scan(_smoother_combine_sqrt, elems, reverse=True, chunk=chunk)
-        sP = _sym(sD @ _mT(sD))
+        sP = _symmetrise(sD @ _mT(sD))
     else:
         E, g, Lk = _vmap(_smoother_element_cov, chunk)(
             means[:-1], covs[:-1], F[:-1], Q[:-1], b[:-1]
@@ -723,7 +719,7 @@ def parallel_smoother(model, y, filter_result=None, *, form: str = "cov"):
         elems = (
             jnp.concatenate([E, jnp.zeros((1, n, n), dtype)]),
             jnp.concatenate([g, means[-1:]]),
-            jnp.concatenate([Lk, _sym(covs[-1:])]),
+            jnp.concatenate([Lk, _symmetrise(covs[-1:])]),
         )
         # The covariance-form combination is matrix products only (no LAPACK): one vmap.
         _, sm, sP = _prefix_scan(_smoother_combine_cov, elems, reverse=True)

@@ -32,7 +32,7 @@ from statespace._model import (
     _split_axes,
 )
 from statespace._parallel import parallel_filter, parallel_smoother
-from statespace._steps import _psd_cholesky, _reject
+from statespace._steps import _psd_cholesky, _reject, _symmetrise
 
 _FORMS = ("cov", "sqrt")
 
@@ -74,10 +74,6 @@ class SmootherResult(NamedTuple):
     log_likelihood: jax.Array
     filtered_means: jax.Array
     filtered_covs: jax.Array
-
-
-def _sym(P):
-    return 0.5 * (P + jnp.swapaxes(P, -1, -2))
 
 
 def _mT(A):
@@ -170,10 +166,10 @@ def _rts_backward_cov(filtered_means, filtered_covs, predicted_means, predicted_
     # not on the backward carry: compute them for all k at once (batched Cholesky and solves),
     # leaving the sequential scan a few fused matmuls per step.
     def gain_terms(Pf, Pp, Fk, Qk):
-        chol_p = jnp.linalg.cholesky(_sym(Pp))
+        chol_p = jnp.linalg.cholesky(_symmetrise(Pp))
         G = _mT(jax.scipy.linalg.cho_solve((chol_p, True), Fk @ Pf))  # G^T = P_{k+1|k}^{-1} F P
         I_GF = eye - G @ Fk
-        return G, _sym(I_GF @ Pf @ _mT(I_GF) + G @ Qk @ _mT(G))
+        return G, _symmetrise(I_GF @ Pf @ _mT(I_GF) + G @ Qk @ _mT(G))
 
     G, C = jax.vmap(gain_terms)(filtered_covs[:-1], predicted_covs[1:], F[:-1], Q[:-1])
 
@@ -181,10 +177,10 @@ def _rts_backward_cov(filtered_means, filtered_covs, predicted_means, predicted_
         m_next, P_next = carry
         mf, mp, Gk, Ck = inputs
         m = mf + Gk @ (m_next - mp)
-        P = _sym(Ck + Gk @ P_next @ _mT(Gk))
+        P = _symmetrise(Ck + Gk @ P_next @ _mT(Gk))
         return (m, P), (m, P, P_next @ _mT(Gk))
 
-    last = (filtered_means[-1], _sym(filtered_covs[-1]))
+    last = (filtered_means[-1], _symmetrise(filtered_covs[-1]))
     inputs = (filtered_means[:-1], predicted_means[1:], G, C)
     _, (means, covs, cross) = lax.scan(step, last, inputs, reverse=True)
     means = jnp.concatenate([means, last[0][None]], axis=0)
@@ -225,7 +221,7 @@ def _rts_backward_sqrt(filtered_means, filtered_chols, predicted_means, F, chol_
     _, (means, chols, cross) = lax.scan(step, last, inputs, reverse=True)
     means = jnp.concatenate([means, last[0][None]], axis=0)
     chols = jnp.concatenate([chols, last[1][None]], axis=0)
-    return means, _sym(chols @ _mT(chols)), cross
+    return means, _symmetrise(chols @ _mT(chols)), cross
 
 
 def _filtered_chols(result):
@@ -233,7 +229,7 @@ def _filtered_chols(result):
         value = getattr(result, name, None)
         if value is not None:
             return value
-    return jnp.linalg.cholesky(_sym(result.filtered_covs))
+    return jnp.linalg.cholesky(_symmetrise(result.filtered_covs))
 
 
 @full_precision
@@ -270,7 +266,7 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
             and a square-root backward pass through ``rules.tria``; same numbers; ``Q`` may be
             singular, the predicted covariances must be positive definite as in ``"cov"``).
         parallel: parallel-in-time filter and smoother (associative scans, Särkkä &
-            García-Fernández 2021, ``statespace._parallel``): O(log T) depth, for GPU/TPU;
+            García-Fernández 2021): O(log T) depth, for GPU/TPU;
             slower than the sequential passes on CPU. No exact diffuse initialisation.
 
     Returns:
@@ -323,13 +319,13 @@ def _rts_single(model, y, form, parallel):
     fm, fP = result.filtered_means, result.filtered_covs
     pm, pP = result.predicted_means, result.predicted_covs
     if T == 1:
-        means, covs, cross = fm, _sym(fP), jnp.zeros((0,) + fP.shape[1:], fP.dtype)
+        means, covs, cross = fm, _symmetrise(fP), jnp.zeros((0,) + fP.shape[1:], fP.dtype)
     elif parallel:
         means, covs, cross = parallel_smoother(model, y, result, form=form)
     elif form == "cov":
         means, covs, cross = _rts_backward_cov(fm, fP, pm, pP, F, Q)
     else:
-        chol_Q = _psd_cholesky(_sym(Q))
+        chol_Q = _psd_cholesky(_symmetrise(Q))
         means, covs, cross = _rts_backward_sqrt(fm, _filtered_chols(result), pm, F, chol_Q)
     return SmootherResult(
         smoothed_means=means,
@@ -353,7 +349,7 @@ def _rts_single(model, y, form, parallel):
 #   eigenvalues clipped at 0, so the noise is A z with z ~ N(0, I_{2n}).
 # --------------------------------------------------------------------------------------------
 def _psd_pinv(P):
-    w, V = jnp.linalg.eigh(_sym(P))
+    w, V = jnp.linalg.eigh(_symmetrise(P))
     n = P.shape[-1]
     tol = 10 * n * jnp.finfo(P.dtype).eps * jnp.max(jnp.abs(w), axis=-1, keepdims=True)
     inv_w = jnp.where(w > tol, 1.0 / jnp.where(w > tol, w, 1.0), 0.0)
