@@ -60,7 +60,7 @@ def _functions(form: str, parallel: bool):
 
     if parallel:
         def loglik(params, y):
-            return parallel_filter(LinearGaussianSSM(**params), y, form=form, moments=False)[0]
+            return parallel_filter(LinearGaussianSSM(**params), y, form=form).log_likelihood
     else:
         def loglik(params, y):
             return log_likelihood(LinearGaussianSSM(**params), y, form=form)

@@ -154,7 +154,7 @@ def _run_total(model, y, times, form, parallel, gradient):
     elif parallel:
         def single(mdl, yy):
             invalid = _parallel_invalid(mdl, yy)
-            total, _ = parallel_filter(mdl, yy, form=form, moments=False)
+            total = parallel_filter(mdl, yy, form=form).log_likelihood
             return _reject(total, jnp.any(invalid), *_float_leaves(mdl))
     else:
         def single(mdl, yy):

@@ -526,7 +526,7 @@ def _check_form(form):
 
 
 @full_precision
-def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
+def parallel_filter(model, y, *, form: str = "cov"):
     r"""Associative-scan Kalman filter (Särkkä & García-Fernández 2021): ``O(log T)`` depth.
 
     Computes the same quantities as the sequential ``statespace.kalman_filter`` for ONE
@@ -552,14 +552,13 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
         form: ``"cov"`` (covariance elements, symmetrised at every combination) or ``"sqrt"``
             (Cholesky-factor elements through ``rules.tria``, Yaghoobi et al. 2022; robust in
             float32; needs ``Q``, ``R``, ``P0`` positive semi-definite).
-        moments: if False, return only ``(log_likelihood, log_likelihoods)``.
 
     Returns:
         A ``statespace.FilterResult`` (fields, in order): ``log_likelihood`` (scalar),
         ``log_likelihoods (T,)``, ``filtered_means (T, n)``, ``filtered_covs (T, n, n)``,
         ``predicted_means (T, n)``, ``predicted_covs (T, n, n)``,
-        and for ``form="sqrt"`` ``filtered_chols``, ``predicted_chols``; or the pair
-        ``(log_likelihood, log_likelihoods)`` when ``moments=False``.
+        and for ``form="sqrt"`` ``filtered_chols``, ``predicted_chols`` (under ``jit`` the
+        moments a caller does not use are not computed).
 
     Raises:
         ValueError: badly shaped ``y`` or parameters (the message names the shapes), batch
@@ -625,8 +624,6 @@ def parallel_filter(model, y, *, form: str = "cov", moments: bool = True):
     failed = lax.cummax(failed.astype(jnp.int32), axis=0) > 0
     lls = jnp.where(failed, -jnp.inf, lls)
     total = jnp.sum(lls)
-    if not moments:
-        return total, lls
     if sqrt:
         return FilterResult(
             total, lls, means, _symmetrise(chols_f @ _mT(chols_f)), pred_means,

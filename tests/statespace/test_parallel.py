@@ -19,7 +19,7 @@ from tests.statespace import dense_oracle as oracle
 FORMS = ("cov", "sqrt")
 
 # Shared jitted entry points: tests with equal shapes reuse one compilation.
-_filter = jax.jit(parallel_filter, static_argnames=("form", "moments"))
+_filter = jax.jit(parallel_filter, static_argnames=("form",))
 _smoother = jax.jit(parallel_smoother, static_argnames=("form",))
 
 # name -> (n, m, T, time_varying, offsets, missing fraction, missing rows)
@@ -173,7 +173,7 @@ def test_vmap_over_series_with_different_gaps():
     params, y = _case("offsets_missing", seed=4)
     model = LinearGaussianSSM(**params)
     ys = np.stack([y, np.where(np.arange(len(y))[:, None] % 3 == 0, np.nan, y)])
-    lls = jax.vmap(lambda obs: _filter(model, obs, moments=False)[0])(ys)
+    lls = jax.vmap(lambda obs: _filter(model, obs).log_likelihood)(ys)
     for k in range(2):
         assert _rel(lls[k], oracle.dense_log_likelihood(params, ys[k])) < 1e-9
 
@@ -257,8 +257,8 @@ def test_blocked_scan_equals_sequential_products_and_program_size_is_fixed(monke
 
     def ops(T):
         y = jax.ShapeDtypeStruct((T, 1), jnp.float64)
-        loglik = jax.jit(parallel_filter, static_argnames="moments")
-        return loglik.lower(LinearGaussianSSM(**params), y, moments=False).as_text().count(
+        loglik = jax.jit(lambda model, y: parallel_filter(model, y).log_likelihood)
+        return loglik.lower(LinearGaussianSSM(**params), y).as_text().count(
             "stablehlo.")
 
     short, long = ops(64), ops(65536)
@@ -280,7 +280,7 @@ def test_cpu_chunked_batches_match_one_vmap(monkeypatch, grad):
     def run(chunk):
         monkeypatch.setattr(par, "_cpu_chunk", lambda d: chunk)
         # A new function per setting, so each is traced afresh.
-        loglik = lambda F: parallel_filter(model.replace(F=F), y, moments=False)[0]
+        loglik = lambda F: parallel_filter(model.replace(F=F), y).log_likelihood
         fn = jax.value_and_grad(loglik) if grad else lambda F: (loglik(F),)
         return jax.jit(fn)(jnp.asarray(params["F"]))
 

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent(
         return one
 
     def ours(R_one, y_one):
-        return parallel_filter(make(R_one), y_one, moments=False)[0]
+        return parallel_filter(make(R_one), y_one).log_likelihood
 
     functions = {"parallel_filter": ours, "log_likelihood": public(False),
                  "log_likelihood_parallel": public(True)}
