@@ -156,7 +156,7 @@ def main(argv=None):
         disc_grad = jax.jit(jax.grad(ours_discrete_log_likelihood, argnums=diff))
         # The floor: the filter the continuous model runs (time-varying F_k, Qd_k, here given as
         # data), without the discretisation and the stationary start.
-        exact = statespace.ContinuousLinearSSM(p["A"], p["Q"], p["H"], p["R"])._to_discrete(p["times"])[0]
+        exact = statespace.ContinuousLinearSSM(p["A"], p["Q"], p["H"], p["R"]).to_discrete(p["times"])[0]
         args_tv = (exact.F, exact.Q, p["H"], p["R"], m0, P0, p["y"])
 
         v_naive, v_ours = float(naive_ll(*args_c)), float(ours_ll(*args_c))

@@ -18,7 +18,7 @@ from statespace._fit import (
     standard_errors,
 )
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
-from statespace._model import LinearGaussianSSM
+from statespace._model import DiscretizableModel, LinearGaussianSSM
 from statespace._predict import Prediction, predict
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
 from statespace._xla_flags import enable_small_loop_compilation
@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "DEFAULT_RTOL",
     "ContinuousLinearSSM",
+    "DiscretizableModel",
     "Discretization",
     "FilterResult",
     "FitResult",

@@ -14,7 +14,7 @@ with ``x(t_0) ~ N(m0, P0)``. Between two observation times it is exactly the dis
 
 ``dt_k = t_{k+1} − t_k``. :func:`discretize` computes ``(F, Qd, bd)`` for every
 ``A`` (singular and defective ones included: Brownian motion, integrated random walks, trends)
-and every ``dt ≥ 0``; :meth:`ContinuousLinearSSM._to_discrete` is what the Kalman filter,
+and every ``dt ≥ 0``; :meth:`ContinuousLinearSSM.to_discrete` is what the Kalman filter,
 smoother and sampler call when they are handed a continuous model and ``times``.
 """
 
@@ -33,7 +33,12 @@ from rules._checks import as_float_array
 from rules._precision import full_precision
 from rules._smallmm import small_matmul
 from rules._unrolled import cholesky
-from statespace._model import LinearGaussianSSM, _indefinite, _raise_if_indefinite
+from statespace._model import (
+    LinearGaussianSSM,
+    _indefinite,
+    _normalise_diffuse,
+    _raise_if_indefinite,
+)
 
 __all__ = ["ContinuousLinearSSM", "Discretization", "discretize"]
 
@@ -444,26 +449,9 @@ def discretize(model, dt) -> Discretization:
 # --------------------------------------------------------------------------------------------
 
 
-def _normalize_diffuse(diffuse, n):
-    """None, True (all states) or a tuple of n bools (static, hashable)."""
-    if diffuse is None or diffuse is False:
-        return None
-    if diffuse is True:
-        return True
-    try:
-        mask = np.asarray(diffuse)
-    except Exception as err:  # a tracer
-        raise TypeError("diffuse must be True, None or a concrete boolean mask of shape (n,)") from err
-    if mask.ndim == 0:
-        return True if bool(mask) else None
-    if mask.shape != (n,):
-        raise ValueError(f"diffuse mask must have shape (n,) = ({n},); got diffuse.shape = {mask.shape}")
-    mask = tuple(bool(v) for v in mask)
-    if not any(mask):
-        return None
-    if all(mask):
-        return True
-    return mask
+# pytree children of ContinuousLinearSSM and the rank of each for one model
+_CHILDREN = ("A", "Q", "H", "R", "m0", "P0", "b", "d")
+_CHILD_RANK = {"A": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -483,7 +471,7 @@ class ContinuousLinearSSM:
     Stationary start: ``P0=None`` (and no ``diffuse``) means ``P0 = P∞ = rules.lyap(A, Q)``
     (``A P∞ + P∞ Aᵀ + Q = 0``) and, if ``m0`` is ``None``, ``m0 = −A⁻¹ b`` (zeros without
     ``b``). This needs a stable ``A`` (every eigenvalue with negative real part). Under ``jit``
-    an unstable ``A`` is not an error: the filter's log-likelihood is ``-inf`` (``_to_discrete``
+    an unstable ``A`` is not an error: the filter's log-likelihood is ``-inf`` (``to_discrete``
     returns ``ok = False``); call :meth:`check` eagerly for a clear error message.
 
     Diffuse start: ``diffuse=True`` (all states) or a boolean mask of states is passed to the
@@ -559,12 +547,11 @@ class ContinuousLinearSSM:
                 raise ValueError(f"d must have shape (m,) or (T, m) with m = {m}; got d.shape = {d.shape}, H.shape = {H.shape}")
         self.A, self.Q, self.H, self.R = A, Q, H, R
         self.m0, self.P0, self.b, self.d = m0, P0, b, d
-        self.diffuse = _normalize_diffuse(diffuse, n)
+        self.diffuse = _normalise_diffuse(diffuse, n)
 
     # pytree ---------------------------------------------------------------------------------
     def tree_flatten(self):
-        children = (self.A, self.Q, self.H, self.R, self.m0, self.P0, self.b, self.d)
-        return children, self.diffuse
+        return tuple(getattr(self, name) for name in _CHILDREN), self.diffuse
 
     @classmethod
     def tree_unflatten(cls, diffuse, children):
@@ -592,6 +579,46 @@ class ContinuousLinearSSM:
     def dtype(self):
         return jnp.result_type(self.A, self.Q, self.H, self.R)
 
+    @property
+    def diffuse_mask(self):
+        """Boolean NumPy mask ``(n,)`` of the diffuse states, or ``None``."""
+        return None if self.diffuse is None else np.asarray(self.diffuse)
+
+    # batches --------------------------------------------------------------------------------
+    @property
+    def batch_shape(self) -> tuple:
+        """``A.shape[:-2]``: the constructor takes one model, and a batch of them is what
+        ``jax.vmap`` returns from a function that builds one (every child then carries the batch
+        axes in front; see :meth:`leaf_batch_ndims`)."""
+        return tuple(self.A.shape[:-2])
+
+    def leaf_batch_ndims(self) -> tuple:
+        """Number of leading batch axes of each pytree child (``tree_flatten`` order).
+
+        A child is batched when it has ``len(batch_shape)`` more axes than a single model's
+        (rank ``base``, or ``base + 1`` for a time-varying ``H``, ``R``, ``d``) and they equal
+        ``batch_shape``; with one batch axis a ``(B, m, n)`` ``H`` therefore counts as batched,
+        not time-varying (time-varying parameters of batched models carry both axes).
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from statespace import ContinuousLinearSSM
+            >>> build = lambda a: ContinuousLinearSSM(A=a * jnp.eye(1), Q=[[1.0]], H=[[1.0]],
+            ...                                       R=[[1.0]], m0=[0.0], P0=[[1.0]])
+            >>> batch = jax.vmap(build)(-jnp.arange(1.0, 4.0))
+            >>> batch.batch_shape, batch.leaf_batch_ndims()
+            ((3,), (1, 1, 1, 1, 1, 1, 0, 0))
+        """
+        batch = self.batch_shape
+        ndims = []
+        for name, x in zip(_CHILDREN, self.tree_flatten()[0]):
+            base = _CHILD_RANK[name]
+            ranks = (base, base + 1) if name in ("H", "R", "d") else (base,)
+            batched = (x is not None and bool(batch) and tuple(x.shape[:len(batch)]) == batch
+                       and any(x.ndim == r + len(batch) for r in ranks))
+            ndims.append(len(batch) if batched else 0)
+        return tuple(ndims)
+
     # initial state --------------------------------------------------------------------------
     @full_precision
     def initial(self):
@@ -607,7 +634,7 @@ class ContinuousLinearSSM:
             P0 = self.P0.astype(dtype)
             m0 = jnp.zeros((n,), dtype) if self.m0 is None else self.m0.astype(dtype)
             return m0, P0, ok
-        if self.diffuse is True:
+        if self.diffuse is not None and all(self.diffuse):
             m0 = jnp.zeros((n,), dtype) if self.m0 is None else self.m0.astype(dtype)
             return m0, jnp.zeros((n, n), dtype), ok
         if self.diffuse is None:
@@ -654,7 +681,7 @@ class ContinuousLinearSSM:
         for name in ("Q", "R", "P0"):
             if getattr(self, name) is not None:
                 _raise_if_indefinite(name, getattr(self, name))
-        if self.P0 is not None or self.diffuse is True:
+        if self.P0 is not None or (self.diffuse is not None and all(self.diffuse)):
             return self
         A = np.asarray(self.A, dtype=np.float64)
         if self.diffuse is not None:
@@ -672,7 +699,7 @@ class ContinuousLinearSSM:
 
     # the filter's entry point ---------------------------------------------------------------
     @full_precision
-    def _to_discrete(self, times):
+    def to_discrete(self, times):
         """The exact discrete model at ``times`` and a validity flag.
 
         ``dt[k] = times[k+1] − times[k]`` maps step ``k → k+1``; the last entry is padded with
@@ -707,7 +734,7 @@ class ContinuousLinearSSM:
             F, Qd, self.H, self.R, m0, P0,
             b=None if self.b is None else bd,
             d=self.d,
-            diffuse=self.diffuse if not isinstance(self.diffuse, tuple) else np.asarray(self.diffuse),
+            diffuse=self.diffuse,
         )
         return disc, ok
 

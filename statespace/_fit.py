@@ -245,6 +245,157 @@ def _seed_value_and_grad(opt_state, stored, value_and_grad, params, args):
                           grad=jax.tree_util.tree_map(cast, new_grad, grad))
 
 
+def _fit_options(optimizer, num_steps, chunk_size, tol, rtol, gtol):
+    """``(optimizer, num_steps, chunk_size, (tol, rtol, gtol))`` with :func:`fit`'s defaults.
+
+    Raises:
+        ValueError: ``num_steps < 0``, ``chunk_size < 1`` or a negative tolerance.
+        TypeError: ``optimizer`` is not an optax gradient transformation.
+    """
+    if optimizer is None:
+        optimizer = optax.lbfgs()
+        if tol is None and rtol is None and gtol is None:
+            rtol, gtol = DEFAULT_RTOL, DEFAULT_GTOL
+    num_steps = DEFAULT_MAX_STEPS if num_steps is None else int(num_steps)
+    chunk_size = int(chunk_size)
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, value in (("tol", tol), ("rtol", rtol), ("gtol", gtol)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {value}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    return optimizer, num_steps, chunk_size, (tol, rtol, gtol)
+
+
+def _unconstrained_problem(loss, params, constraints):
+    """``(loss, params, to_constrained)`` in the unconstrained space of ``constraints``
+    (unchanged, with ``to_constrained = None``, without them).
+
+    Raises:
+        ValueError: an initial value outside its constraint (non-finite unconstrained image).
+    """
+    if constraints is None:
+        return loss, params, None
+    params = unconstrain(constraints, jax.tree_util.tree_map(jnp.asarray, params))
+    bad = [jax.tree_util.keystr(path) or "params"
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not bool(jnp.all(jnp.isfinite(leaf)))]
+    if bad:
+        raise ValueError(
+            f"initial params outside their constraints (non-finite unconstrained value) "
+            f"at {', '.join(bad)}"
+        )
+    to_constrained = functools.partial(constrain, constraints)
+
+    def unconstrained_loss(u, *args):
+        return loss(to_constrained(u), *args)
+
+    return unconstrained_loss, params, to_constrained
+
+
+def _stop_status(value, prev_loss, grad, taken, tolerances):
+    """``(settled, status)`` of a step whose loss before the update is ``value``: the stopping
+    rules of :func:`fit` (``status`` one of the ``_RUNNING`` ... ``_RELATIVE`` codes)."""
+    tol, rtol, gtol = tolerances
+    finite = jnp.isfinite(value)
+    change = jnp.abs(value - prev_loss)
+    moved = finite & (taken > 0)  # prev_loss is a loss (not the initial inf)
+    small = moved & (tol is not None) & (change <= (tol or 0.0))
+    relative = moved & (rtol is not None) & (
+        change <= (rtol or 0.0) * jnp.maximum(jnp.abs(value), 1.0))
+    grad_max = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(g), initial=0.0) for g in jax.tree_util.tree_leaves(grad)],
+        jnp.zeros((), dtype=jnp.result_type(float)),
+    )
+    flat = finite & (gtol is not None) & (grad_max <= (gtol or 0.0))
+    status = jnp.where(finite, jnp.where(small, _CONVERGED, jnp.where(
+        relative, _RELATIVE, jnp.where(flat, _GRADIENT, _RUNNING))), _NONFINITE)
+    return small | relative | flat, status
+
+
+def _step_function(loss, optimizer, value_in_state: bool, tolerances, num_steps: int):
+    """One step of :func:`fit`'s scan: ``(carry, step_index, args) -> (carry, loss)`` with
+    ``carry = (params, state, prev_params, prev_loss, status, taken)``; a no-op once stopped.
+
+    ``value_in_state``: the optimiser keeps the value and gradient at its parameters in its
+    state (``optax.lbfgs``), so the step reads them instead of evaluating the loss."""
+
+    def where(pred, a, b):
+        return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+    def value_and_grad(params, state, args):
+        if value_in_state:
+            return _stored_value_and_grad(state)
+        return jax.value_and_grad(loss)(params, *args)
+
+    def one_step(carry, step_index, args):
+        params, state, prev_params, prev_loss, status, taken = carry
+
+        def active(_):
+            value, grad = value_and_grad(params, state, args)
+            finite = jnp.isfinite(value)
+            updates, new_state = optimizer.update(
+                grad, state, params, value=value, grad=grad, value_fn=lambda p: loss(p, *args))
+            new_params = optax.apply_updates(params, updates)
+            settled, new_status = _stop_status(value, prev_loss, grad, taken, tolerances)
+            # on convergence keep the parameters the last loss was evaluated at; on a
+            # non-finite loss go back to the previous (finite) ones
+            new_carry = (where(settled, params, where(finite, new_params, prev_params)),
+                         where(finite & ~settled, new_state, state),
+                         where(finite, params, prev_params),
+                         jnp.where(finite, value, prev_loss), new_status, taken + 1)
+            # keep the carry's dtypes (float32 parameters under x64: the loss, the update or
+            # the optimiser's state may come back as float64)
+            new_carry = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_carry, carry)
+            return new_carry, value.astype(prev_loss.dtype)
+
+        def idle(_):
+            return carry, jnp.full((), jnp.nan, dtype=prev_loss.dtype)
+
+        run = (status == _RUNNING) & (step_index < num_steps)
+        return jax.lax.cond(run, active, idle, None)
+
+    return one_step
+
+
+def _run_chunks(run_chunk, carry, args, num_steps, chunk_size, progress, description):
+    """The Python loop over jitted chunks, with the progress bar and early stop:
+    ``(carry, losses, steps_taken, status)``."""
+    bar = None
+    if progress and num_steps > 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_steps, desc=description, leave=True, dynamic_ncols=True)
+    losses = []
+    taken = 0
+    status = _RUNNING
+    try:
+        for start in range(0, num_steps, chunk_size):
+            carry, chunk_losses = run_chunk(carry, jnp.asarray(start, jnp.int32), args)
+            new_taken = int(carry[5])
+            chunk_losses = np.asarray(chunk_losses)[: new_taken - taken]
+            losses.append(chunk_losses)
+            if bar is not None:
+                bar.update(new_taken - taken)
+                finite = chunk_losses[np.isfinite(chunk_losses)]
+                if finite.size:
+                    bar.set_postfix(loss=f"{finite[-1]:.6g}")
+            taken = new_taken
+            status = int(carry[4])
+            if status != _RUNNING:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    losses = np.concatenate(losses) if losses else np.zeros((0,), dtype=np.float64)
+    return carry, losses, taken, status
+
+
 def fit(
     loss: Callable,
     params,
@@ -346,44 +497,11 @@ def fit(
         >>> round(float(res.params), 6)   # e
         2.718282
     """
-    default_optimizer = optimizer is None
-    if default_optimizer:
-        optimizer = optax.lbfgs()
-        if tol is None and rtol is None and gtol is None:
-            rtol, gtol = DEFAULT_RTOL, DEFAULT_GTOL
-    num_steps = DEFAULT_MAX_STEPS if num_steps is None else int(num_steps)
-    chunk_size = int(chunk_size)
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    for name, value in (("tol", tol), ("rtol", rtol), ("gtol", gtol)):
-        if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be >= 0 or None, got {value}")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-        )
-    to_constrained = None
-    if constraints is not None:
-        specs = constraints
-        params = unconstrain(specs, jax.tree_util.tree_map(jnp.asarray, params))
-        bad = [jax.tree_util.keystr(path) or "params"
-               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-               if not bool(jnp.all(jnp.isfinite(leaf)))]
-        if bad:
-            raise ValueError(
-                f"initial params outside their constraints (non-finite unconstrained value) "
-                f"at {', '.join(bad)}"
-            )
-        constrained_loss = loss
-        to_constrained = functools.partial(constrain, specs)
-
-        def loss(u, *args):
-            return constrained_loss(to_constrained(u), *args)
-
+    optimizer, num_steps, chunk_size, tolerances = _fit_options(
+        optimizer, num_steps, chunk_size, tol, rtol, gtol)
+    user_loss, args = loss, tuple(args)
+    loss, params, to_constrained = _unconstrained_problem(loss, params, constraints)
     optimizer = optax.with_extra_args_support(optimizer)
-    args = tuple(args)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     if opt_state is None:
         opt_state = optimizer.init(params)
@@ -396,7 +514,6 @@ def fit(
     # L-BFGS to convergence (587 steps): the loss traced 4 times -> once, the chunk's compile
     # 10-11 s -> 5 s plus 4.6-5 s for the seeding program (the fit's XLA compile ~12-13 s ->
     # 10.8 s in benchmarks.compile's fresh-process e2e job).
-    user_loss = loss
     loss = loss if hasattr(loss, "lower") else jax.jit(loss)
     value_and_grad_jit = jax.jit(jax.value_and_grad(loss))
     stored = _stored_value_and_grad(opt_state)
@@ -404,75 +521,7 @@ def fit(
     seed = stored is not None and not bool(np.isfinite(np.asarray(stored[0])))
     if seed:
         opt_state = _seed_value_and_grad(opt_state, stored, value_and_grad_jit, params, args)
-    if stored is not None:
-
-        def value_and_grad(params, state, *args):
-            return _stored_value_and_grad(state)
-    else:
-        plain = jax.value_and_grad(loss)
-
-        def value_and_grad(params, state, *args):
-            return plain(params, *args)
-    check_tol, check_rtol, check_gtol = tol is not None, rtol is not None, gtol is not None
-    tol_value = 0.0 if tol is None else float(tol)
-    rtol_value = 0.0 if rtol is None else float(rtol)
-    gtol_value = 0.0 if gtol is None else float(gtol)
-
-    def where(pred, a, b):
-        return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-    def one_step(carry, step_index, args):
-        params, state, prev_params, prev_loss, status, taken = carry
-
-        def active(_):
-            value, grad = value_and_grad(params, state, *args)
-            finite = jnp.isfinite(value)
-
-            def value_fn(p):
-                return loss(p, *args)
-
-            updates, new_state = optimizer.update(
-                grad, state, params, value=value, grad=grad, value_fn=value_fn
-            )
-            new_params = optax.apply_updates(params, updates)
-            change = jnp.abs(value - prev_loss)
-            moved = finite & (taken > 0)  # prev_loss is a loss (not the initial inf)
-            small = moved & check_tol & (change <= tol_value)
-            relative = moved & check_rtol & (
-                change <= rtol_value * jnp.maximum(jnp.abs(value), 1.0)
-            )
-            flat_grad = jax.tree_util.tree_leaves(grad)
-            grad_max = functools.reduce(
-                jnp.maximum, [jnp.max(jnp.abs(g), initial=0.0) for g in flat_grad],
-                jnp.zeros((), dtype=jnp.result_type(float)),
-            )
-            flat = finite & check_gtol & (grad_max <= gtol_value)
-            settled = small | relative | flat
-            new_status = jnp.where(
-                finite,
-                jnp.where(small, _CONVERGED, jnp.where(
-                    relative, _RELATIVE, jnp.where(flat, _GRADIENT, _RUNNING))),
-                _NONFINITE,
-            ).astype(status.dtype)
-            # on convergence keep the parameters the last loss was evaluated at; on a
-            # non-finite loss go back to the previous (finite) ones
-            out_params = where(
-                settled, params, where(finite, new_params, prev_params)
-            )
-            out_state = where(finite & ~settled, new_state, state)
-            out_prev = where(finite, params, prev_params)
-            out_loss = jnp.where(finite, value, prev_loss)
-            new_carry = (out_params, out_state, out_prev, out_loss, new_status, taken + 1)
-            # keep the carry's dtypes (float32 parameters under x64: the loss, the update or
-            # the optimiser's state may come back as float64)
-            new_carry = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_carry, carry)
-            return new_carry, value.astype(prev_loss.dtype)
-
-        def idle(_):
-            return carry, jnp.full((), jnp.nan, dtype=prev_loss.dtype)
-
-        run = (status == _RUNNING) & (step_index < num_steps)
-        return jax.lax.cond(run, active, idle, None)
+    one_step = _step_function(loss, optimizer, stored is not None, tolerances, num_steps)
 
     @jax.jit
     def run_chunk(carry, start, args):
@@ -480,40 +529,10 @@ def fit(
         return jax.lax.scan(lambda c, i: one_step(c, i, args), carry, steps)
 
     loss_dtype = jnp.result_type(float)
-    carry = (
-        params,
-        opt_state,
-        params,
-        jnp.asarray(jnp.inf, dtype=loss_dtype),
-        jnp.asarray(_RUNNING, dtype=jnp.int32),
-        jnp.asarray(0, dtype=jnp.int32),
-    )
-    bar = None
-    if progress and num_steps > 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_steps, desc=description, leave=True, dynamic_ncols=True)
-    losses = []
-    taken = 0
-    status = _RUNNING
-    try:
-        for start in range(0, num_steps, chunk_size):
-            carry, chunk_losses = run_chunk(carry, jnp.asarray(start, jnp.int32), args)
-            new_taken = int(carry[5])
-            chunk_losses = np.asarray(chunk_losses)[: new_taken - taken]
-            losses.append(chunk_losses)
-            if bar is not None:
-                bar.update(new_taken - taken)
-                finite = chunk_losses[np.isfinite(chunk_losses)]
-                if finite.size:
-                    bar.set_postfix(loss=f"{finite[-1]:.6g}")
-            taken = new_taken
-            status = int(carry[4])
-            if status != _RUNNING:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
+    carry = (params, opt_state, params, jnp.asarray(jnp.inf, dtype=loss_dtype),
+             jnp.asarray(_RUNNING, dtype=jnp.int32), jnp.asarray(0, dtype=jnp.int32))
+    carry, losses, taken, status = _run_chunks(
+        run_chunk, carry, args, num_steps, chunk_size, progress, description)
     params_out, state_out = carry[0], carry[1]
     unconstrained_out = None
     if to_constrained is not None:
@@ -522,10 +541,9 @@ def fit(
         final_loss = float(value_and_grad_jit(carry[0], *args)[0])
     else:  # loss is jitted (above)
         final_loss = float(loss(carry[0], *args))
-    losses_arr = np.concatenate(losses) if losses else np.zeros((0,), dtype=np.float64)
     return FitResult(
         params=params_out,
-        losses=losses_arr,
+        losses=losses,
         loss=final_loss,
         num_steps=taken,
         converged=status in (_CONVERGED, _GRADIENT, _RELATIVE),

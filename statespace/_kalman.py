@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rules._precision import full_precision
 from statespace._adjoint import adjoint_log_likelihood
 from statespace._model import (
-    _FIELDS,
     LinearGaussianSSM,
     _as_discrete,
     _check_times,
     _invalid_covariances,
-    _split_axes,
+    _joint_batch_shape,
+    _map_batch,
     _steps_params,
 )
 from statespace._parallel import parallel_filter
 from statespace._sequential import filter_log_likelihoods, filter_moments
-from statespace._steps import FilterResult, _reject
+from statespace._steps import FilterResult, _check_form, _reject
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,25 +55,10 @@ def _unobserved(model: LinearGaussianSSM, y):
     return model, jnp.full(y.shape[:-1] + (1,), jnp.nan, y.dtype)
 
 
-def _map_batch(fn, model: LinearGaussianSSM, y):
-    """Apply ``fn(single_model, single_y)`` over the broadcast batch axes of model and ``y``."""
-    batch = tuple(np.broadcast_shapes(model.batch_shape, y.shape[:-2]))
-    if not batch:
-        return fn(model, y)
-    size = int(np.prod(batch))
-    leaves, axes = {}, {}
-    for name in _FIELDS:
-        x = getattr(model, name)
-        nb = len(_split_axes(name, tuple(x.shape))[0])
-        if nb == 0:
-            leaves[name], axes[name] = x, None
-        else:
-            core = x.shape[nb:]
-            leaves[name] = jnp.broadcast_to(x, batch + core).reshape((size,) + core)
-            axes[name] = 0
-    y_flat = jnp.broadcast_to(y, batch + y.shape[-2:]).reshape((size,) + y.shape[-2:])
-    out = jax.vmap(lambda lv, yy: fn(model.replace(**lv), yy), in_axes=(axes, 0))(leaves, y_flat)
-    return jax.tree_util.tree_map(lambda a: a.reshape(batch + a.shape[1:]), out)
+def _map_over_series(fn, model: LinearGaussianSSM, y):
+    """``fn(single_model, single_y)`` over the broadcast batch axes of model and ``y``."""
+    batch = _joint_batch_shape(model, y)
+    return _map_batch(fn, model, batch, jnp.broadcast_to(y, batch + y.shape[-2:]))
 
 
 def _prepare_run(model, y, times, form, gradient="autodiff"):
@@ -85,8 +69,7 @@ def _prepare_run(model, y, times, form, gradient="autodiff"):
         ValueError: unknown ``form`` or ``gradient``, and as :func:`_as_discrete`,
             :func:`_check_observations`, :func:`_check_times`.
     """
-    if form not in ("cov", "sqrt"):
-        raise ValueError(f"form must be 'cov' or 'sqrt'; got {form!r}")
+    _check_form(form)
     if gradient not in ("adjoint", "autodiff"):
         raise ValueError(f"gradient must be 'adjoint' or 'autodiff'; got {gradient!r}")
     disc, ok = _as_discrete(model, times)
@@ -138,7 +121,7 @@ def _run_moments(model, y, times, form, parallel) -> FilterResult:
         def single(mdl, yy):
             return filter_moments(mdl, yy, form)
 
-    out = _map_batch(single, disc, y)
+    out = _map_over_series(single, disc, y)
     if ok is None:
         return out
     bad = ~jnp.asarray(ok)
@@ -160,7 +143,7 @@ def _run_total(model, y, times, form, parallel, gradient):
         def single(mdl, yy):
             return filter_log_likelihoods(mdl, yy, form)[0]
 
-    total = _map_batch(single, disc, y)
+    total = _map_over_series(single, disc, y)
     if ok is None:
         return total
     return _reject(total, ~jnp.asarray(ok), *_float_leaves(model))
@@ -226,8 +209,9 @@ def kalman_filter(
     broadcast; the filter is mapped over them and every output gets the batch shape in front.
 
     Args:
-        model: a :class:`LinearGaussianSSM`, or a continuous-time model (anything with a
-            ``_to_discrete(times)`` method returning ``(LinearGaussianSSM, ok)``).
+        model: a :class:`LinearGaussianSSM`, or a :class:`DiscretizableModel` (e.g.
+            :class:`ContinuousLinearSSM`, or a class of the user's own with a
+            ``to_discrete(times) -> (LinearGaussianSSM, ok)`` method).
         y: observations ``(..., T, m)``; ``NaN`` marks missing entries.
         times: observation times ``(T,)``, only for continuous-time models.
         form: ``"cov"`` (default) or ``"sqrt"``.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Protocol, runtime_checkable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,7 +211,10 @@ class LinearGaussianSSM:
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}")
         children = tuple(changes.get(f, getattr(self, f)) for f in _FIELDS)
-        return self.tree_unflatten(changes.get("diffuse", self.diffuse), children)
+        diffuse = self.diffuse
+        if "diffuse" in changes:
+            diffuse = _normalise_diffuse(changes["diffuse"], children[0].shape[-1])
+        return self.tree_unflatten(diffuse, children)
 
     # -- shape helpers -----------------------------------------------------------------------
     @staticmethod
@@ -261,10 +267,25 @@ class LinearGaussianSSM:
             shape = np.broadcast_shapes(shape, batch)
         return tuple(shape)
 
+    def leaf_batch_ndims(self) -> tuple:
+        """Number of leading batch axes of each pytree child (``tree_flatten`` order): what the
+        entry points map over.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from statespace import LinearGaussianSSM
+            >>> model = LinearGaussianSSM(F=jnp.full((3, 1, 1, 1), 0.5), Q=[[1.0]], H=[[1.0]],
+            ...                           R=[[1.0]], m0=[0.0], P0=[[1.0]])
+            >>> model.batch_shape, model.leaf_batch_ndims()
+            ((3,), (1, 0, 0, 0, 0, 0, 0, 0))
+        """
+        return tuple(len(_split_axes(name, tuple(getattr(self, name).shape))[0])
+                     for name in _FIELDS)
+
     @property
     def diffuse_mask(self):
-        """Boolean NumPy mask of diffuse states, or ``None``."""
-        return None if self.diffuse is None else np.asarray(self.diffuse, dtype=bool)
+        """Boolean NumPy mask ``(n,)`` of the diffuse states, or ``None``."""
+        return None if self.diffuse is None else np.asarray(self.diffuse)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{f}={tuple(getattr(self, f).shape)}" for f in _FIELDS)
@@ -366,10 +387,21 @@ class LinearGaussianSSM:
 
 
 def _per_step(name: str, x, T: int):
-    """The parameter broadcast to a leading time axis of length ``T``."""
-    if x.ndim == _BASE_RANK[name]:
+    """Parameter ``name`` of ONE model broadcast to a leading time axis of length ``T``.
+
+    Raises:
+        ValueError: ``x`` has batch axes, or a time axis whose length is neither ``T`` nor 1.
+    """
+    base = _BASE_RANK[name]
+    if x.ndim == base:
         return jnp.broadcast_to(x, (T,) + x.shape)
-    return jnp.broadcast_to(x, (T,) + x.shape[1:])
+    if x.ndim == base + 1 and x.shape[0] in (1, T):
+        return jnp.broadcast_to(x, (T,) + x.shape[1:])
+    raise ValueError(
+        f"{name} must have rank {base} (constant) or {base + 1} with a leading time axis of "
+        f"length T = {T} (or 1); got {name}.shape = {x.shape}. Batches of models go through "
+        "jax.vmap or the public entry points, which map over batch axes."
+    )
 
 
 def _psd_sqrt(A):
@@ -437,48 +469,150 @@ def _indefinite(A):
 
 
 def _normalise_diffuse(diffuse, n: int):
+    """The static form of a ``diffuse`` argument, shared by every model class: ``None`` (no
+    diffuse state) or a tuple of ``n`` bools (hashable pytree auxiliary data).
+
+    Raises:
+        TypeError: a traced mask (the mask decides the program's structure: it must be concrete).
+        ValueError: a mask that is not boolean of shape ``(n,)``.
+    """
     if diffuse is None or diffuse is False:
         return None
     if diffuse is True:
         return (True,) * n
-    mask = np.asarray(diffuse)
-    if mask.dtype != bool or mask.shape != (n,):
+    try:
+        mask = np.asarray(diffuse)
+    except Exception as err:  # a tracer
+        raise TypeError("diffuse must be None, True or a concrete boolean mask of shape (n,)"
+                        ) from err
+    if mask.dtype != bool or mask.shape not in ((), (n,)):
         raise ValueError(
             f"diffuse must be None, True, or a boolean mask of shape ({n},); "
             f"got {mask.dtype} array of shape {mask.shape}"
         )
+    mask = np.broadcast_to(mask, (n,))
     if not mask.any():
         return None
     return tuple(bool(v) for v in mask)
 
 
 # ------------------------------------------------------------------------------------------
-# What the filters and smoothers read from a model: the discrete model (continuous-time
-# models by duck typing), its time-constant and per-step parameters, and from which step on
-# an indefinite covariance leaves it without a density
+# What the filters and smoothers read from a model: the discrete model, its batch axes, its
+# time-constant and per-step parameters, and from which step on an indefinite covariance
+# leaves it without a density
 # ------------------------------------------------------------------------------------------
+@runtime_checkable
+class DiscretizableModel(Protocol):
+    """A model that becomes a discrete-time :class:`LinearGaussianSSM` at given times.
+
+    Every entry point that takes ``times`` (:func:`statespace.kalman_filter`,
+    :func:`statespace.log_likelihood`, :func:`statespace.rts_smoother`,
+    :func:`statespace.sample_posterior`, :func:`statespace.predict`,
+    :class:`statespace.numpyro.LinearGaussianStateSpace`) accepts any object with this method;
+    :class:`statespace.ContinuousLinearSSM` is the package's own. To be passed through ``jit``
+    the object must be a pytree (e.g. ``jax.tree_util.register_pytree_node_class``). Batched
+    models may also define ``batch_shape`` and ``leaf_batch_ndims()`` (as
+    :class:`LinearGaussianSSM` does); without them the object counts as one model.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from statespace import DiscretizableModel, LinearGaussianSSM, log_likelihood
+        >>> class RandomWalk:  # x(t) Brownian with rate q, observed with unit noise
+        ...     def __init__(self, q):
+        ...         self.q = q
+        ...     def to_discrete(self, times):
+        ...         dt = jnp.append(jnp.diff(times), 0.0)
+        ...         disc = LinearGaussianSSM(F=jnp.ones((len(times), 1, 1)),
+        ...                                  Q=self.q * dt[:, None, None], H=[[1.0]], R=[[1.0]],
+        ...                                  m0=[0.0], P0=[[1.0]])
+        ...         return disc, jnp.all(dt >= 0)
+        >>> isinstance(RandomWalk(1.0), DiscretizableModel)
+        True
+        >>> y, times = jnp.zeros((2, 1)), jnp.array([0.0, 2.0])
+        >>> # y ~ N(0, [[2, 1], [1, 4]]): log density at 0 = -log(2 pi) - log(7) / 2
+        >>> round(float(log_likelihood(RandomWalk(1.0), y, times)), 6)
+        -2.810832
+    """
+
+    def to_discrete(self, times) -> tuple[LinearGaussianSSM, jax.Array]:
+        """The discrete model at ``times (T,)`` and a boolean ``ok`` (scalar or batch-shaped):
+        where ``ok`` is ``False`` the model has no density at these times and the filter
+        reports a ``-inf`` log-likelihood. ``F[k], Q[k], b[k]`` map ``times[k] -> times[k+1]``
+        (entry ``T-1`` unused); ``H[k], R[k], d[k]`` give ``y[k]``."""
+        ...
+
+
 def _as_discrete(model, times):
     """The discrete model to filter and an ``ok`` flag (``None`` for discrete models).
 
-    Continuous-time models are recognised by duck typing: an object with a method
-    ``_to_discrete(times)`` returning ``(LinearGaussianSSM, ok)``; the filter sets the
-    log-likelihood to ``-inf`` where ``ok`` is False.
-
     Raises:
-        ValueError: ``times`` given for a discrete model, or missing for a continuous one.
+        ValueError: ``times`` given for a discrete model, or missing for a
+            :class:`DiscretizableModel`.
         TypeError: ``model`` is neither.
     """
-    if hasattr(model, "_to_discrete"):
+    if isinstance(model, DiscretizableModel):
         if times is None:
             raise ValueError(f"{type(model).__name__} is a continuous-time model: pass times")
-        return model._to_discrete(times)
+        return model.to_discrete(times)
     if times is not None:
         raise ValueError(
             "times is only meaningful for continuous-time models; got a discrete model"
         )
     if not isinstance(model, LinearGaussianSSM):
-        raise TypeError(f"expected a LinearGaussianSSM or continuous-time model; got {type(model)}")
+        raise TypeError("expected a LinearGaussianSSM or a DiscretizableModel (an object with "
+                        f"a to_discrete(times) method); got {type(model)}")
     return model, None
+
+
+def _model_batch_shape(model) -> tuple:
+    """A model's batch shape (``()`` for a model that does not declare one)."""
+    return tuple(getattr(model, "batch_shape", ()))
+
+
+def _joint_batch_shape(model, y) -> tuple:
+    """Broadcast batch shape of the model and of ``y`` (``batch + (T, m)``).
+
+    Raises:
+        ValueError: ``y`` of rank < 2, or batch axes that do not broadcast (naming the shapes).
+    """
+    if jnp.ndim(y) < 2:
+        raise ValueError(f"y must have shape (T, m) (or batch + (T, m)); got y.shape = {jnp.shape(y)}")
+    try:
+        return tuple(np.broadcast_shapes(jnp.shape(y)[:-2], _model_batch_shape(model)))
+    except ValueError:
+        children = model.tree_flatten()[0]
+        described = ", ".join(str(jnp.shape(x)) for x in children if x is not None)
+        raise ValueError(f"batch axes of y.shape = {jnp.shape(y)} and of the model's parameters "
+                         f"({described}) do not broadcast") from None
+
+
+def _map_batch(fn, model, batch_shape: tuple, *args):
+    """``fn(single_model, *single_args)`` mapped over the leading ``batch_shape`` axes.
+
+    The model's children carry the batch axes its ``leaf_batch_ndims()`` names (broadcast to
+    ``batch_shape``); children without batch axes are shared, not copied (``in_axes=None``),
+    so a batch of series with one model costs no copies of it. Every leaf of ``args`` carries
+    exactly ``batch_shape`` in front. One ``vmap`` over the flattened batch.
+    """
+    if not batch_shape:
+        return fn(model, *args)
+    size = math.prod(batch_shape)
+    children, aux = model.tree_flatten()
+    ndims = model.leaf_batch_ndims() if hasattr(model, "leaf_batch_ndims") else (0,) * len(children)
+    leaves, axes = [], []
+    for x, nb in zip(children, ndims):
+        if x is None or nb == 0:
+            leaves.append(x)
+            axes.append(None)
+        else:
+            core = x.shape[nb:]
+            leaves.append(jnp.broadcast_to(x, batch_shape + core).reshape((size,) + core))
+            axes.append(0)
+    flat_args = jax.tree_util.tree_map(
+        lambda a: a.reshape((size,) + a.shape[len(batch_shape):]), args)
+    out = jax.vmap(lambda ch, *a: fn(type(model).tree_unflatten(aux, ch), *a),
+                   in_axes=(axes,) + (0,) * len(args))(leaves, *flat_args)
+    return jax.tree_util.tree_map(lambda a: a.reshape(batch_shape + a.shape[1:]), out)
 
 
 def _check_times(times, y):

@@ -73,12 +73,11 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._steps import FilterResult, _mask_observation, _symmetrise
+from statespace._model import _BASE_RANK, _per_step
+from statespace._steps import FilterResult, _check_form, _mask_observation, _symmetrise
 from statespace._steps import _psd_cholesky as _steps_psd_cholesky
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
-_BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "b": 1, "d": 1, "m0": 1, "P0": 2}
-_FORMS = ("cov", "sqrt")
 
 
 class ParallelSmootherResult(NamedTuple):
@@ -126,20 +125,6 @@ def _get(model, name):
     if isinstance(model, dict):
         return model.get(name)
     return getattr(model, name, None)
-
-
-def _per_step(name: str, x, T: int):
-    """Parameter ``name`` broadcast to a leading time axis of length ``T``."""
-    base = _BASE_RANK[name]
-    if x.ndim == base:
-        return jnp.broadcast_to(x, (T,) + x.shape)
-    if x.ndim == base + 1 and x.shape[0] in (1, T):
-        return jnp.broadcast_to(x, (T,) + x.shape[1:])
-    raise ValueError(
-        f"{name} must have rank {base} (constant) or {base + 1} with a leading time axis of "
-        f"length T = {T} (or 1); got {name}.shape = {x.shape}. Batches of models go through "
-        "jax.vmap or kalman_filter(..., parallel=True)."
-    )
 
 
 def _normalise(model, y):
@@ -520,11 +505,6 @@ def _prefix_scan(combine, elems, *, reverse: bool = False, chunk: int | None = N
 # ------------------------------------------------------------------------------------------
 # Public functions
 # ------------------------------------------------------------------------------------------
-def _check_form(form):
-    if form not in _FORMS:
-        raise ValueError(f"form must be one of {_FORMS}; got {form!r}")
-
-
 @full_precision
 def parallel_filter(model, y, *, form: str = "cov"):
     r"""Associative-scan Kalman filter (Särkkä & García-Fernández 2021): ``O(log T)`` depth.

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from rules._checks import as_float_array
 from rules._precision import full_precision
+from statespace._model import _as_discrete
 from statespace._smoother import rts_smoother
 
 __all__ = ["Prediction", "predict"]
@@ -55,14 +56,16 @@ def predict(model, y, times, new_times) -> Prediction:
     ``N(m0, P0)``, exact for stationary models); beyond the data it is the forecast.
 
     Args:
-        model: a :class:`statespace.ContinuousLinearSSM` with time-invariant ``H``, ``R``, ``d``.
+        model: a :class:`statespace.ContinuousLinearSSM` (or any
+            :class:`statespace.DiscretizableModel`) with time-invariant ``H``, ``R``, ``d``.
         y: ``(T, m)`` observations (NaN = missing).
         times: ``(T,)`` non-decreasing observation times.
         new_times: ``(N,)`` times at which to predict (any order; duplicates allowed).
 
     Returns:
         :class:`Prediction` with state and observation means and covariances, in the order of
-        ``new_times``; NaN at the entries of non-finite ``new_times`` (only there).
+        ``new_times``; NaN at the entries of non-finite ``new_times`` (only there), and
+        everywhere when the model has no density at these times (its ``ok`` is False).
 
     Raises:
         ValueError: on mismatched shapes or a time-varying ``H``, ``R`` or ``d``.
@@ -90,31 +93,35 @@ def predict(model, y, times, new_times) -> Prediction:
     y = as_float_array("y", y)
     times = as_float_array("times", times)
     new_times = as_float_array("new_times", new_times)
-    if model.H.ndim != 2 or model.R.ndim != 2 or (model.d is not None and model.d.ndim != 1):
-        raise ValueError(
-            f"predict needs time-invariant H, R, d; got H.shape = {model.H.shape}, R.shape = {model.R.shape}"
-        )
-    m = model.obs_dim
-    if y.ndim != 2 or y.shape[1] != m or times.shape != (y.shape[0],):
-        raise ValueError(f"y must be (T, m) = (T, {m}) and times (T,); got y.shape = {y.shape}, times.shape = {times.shape}")
+    if y.ndim != 2 or times.shape != (y.shape[0],):
+        raise ValueError(f"y must be (T, m) and times (T,); got y.shape = {y.shape}, "
+                         f"times.shape = {times.shape}")
     if new_times.ndim != 1:
         raise ValueError(f"new_times must have shape (N,); got new_times.shape = {new_times.shape}")
     T, N = times.shape[0], new_times.shape[0]
-    dtype = jnp.result_type(y, times, new_times, model.dtype)
+    dtype = jnp.result_type(y, times, new_times)
     # A NaN or infinite new time gets NaN moments of its own; merged as it is, its NaN
     # transition would reach every other prediction through the smoother.
     bad = ~jnp.isfinite(new_times)
     new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
     all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
-    all_y = jnp.concatenate([y.astype(dtype), jnp.full((N, m), jnp.nan, dtype)])
     order = jnp.argsort(all_times, stable=True)
-    smoothed = rts_smoother(model, all_y[order], all_times[order])
+    disc, ok = _as_discrete(model, all_times[order])
+    H, R, d = disc.H, disc.R, disc.d
+    if H.ndim != 2 or R.ndim != 2 or d.ndim != 1:
+        raise ValueError(f"predict needs time-invariant H, R, d; got H.shape = {H.shape}, "
+                         f"R.shape = {R.shape}, d.shape = {d.shape}")
+    m = disc.obs_dim
+    if y.shape[1] != m:
+        raise ValueError(f"y must be (T, m) = (T, {m}); got y.shape = {y.shape}")
+    dtype = jnp.result_type(dtype, disc.F.dtype)
+    all_y = jnp.concatenate([y.astype(dtype), jnp.full((N, m), jnp.nan, dtype)])
+    smoothed = rts_smoother(disc, all_y[order])
     position = jnp.argsort(order)[T:]  # where each new time landed in the merged series
+    # no density at these times (ok False, e.g. an unstable A with a stationary start): NaN
+    bad = bad | ~jnp.asarray(True if ok is None else ok)
     means = jnp.where(bad[:, None], jnp.nan, smoothed.smoothed_means[position])
     covs = jnp.where(bad[:, None, None], jnp.nan, smoothed.smoothed_covs[position])
-    H, R = model.H.astype(dtype), model.R.astype(dtype)
-    obs_means = means @ H.T
-    if model.d is not None:
-        obs_means = obs_means + model.d
-    obs_covs = H @ covs @ H.T + R
+    obs_means = means @ H.T.astype(dtype) + d.astype(dtype)
+    obs_covs = H.astype(dtype) @ covs @ H.T.astype(dtype) + R.astype(dtype)
     return Prediction(means, covs, obs_means, 0.5 * (obs_covs + jnp.swapaxes(obs_covs, -1, -2)))

@@ -24,17 +24,15 @@ from rules import tria
 from rules._precision import full_precision
 from statespace._kalman import kalman_filter
 from statespace._model import (
-    _FIELDS,
     _as_discrete,
     _check_times,
+    _joint_batch_shape,
+    _map_batch,
     _per_step,
     _psd_sqrt,
-    _split_axes,
 )
 from statespace._parallel import parallel_filter, parallel_smoother
-from statespace._steps import _psd_cholesky, _reject, _symmetrise
-
-_FORMS = ("cov", "sqrt")
+from statespace._steps import _check_form, _psd_cholesky, _reject, _symmetrise
 
 
 class SmootherResult(NamedTuple):
@@ -80,17 +78,6 @@ def _mT(A):
     return jnp.swapaxes(A, -1, -2)
 
 
-def _check_form(form):
-    if form not in _FORMS:
-        raise ValueError(f"form must be one of {_FORMS}; got {form!r}")
-
-
-def _discrete_model(model, times):
-    """``(discrete_model, ok)``: continuous-time models are discretised exactly at ``times``
-    (``ok`` False where that failed; ``None`` for discrete models), as the filter does."""
-    return _as_discrete(model, times)
-
-
 def _with_ok(result, ok):
     """Mark the log-likelihood ``-inf`` where the discretisation failed (as the filter does)."""
     if ok is None:
@@ -105,45 +92,6 @@ def _run_filter(model, y, form, parallel):
         except NotImplementedError:
             return parallel_filter(model, y, form=form)
     return kalman_filter(model, y, form=form)
-
-
-def _leaf_batch_shapes(model) -> dict:
-    return {name: _split_axes(name, tuple(jnp.shape(getattr(model, name))))[0] for name in _FIELDS}
-
-
-def _batch_shape(model, y) -> tuple:
-    """Broadcast batch shape of the model's parameters and of ``y`` (``batch + (T, m)``)."""
-    if jnp.ndim(y) < 2:
-        raise ValueError(f"y must have shape (T, m) (or batch + (T, m)); got y.shape = {jnp.shape(y)}")
-    shapes = _leaf_batch_shapes(model)
-    try:
-        return tuple(np.broadcast_shapes(jnp.shape(y)[:-2], *shapes.values()))
-    except ValueError:
-        described = ", ".join(f"{k}.shape = {jnp.shape(getattr(model, k))}" for k in _FIELDS)
-        raise ValueError(
-            f"batch axes of y.shape = {jnp.shape(y)} and the parameters do not broadcast: {described}"
-        ) from None
-
-
-def _map_over_batch(fn, model, y, batch: tuple, *extra):
-    """``fn(model, y, *extra)`` for a single model, mapped over the broadcast ``batch`` axes.
-
-    Batch axes follow ``LinearGaussianSSM``'s rule (leading axes before the time axis); each
-    value in ``extra`` carries one leading axis of length ``prod(batch)``.
-    """
-    y = jnp.asarray(y)
-    if not batch:
-        return fn(model, y, *extra)
-    size = int(np.prod(batch))
-    leaf_batches = _leaf_batch_shapes(model)
-
-    def flat(x, leaf_batch):
-        rest = x.shape[len(leaf_batch):]
-        return jnp.broadcast_to(x, batch + rest).reshape((size,) + rest)
-
-    children = {name: flat(jnp.asarray(getattr(model, name)), leaf_batches[name]) for name in _FIELDS}
-    out = jax.vmap(fn)(model.replace(**children), flat(y, y.shape[:-2]), *extra)
-    return jax.tree_util.tree_map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,12 +247,12 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
         True
     """
     _check_form(form)
-    model, ok = _discrete_model(model, times)
-    batch = _batch_shape(model, y)
-    _check_times(times, jnp.asarray(y))
-    out = _map_over_batch(
-        lambda mdl, obs: _rts_single(mdl, obs, form, bool(parallel)), model, y, batch
-    )
+    model, ok = _as_discrete(model, times)
+    y = jnp.asarray(y)
+    batch = _joint_batch_shape(model, y)
+    _check_times(times, y)
+    out = _map_batch(lambda mdl, obs: _rts_single(mdl, obs, form, bool(parallel)), model, batch,
+                     jnp.broadcast_to(y, batch + y.shape[-2:]))
     return _with_ok(out, ok)
 
 
@@ -426,17 +374,17 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
     num_samples = int(num_samples)
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0; got {num_samples}")
-    model, ok = _discrete_model(model, times)
+    model, ok = _as_discrete(model, times)
     y = jnp.asarray(y)
-    batch = _batch_shape(model, y)
+    batch = _joint_batch_shape(model, y)
     _check_times(times, y)
     if not batch:
         draws = _ffbs_single(key, model, y, num_samples, form)
     else:
         keys = jax.random.split(key, int(np.prod(batch)))
-        draws = _map_over_batch(
-            lambda mdl, obs, k: _ffbs_single(k, mdl, obs, num_samples, form), model, y, batch, keys
-        )
+        keys = keys.reshape(batch + keys.shape[1:])
+        draws = _map_batch(lambda mdl, obs, k: _ffbs_single(k, mdl, obs, num_samples, form),
+                           model, batch, jnp.broadcast_to(y, batch + y.shape[-2:]), keys)
     # a model without a density (log-likelihood -inf) has no posterior: NaN, not finite draws
     return draws if ok is None else jnp.where(ok, draws, jnp.nan)
 

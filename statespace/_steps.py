@@ -24,6 +24,18 @@ from rules._unrolled import UNROLL_MAX, assemble_lower, cholesky_entries
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+# the two forms every filter and smoother offers: covariance and square-root (Cholesky factor)
+FORMS = ("cov", "sqrt")
+
+
+def _check_form(form):
+    """Raises:
+        ValueError: ``form`` is not one of :data:`FORMS`.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+
+
 class FilterResult(NamedTuple):
     """Output of :func:`kalman_filter` (a NamedTuple, hence a pytree).
 

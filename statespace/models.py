@@ -406,7 +406,7 @@ def local_level(sigma, noise_var=0.0, *, m0=None, P0=None):
         >>> from statespace.models import local_level
         >>> model = local_level(0.3, noise_var=0.5)
         >>> model.diffuse, round(float(model.Q[0, 0]), 6), round(float(model.R[0, 0]), 6)
-        (True, 0.09, 0.5)
+        ((True,), 0.09, 0.5)
         >>> local_level(0.3, m0=[0.0], P0=[[1.0]]).diffuse is None   # a proper start
         True
     """
@@ -443,7 +443,7 @@ def local_linear_trend(sigma_level, sigma_slope, noise_var=0.0, *, m0=None, P0=N
         (2, [[0.0, 1.0], [0.0, 0.0]])
         >>> import numpy as np
         >>> model.diffuse, np.round(np.sqrt(np.diag(model.Q)), 6).tolist()   # Q = diag(σ_l², σ_s²)
-        (True, [0.1, 0.01])
+        ((True, True), [0.1, 0.01])
     """
     _check_noise(noise_var)
     sl, ss = _scalar("sigma_level", sigma_level), _scalar("sigma_slope", sigma_slope)
@@ -518,7 +518,8 @@ def sum_of(*components, noise_var=0.0):
     b = None
     if any(c.b is not None for c in components):
         b = jnp.concatenate([jnp.zeros(c.state_dim, dtype) if c.b is None else c.b.astype(dtype) for c in components])
-    mask = np.concatenate([np.full(c.state_dim, c.diffuse is True) if not isinstance(c.diffuse, tuple) else np.asarray(c.diffuse) for c in components])
+    mask = np.concatenate([np.zeros(c.state_dim, bool) if c.diffuse is None else c.diffuse_mask
+                           for c in components])
     diffuse = mask if mask.any() else None
     if all(c.P0 is None for c in components):
         m0 = None

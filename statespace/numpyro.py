@@ -34,97 +34,28 @@ from numpyro.distributions.distribution import Distribution
 from numpyro.util import not_jax_tracer
 
 from statespace._kalman import log_likelihood
-from statespace._model import LinearGaussianSSM, _split_axes
+from statespace._model import (
+    DiscretizableModel,
+    LinearGaussianSSM,
+    _map_batch,
+    _model_batch_shape,
+)
+from statespace._steps import _check_form
 
 __all__ = ["LinearGaussianStateSpace"]
-
-# base ranks of the parameters of the two model classes (one time step, one model)
-_DISCRETE_BASE = {"F": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
-_DISCRETE_TIME = ("F", "Q", "H", "R", "b", "d")
-
 
 def _is_discrete(model) -> bool:
     return isinstance(model, LinearGaussianSSM)
 
 
-# continuous-time models: base rank of each parameter and whether it may carry a time axis
-_CONTINUOUS_BASE = {"A": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
-_CONTINUOUS_TIME = ("H", "R", "d")
-
-
-def _model_batch_shape(model) -> tuple:
-    """Batch shape of a model: ``LinearGaussianSSM.batch_shape``, or ``A.shape[:-2]``.
-
-    ``ContinuousLinearSSM`` itself takes a single ``(n, n)`` drift; a batch of them is what
-    ``jax.vmap`` returns from a function that builds one model (every parameter then carries
-    the batch axes in front). Its batch shape is that of ``A``.
-    """
-    if _is_discrete(model):
-        return tuple(model.batch_shape)
-    A = getattr(model, "A", None)
-    if A is None:
-        raise TypeError(
-            f"expected a LinearGaussianSSM or ContinuousLinearSSM; got {type(model).__name__}"
-        )
-    return tuple(A.shape[:-2])
-
-
-def _continuous_leaf_is_batched(name, x, batch_shape) -> bool:
-    """Whether parameter ``name`` of a (possibly vmap-batched) continuous model has batch axes.
-
-    A parameter is batched when it has ``len(batch_shape)`` axes more than a single model's
-    (``base`` rank, or ``base + 1`` for a time-varying ``H``, ``R``, ``d``) and they equal
-    ``batch_shape``; with one batch axis a ``(B, m, n)`` ``H`` therefore counts as batched, not
-    time-varying (give time-varying parameters of batched models their batch axes explicitly).
-    """
-    k, base = len(batch_shape), _CONTINUOUS_BASE[name]
-    if not k:
-        return False
-    ranks = (base, base + 1) if name in _CONTINUOUS_TIME else (base,)
-    return any(x.ndim == r + k for r in ranks) and tuple(x.shape[:k]) == tuple(batch_shape)
-
-
-def _broadcast_model(model, batch_shape: tuple):
-    """The model with every parameter given the full leading ``batch_shape`` (for ``vmap``).
-
-    After this, ``jax.vmap`` with ``in_axes=0`` over every leaf (``len(batch_shape)`` times)
-    yields single models. Discrete models keep a time axis (length ``T`` or 1) on their
-    time-indexed parameters, as ``LinearGaussianSSM`` documents for batches.
-    """
-    if not batch_shape:
-        return model
-    if _is_discrete(model):
-        changes = {}
-        for name, base in _DISCRETE_BASE.items():
-            x = getattr(model, name)
-            batch, t_len = _split_axes(name, tuple(x.shape))
-            core = x.shape[len(batch):]
-            if name in _DISCRETE_TIME and t_len is None:
-                core = (1,) + core
-            changes[name] = jnp.broadcast_to(x.reshape(batch + core), batch_shape + core)
-        return model.replace(**changes)
-    # continuous-time model (a pytree with children A, Q, H, R, m0, P0, b, d; None allowed)
-    own_batch = _model_batch_shape(model)
-    children = []
-    for name in _CONTINUOUS_BASE:
-        x = getattr(model, name)
-        if x is not None:
-            x = jnp.asarray(x)
-            if _continuous_leaf_is_batched(name, x, own_batch):
-                core = x.shape[len(own_batch):]
-                x = x.reshape((1,) * (len(batch_shape) - len(own_batch)) + x.shape)
-            else:
-                core = x.shape
-            x = jnp.broadcast_to(x, batch_shape + core)
-        children.append(x)
-    return type(model).tree_unflatten(model.diffuse, tuple(children))
-
-
-def _vmap_batch(fn, batch_ndim: int):
-    """``fn(model, times, *xs)`` mapped over ``batch_ndim`` leading axes of every argument."""
-    for _ in range(batch_ndim):
-        fn = jax.vmap(fn)
-    return fn
+def _obs_dim(model, times) -> int:
+    """``m``: the model's ``obs_dim``, or (a model of the user's own that does not declare it)
+    that of its discrete model at one series of ``times``, found by shape inference only."""
+    if hasattr(model, "obs_dim"):
+        return int(model.obs_dim)
+    one_series = times.reshape((-1, times.shape[-1]))[0]
+    disc, _ = jax.eval_shape(model.to_discrete, one_series)
+    return int(disc.H.shape[-2])
 
 
 def _psd_check(name, x, tol=1e-8):
@@ -228,8 +159,10 @@ class LinearGaussianStateSpace(Distribution):
         num_steps: int | None = None,
         validate_args: bool | None = None,
     ):
-        if form not in ("cov", "sqrt"):
-            raise ValueError(f"form must be 'cov' or 'sqrt'; got {form!r}")
+        _check_form(form)
+        if not isinstance(model, (LinearGaussianSSM, DiscretizableModel)):
+            raise TypeError("expected a LinearGaussianSSM or a DiscretizableModel (an object with "
+                            f"a to_discrete(times) method); got {type(model).__name__}")
         self.model = model
         self.form = form
         self.parallel = bool(parallel)
@@ -269,7 +202,7 @@ class LinearGaussianStateSpace(Distribution):
             time_batch = ()
         self.times = times
         self.num_steps = T
-        m = int(model.H.shape[-2])
+        m = _obs_dim(model, times)
         try:
             batch_shape = tuple(np.broadcast_shapes(_model_batch_shape(model), time_batch))
         except ValueError:
@@ -300,7 +233,8 @@ class LinearGaussianStateSpace(Distribution):
             value = getattr(self.model, name, None)
             if value is not None and not isinstance(value, str):
                 _psd_check(name, value)
-        if not _is_discrete(self.model) and not _model_batch_shape(self.model):
+        if (not _is_discrete(self.model) and not _model_batch_shape(self.model)
+                and hasattr(self.model, "check")):
             self.model.check()  # e.g. an unstable A with the stationary start
         for x in leaves:
             if not np.all(np.isfinite(np.asarray(x))):
@@ -322,14 +256,15 @@ class LinearGaussianStateSpace(Distribution):
         return mask
 
     # -- batching helpers --------------------------------------------------------------------
-    def _batched_inputs(self):
-        """Model and times broadcast to ``batch_shape`` (times ``None`` stays ``None``)."""
+    def _map_members(self, fn, *args):
+        """``fn(single_model, single_times, *single_args)`` over ``batch_shape``; every leaf of
+        ``args`` carries ``batch_shape`` in front."""
         batch = self.batch_shape
-        model = _broadcast_model(self.model, batch)
         times = self.times
-        if times is not None:
-            times = jnp.broadcast_to(times, batch + times.shape[-1:])
-        return model, times
+        if times is None:
+            return _map_batch(lambda mdl, *a: fn(mdl, None, *a), self.model, batch, *args)
+        times = jnp.broadcast_to(times, batch + times.shape[-1:])
+        return _map_batch(fn, self.model, batch, times, *args)
 
     def _single_log_prob(self, model, times, y):
         kwargs = {"form": self.form}
@@ -361,18 +296,13 @@ class LinearGaussianStateSpace(Distribution):
         value = jnp.broadcast_to(value, lead + self.event_shape)
         sample_shape = lead[: len(lead) - len(batch)]
         num = math.prod(sample_shape)
-        flat = value.reshape((num,) + batch + self.event_shape)
-        model, times = self._batched_inputs()
+        # batch axes first, the draws of each member behind them: (batch, num, T, m)
+        per_member = jnp.moveaxis(value.reshape((num,) + batch + self.event_shape), 0, len(batch))
 
-        def per_member(model, times, y):
-            return self._single_log_prob(model, times, y)
+        def member(model, times, ys):
+            return jax.vmap(lambda y: self._single_log_prob(model, times, y))(ys)
 
-        if times is None:
-            fn = _vmap_batch(lambda mdl, y: per_member(mdl, None, y), len(batch))
-            lp = jax.vmap(fn, in_axes=(None, 0))(model, flat)
-        else:
-            fn = _vmap_batch(per_member, len(batch))
-            lp = jax.vmap(fn, in_axes=(None, None, 0))(model, times, flat)
+        lp = jnp.moveaxis(self._map_members(member, per_member), len(batch), 0)
         return lp.reshape(sample_shape + batch)
 
     # -- sampling ----------------------------------------------------------------------------
@@ -381,7 +311,7 @@ class LinearGaussianStateSpace(Distribution):
         if _is_discrete(model):
             return model.simulate(key, self.num_steps)
         # exact discretisation at the observation times (F[k], Q[k] map t_k -> t_{k+1})
-        model, ok = model._to_discrete(times)
+        model, ok = model.to_discrete(times)
         # no density (log_prob -inf, e.g. an unstable A with a stationary start): NaN draws
         return jax.tree_util.tree_map(lambda x: jnp.where(ok, x, jnp.nan),
                                       model.simulate(key, self.num_steps))
@@ -393,13 +323,17 @@ class LinearGaussianStateSpace(Distribution):
 
     def _sample(self, key, sample_shape):
         batch = self.batch_shape
-        num = math.prod(sample_shape + batch)
-        keys = jax.random.split(key, num)
-        keys = keys.reshape((math.prod(sample_shape),) + batch + keys.shape[1:])
-        model, times = self._batched_inputs()
+        num = math.prod(sample_shape)
+        keys = jax.random.split(key, num * math.prod(batch))
+        keys = keys.reshape((num,) + batch + keys.shape[1:])
+        keys = jnp.moveaxis(keys, 0, len(batch))
 
-        fn = _vmap_batch(self._single_sample, len(batch))
-        states, obs = jax.vmap(fn, in_axes=(0, None, None))(keys, model, times)
+        def member(model, times, member_keys):
+            return jax.vmap(lambda k: self._single_sample(k, model, times))(member_keys)
+
+        states, obs = self._map_members(member, keys)
+        states = jnp.moveaxis(states, len(batch), 0)
+        obs = jnp.moveaxis(obs, len(batch), 0)
         n = states.shape[-1]
         states = states.reshape(sample_shape + batch + (self.num_steps, n))
         obs = obs.reshape(sample_shape + batch + self.event_shape)

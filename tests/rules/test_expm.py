@@ -398,6 +398,8 @@ def test_check_grads_frechet_both_arguments():
                 modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_hessian_vmaps_tangents_against_an_unbatched_matrix():
     # jax.hessian = jacfwd(jacrev): vmap over tangents with A itself not batched, which reaches
     # the Fréchet primitive's batching rule with an unmapped argument. Reference: one

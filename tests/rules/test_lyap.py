@@ -266,8 +266,14 @@ def test_dtype_promotion_and_integer_input():
 # ----------------------------------------------------------------------------- derivatives
 
 
+# quick run: one method of each solver; the full suite checks every method
+_SECOND_ORDER_QUICK = {(lyap, "schur"), (lyap, "kron"), (dlyap, "doubling")}
+
+
 @pytest.mark.parametrize(
-    "func,method", [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]
+    "func,method",
+    [(f, m) if (f, m) in _SECOND_ORDER_QUICK else pytest.param(f, m, marks=[pytest.mark.slow, pytest.mark.timeout(300)])
+     for f, m in [(lyap, m) for m in LYAP_METHODS] + [(dlyap, m) for m in DLYAP_METHODS]],
 )
 def test_check_grads_second_order_jit_vmap(func, method):
     # one check under jit(vmap(·)) covers both transformations (and halves the compile time)

@@ -53,7 +53,7 @@ CASES = {
 # Every case in covariance form; the square-root form (slower to compile; same reverse pass)
 # on two of them.
 _RUNS = [(c, "cov") for c in CASES] + [
-    ("m1", "sqrt"),
+    pytest.param("m1", "sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
     pytest.param("time_varying_some", "sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
 ]
 
@@ -153,7 +153,8 @@ def test_unknown_gradient_option_raises():
 
 
 @pytest.mark.parametrize("case, form", [("constant", "cov"), ("time_varying", "cov"),
-                                        ("m3", "cov"), ("m1", "sqrt")])
+                                        pytest.param("m3", "cov", marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
+                                        pytest.param("m1", "sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_split_and_loop_drivers_agree(case, form):
     # the size picks the driver; both must give the same value and gradient at any size
     params, y = _case(**CASES[case])

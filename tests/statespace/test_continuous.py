@@ -325,7 +325,7 @@ def test_to_discrete_matches_dense_oracle_model():
     times = _irregular_times(rng, 10)
     y = rng.normal(size=(10, 2))
     model = ContinuousLinearSSM(A, Q, H, R, m0=np.ones(3), P0=np.eye(3) * 2.0, b=np.array([0.1, 0.2, 0.3]))
-    disc, ok = model._to_discrete(times)
+    disc, ok = model.to_discrete(times)
     assert bool(ok) and disc.F.shape == (10, 3, 3) and disc.b.shape == (10, 3)
     np.testing.assert_array_equal(disc.F[-1], np.eye(3))  # padded last step, dt = 0
     np.testing.assert_allclose(statespace.log_likelihood(model, y, times), dense_log_likelihood(disc, y), rtol=1e-10)
@@ -384,6 +384,8 @@ def _matern32_model(ell, var, noise):
     return ContinuousLinearSSM(A, Q, np.array([[1.0, 0.0]]), np.array([[noise]])), kern
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_predict_and_smoother_match_dense_gp():
     model, kern = _matern32_model(0.8, 1.7, 0.05)
     rng = np.random.default_rng(12)

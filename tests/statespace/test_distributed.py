@@ -27,7 +27,8 @@ from tests.statespace.dense_oracle import dense_log_likelihood
 ROOT = Path(__file__).resolve().parents[2]
 NUM_PROCESSES = 2
 
-pytestmark = pytest.mark.timeout(300)
+# two JAX processes start and compile (the setup alone ~8 s): full suite only
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _free_port() -> int:

@@ -154,13 +154,13 @@ def test_y_shape_errors_and_parallel():
 
 
 class _FakeContinuous:
-    """Duck-typed continuous model: ``_to_discrete`` returns a fixed discrete model."""
+    """Duck-typed continuous model: ``to_discrete`` returns a fixed discrete model."""
 
     def __init__(self, disc, ok):
         self.disc, self.ok = disc, ok
         self.seen_times = None
 
-    def _to_discrete(self, times):
+    def to_discrete(self, times):
         self.seen_times = times
         return self.disc, jnp.asarray(self.ok)
 
@@ -251,6 +251,8 @@ def _ill_conditioned(dtype, T=60):
     return model64, model, y
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_float32_ill_conditioned_sqrt_stays_accurate_cov_fails():
     """Tiny R and huge P0: in float32 the covariance form loses positive definiteness of the
     innovation covariance within a few steps (reported as -inf, as promised), while the

@@ -161,9 +161,9 @@ def test_local_level_and_trend_with_given_prior_match_closed_form():
 
 
 def test_diffuse_builders_and_sum_with_trend():
-    assert models.local_level(0.3).diffuse is True
+    assert models.local_level(0.3).diffuse == (True,)
     trend = models.local_linear_trend(0.1, 0.05)
-    assert trend.diffuse is True
+    assert trend.diffuse == (True, True)
     combo = models.sum_of(trend, models.matern32(1.0, 1.0), noise_var=0.1)
     assert combo.diffuse == (True, True, False, False)
     m0, P0, ok = combo.initial()

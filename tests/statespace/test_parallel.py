@@ -48,7 +48,7 @@ def _rel(a, b):
 # float32 test.
 @pytest.mark.parametrize(
     "case, form",
-    [(c, "cov") for c in sorted(CASES)] + [("time_varying", "sqrt")],
+    [(c, "cov") for c in sorted(CASES)] + [pytest.param("time_varying", "sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])],
 )
 def test_filter_and_smoother_match_dense_oracle(case, form):
     params, y = _case(case)
@@ -74,7 +74,7 @@ def test_filter_and_smoother_match_dense_oracle(case, form):
         np.testing.assert_array_equal(covs, np.swapaxes(covs, -1, -2))
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ["cov", pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_matches_sequential_filter_and_smoother(form):
 
     params, y = _case("time_varying", seed=3)
@@ -91,7 +91,7 @@ def test_matches_sequential_filter_and_smoother(form):
         np.testing.assert_allclose(getattr(par_s, name), getattr(seq_s, name), atol=1e-8, rtol=0)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ["cov", pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_float32_on_well_conditioned_model(form):
     rng = np.random.default_rng(7)
     n, m, T = (3, 2, 32) if form == "cov" else (2, 3, 16)

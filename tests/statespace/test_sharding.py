@@ -20,6 +20,9 @@ import pytest
 
 from tests.statespace.dense_oracle import dense_log_likelihood
 
+# A subprocess with 4 virtual CPU devices compiles sharded programs (~20 s): full suite only.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(

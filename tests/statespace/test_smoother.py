@@ -247,7 +247,7 @@ def _sym_param(A):
     return 0.5 * (A + A.T)
 
 
-@pytest.mark.parametrize("form", ["cov", "sqrt"])
+@pytest.mark.parametrize("form", ["cov", pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_gradients_of_smoothed_functional(form):
     rng = np.random.default_rng(13)
     T = 4

@@ -55,7 +55,7 @@ def _continuous(harmonics):
 # n = 5, 9 (the model), 23; the quick run keeps n = 9 (each case compiles for 10-16 s)
 @pytest.mark.parametrize("harmonics", [
     pytest.param(1, marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
-    3,
+    pytest.param(3, marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
     pytest.param(10, marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
 ])
 @pytest.mark.parametrize("equal_last", [False, True], ids=["distinct", "equal_last_times"])
@@ -65,7 +65,7 @@ def test_continuous_more_than_eight_states(harmonics, equal_last):
         t[-1] = t[-2]  # a zero-length last interval: Q_d = 0 inside the series
     y = np.sin(t)[:, None] + 0.1 * np.cos(3 * t)[:, None]
     model = _continuous(harmonics)
-    disc, ok = model._to_discrete(jnp.asarray(t))
+    disc, ok = model.to_discrete(jnp.asarray(t))
     assert bool(ok)
     expected = dense_log_likelihood(disc, y)
     assert np.isfinite(expected)
@@ -73,13 +73,15 @@ def test_continuous_more_than_eight_states(harmonics, equal_last):
     np.testing.assert_allclose(LL(model, y, t, form="cov"), expected, rtol=1e-9)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_rts_smoother_sqrt_more_than_eight_states():
     t = np.linspace(0.0, 5.0, 8)
     t[-1] = t[-2]
     y = np.sin(t)[:, None]
     model = _continuous(3)
     out = statespace.rts_smoother(model, y, t, form="sqrt")
-    disc, _ = model._to_discrete(jnp.asarray(t))
+    disc, _ = model.to_discrete(jnp.asarray(t))
     means, covs = dense_smoothed(disc, y)[:2]
     assert np.all(np.isfinite(out.smoothed_means))
     np.testing.assert_allclose(out.smoothed_means, means, rtol=1e-7, atol=1e-9)

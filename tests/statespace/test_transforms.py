@@ -63,7 +63,8 @@ def test_stable_matrix_inverse_of_a_dissipative_matrix_and_nan_outside():
     assert bool(t.codomain(A)) and not bool(t.codomain(non_normal))
 
 
-@pytest.mark.parametrize("n, eps", [(1, 0.0), (3, 0.1), (4, 0.0)])
+@pytest.mark.parametrize("n, eps", [(1, 0.0), pytest.param(3, 0.1, marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
+                                    pytest.param(4, 0.0, marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_stable_matrix_log_abs_det_jacobian_is_the_dense_jacobians(n, eps):
     t = T.StableMatrix(n, eps=eps)
     u = _normal(n, (n * n,))
@@ -232,6 +233,8 @@ def _get(tree, path):
     return tree
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_fit_takes_numpyro_constraints_and_transforms():
     # Gaussian scale MLE: sigma_hat² = mean(y²), se(sigma_hat) = sigma_hat / sqrt(2 N)
     y = jnp.asarray(np.random.default_rng(0).normal(0.0, 2.0, size=200))
