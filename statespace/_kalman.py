@@ -260,7 +260,8 @@ def log_likelihood(model, y, times=None, **kwargs):
 
     Derivatives (``gradient="adjoint"``, the default): the total is a ``jax.custom_jvp``
     whose rule runs the forward filter and one hand-written backward scan (the adjoint
-    recursion, ``statespace._adjoint``; about 2-3x cheaper than autodiff through the scan).
+    recursion, derived in the docstring of ``statespace/_adjoint.py``; about 2-3x cheaper than
+    autodiff through the scan).
     ``jax.grad``, ``jax.jvp``, ``jax.hessian`` and forward-over-reverse all work (second
     order differentiates the rule's own code). In sqrt form the forward pass is the
     square-root filter and the reverse pass is the covariance-form recursion evaluated at

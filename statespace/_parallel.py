@@ -526,7 +526,7 @@ def parallel_filter(model, y, *, form: str = "cov"):
     Args:
         model: a discrete ``LinearGaussianSSM`` (or any object / dict with ``F, Q, H, R, m0,
             P0`` and optional ``b, d``) with no batch axes; continuous models must be
-            discretised first (``statespace._model._as_discrete``). Exact diffuse
+            discretised first (``model.to_discrete(times)``). Exact diffuse
             initialisation is not supported.
         y: ``(T, m)`` observations, NaN = missing.
         form: ``"cov"`` (covariance elements, symmetrised at every combination) or ``"sqrt"``
