@@ -10,7 +10,8 @@ and the exact discretisation alone (``(F, Qd)`` for all ``T`` intervals): its fo
 the time of its VJP with respect to ``(A, Q)`` given random cotangents, so its reverse/forward
 ratio stands on its own whatever the filter costs.
 
-Run: ``python -m benchmarks.continuous [--quick]``. Ratios are only meaningful inside one run.
+A second table times the gradient with inputs held over each step against the same model
+without (``benchmarks/_inputs.py``). Run: ``python -m benchmarks.continuous [--quick]``. Ratios are only meaningful inside one run.
 Our continuous and discrete gradients are timed in alternating blocks of calls;
 ``cont/disc_grad`` is the ratio of their medians, ``cont/disc_grad_min`` that of their fastest
 calls (the least disturbed by other load), ``cont/disc_grad_paired`` the median over rounds of
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._inputs import input_cost_rows
 from benchmarks._timing import machine_info, markdown_table, paired_ratio, time_fn, time_interleaved
 
 SIZES = [(2, 1, 1000), (4, 2, 1000), (8, 4, 1000), (4, 2, 10000)]
@@ -212,6 +214,10 @@ def main(argv=None):
         print(markdown_table(rows[-1:]), flush=True)
     print()
     print(markdown_table(rows))
+    sizes = [tuple(int(v) for v in r["n,m,T"].split(",")) for r in rows]
+    print("\nwith inputs held over each step (p = 2) against the same model without "
+          "(gradient, alternating blocks; benchmarks/_inputs.py):")
+    print(markdown_table(input_cost_rows("continuous", sizes, repeats)))
     return rows
 
 

@@ -5,7 +5,8 @@ of jitted calls in this process (compile excluded and reported separately); the 
 is dynamax time / our time, so > 1 means we are faster (``_min``: the same ratio of the fastest
 calls); ``autodiff`` is our gradient by plain autodiff through the scan (``gradient="autodiff"``)
 against the default adjoint pass; ``--unfused`` adds the adjoint gradient with an unfused
-reverse step (plain ``@`` and LAPACK per small operation); ``rel_diff`` is the largest difference
+reverse step (plain ``@`` and LAPACK per small operation); a second table times the
+gradient with inputs against the same model without (``benchmarks/_inputs.py``); ``rel_diff`` is the largest difference
 between our value (or gradient) and dynamax's, relative to the largest entry. The gradient is taken with respect to
 all model parameters (F, Q, H, R, m0, P0) in both libraries. float64.
 """
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._inputs import input_cost_rows
 from benchmarks._timing import machine_info, markdown_table, time_fn
 
 SIZES = [(2, 1, 1000), (4, 2, 1000), (8, 4, 1000), (4, 2, 10000)]
@@ -180,6 +182,9 @@ def main(argv=None):
         *(["unfused_s", "unfused/fused"] if args.unfused else []),
         "ours_sqrt_s", "sqrt/cov", "compile_ours_s", "rel_diff",
     ]))
+    print("\nwith inputs (B u[k], D u[k], p = 2) against the same model without "
+          "(gradient, alternating blocks; benchmarks/_inputs.py):")
+    print(markdown_table(input_cost_rows("discrete", sizes, repeats, min_time)))
     return rows
 
 

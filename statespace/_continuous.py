@@ -35,6 +35,8 @@ from rules._smallmm import small_matmul
 from rules._unrolled import cholesky
 from statespace._model import (
     LinearGaussianSSM,
+    _check_input_weights,
+    _check_inputs,
     _indefinite,
     _normalise_diffuse,
     _raise_if_indefinite,
@@ -108,11 +110,18 @@ def _mv(a, v):
     return jnp.sum(a * v[..., None, :], axis=-1)
 
 
+def _apply(F, c):
+    """``F c`` for an offset ``c``: a vector ``(..., n)`` (the drift offset ``b``) or a matrix
+    ``(..., n, p)`` (``[b | B]`` with the input weights), told apart by rank."""
+    return _mm(F, c) if c.ndim == F.ndim else _mv(F, c)
+
+
 def _series_weights(A, Q, b, degree):
     """The Taylor series of the transition over ``x δ`` as a matrix ``W``: row ``k`` holds the
     coefficients of ``x^k/k!`` (k = 0 .. degree+1), columns ``[vec F | vec G | bd]``.
 
-    ``A``, ``Q``, ``b`` are the scaled ``δA``, ``δQ``, ``δb``. With Van Loan's block
+    ``A``, ``Q``, ``b`` are the scaled ``δA``, ``δQ``, ``δb``; ``b`` is a vector ``(n,)`` or a
+    matrix ``(n, p)`` of offsets (columns ``n p``, row-major). With Van Loan's block
     ``M = [[−A, Q], [0, Aᵀ]]``, ``e^{M x} = [[e^{−A x}, G(x)], [0, F(x)ᵀ]]`` and
     ``Qd(x) = F(x) G(x)`` (Van Loan 1978), so::
 
@@ -145,7 +154,8 @@ def _series_weights(A, Q, b, degree):
     G_terms = powers[:, :n, n:]  # (M^k)_{12}, zero for k = 0
     columns = [F_terms.reshape(degree + 2, n * n), G_terms.reshape(degree + 2, n * n)]
     if b is not None:
-        columns.append(jnp.concatenate([jnp.zeros((1, n), A.dtype), F_terms[:-1] @ b]))
+        terms = (F_terms[:-1] @ b).reshape(degree + 1, -1)
+        columns.append(jnp.concatenate([jnp.zeros((1, terms.shape[1]), A.dtype), terms]))
     return jnp.concatenate(columns, axis=1)
 
 
@@ -166,14 +176,15 @@ def _monomials(x, count):
     return out
 
 
-def _series(weights, x):
+def _series(weights, x, offset_shape):
     """(F, G, bd) over ``x δ`` (``x`` any shape, ``0 <= x <= 1``) from :func:`_series_weights`
-    (``Qd = F G``)."""
-    n = math.isqrt(weights.shape[1] // 2)
+    (``Qd = F G``); ``bd`` has shape ``x.shape + offset_shape`` (``None`` for ``()``: no
+    offset)."""
+    n = math.isqrt((weights.shape[1] - math.prod(offset_shape) * bool(offset_shape)) // 2)
     out = _monomials(x, weights.shape[0]) @ weights
     F = out[..., : n * n].reshape(x.shape + (n, n))
     G = out[..., n * n : 2 * n * n].reshape(x.shape + (n, n))
-    bd = out[..., 2 * n * n :] if weights.shape[1] > 2 * n * n else None
+    bd = out[..., 2 * n * n :].reshape(x.shape + offset_shape) if offset_shape else None
     return F, G, bd
 
 
@@ -188,7 +199,7 @@ def _compose(first, second):
     F = _mm(F_b, F_a)
     Qd = _mm(_mm(F_b, Q_a), jnp.swapaxes(F_b, -1, -2)) + Q_b
     Qd = 0.5 * (Qd + jnp.swapaxes(Qd, -1, -2))
-    c = None if c_a is None else _mv(F_b, c_a) + c_b
+    c = None if c_a is None else _apply(F_b, c_a) + c_b
     return F, Qd, c
 
 
@@ -203,7 +214,7 @@ def _compose_series(first, series):
     F = _mm(F_r, F_a)
     Qd = _mm(F_r, _mm(Q_a, jnp.swapaxes(F_r, -1, -2)) + G_r)
     Qd = 0.5 * (Qd + jnp.swapaxes(Qd, -1, -2))
-    c = None if c_a is None else _mv(F_r, c_a) + c_r
+    c = None if c_a is None else _apply(F_r, c_a) + c_r
     return F, Qd, c
 
 
@@ -276,6 +287,9 @@ def _table_dtype(dtype):
 def _discretize_matrices(A, Q, b, dt):
     """(F, Qd, bd) at every ``dt >= 0`` (any shape) for time-invariant ``A``, ``Q``, ``b``.
 
+    ``b`` is ``None``, a drift offset ``(n,)``, or several offsets as the columns of ``(n, p)``
+    (``[b | B]`` for inputs held over each step); ``bd`` has shape ``dt.shape + b.shape``.
+
     Method: a grid step ``δ`` (a power of two near ``θ/α``, α the growth rate of
     ``||A^k||^{1/k}``, θ = 1) is chosen outside the differentiated path
     (``stop_gradient``). Each step is split as ``dt = q δ + r`` with an integer ``q`` and
@@ -326,9 +340,10 @@ def _discretize_matrices(A, Q, b, dt):
     # derivatives) without a select on every (n, n) output and its cotangent.
     r = jnp.where((q >= float(_TABLE) ** _LEVELS) | (dt < 0), jnp.nan, r)
 
-    out = _series(weights, r / delta)
+    offset_shape = () if b is None else tuple(b.shape)
+    out = _series(weights, r / delta, offset_shape)
     # the transition over δ (Qd = F G)
-    F_step, G_step, bd_step = _series(weights_t, jnp.ones((), table_dtype))
+    F_step, G_step, bd_step = _series(weights_t, jnp.ones((), table_dtype), offset_shape)
     Q_step = F_step @ G_step
     step = (F_step, 0.5 * (Q_step + Q_step.T), bd_step)
     table, over_table = _table(step, _TABLE)
@@ -450,8 +465,10 @@ def discretize(model, dt) -> Discretization:
 
 
 # pytree children of ContinuousLinearSSM and the rank of each for one model
-_CHILDREN = ("A", "Q", "H", "R", "m0", "P0", "b", "d")
-_CHILD_RANK = {"A": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
+_CHILDREN = ("A", "Q", "H", "R", "m0", "P0", "b", "d", "B", "D")
+_CHILD_RANK = {"A": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1, "B": 2, "D": 2}
+# how inputs act on the state: held over each step, or as jumps at the observation times
+_INPUT_KINDS = ("hold", "impulse")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -512,7 +529,8 @@ class ContinuousLinearSSM:
         (-3.533179, -3.533179)
     """
 
-    def __init__(self, A, Q, H, R, m0=None, P0=None, *, b=None, d=None, diffuse=None):
+    def __init__(self, A, Q, H, R, m0=None, P0=None, *, b=None, d=None, diffuse=None, B=None,
+                 D=None, input_kind: str = "hold"):
         A = as_float_array("A", A)
         Q = as_float_array("Q", Q)
         H = as_float_array("H", H)
@@ -547,17 +565,25 @@ class ContinuousLinearSSM:
                 raise ValueError(f"d must have shape (m,) or (T, m) with m = {m}; got d.shape = {d.shape}, H.shape = {H.shape}")
         self.A, self.Q, self.H, self.R = A, Q, H, R
         self.m0, self.P0, self.b, self.d = m0, P0, b, d
+        self.B = None if B is None else as_float_array("B", B)
+        self.D = None if D is None else as_float_array("D", D)
+        _check_input_weights(self.B, self.D, n, m)
+        if input_kind not in _INPUT_KINDS:
+            raise ValueError(f"input_kind must be one of {_INPUT_KINDS}; got {input_kind!r}")
+        self.input_kind = input_kind
         self.diffuse = _normalise_diffuse(diffuse, n)
 
     # pytree ---------------------------------------------------------------------------------
     def tree_flatten(self):
-        return tuple(getattr(self, name) for name in _CHILDREN), self.diffuse
+        children = tuple(getattr(self, name) for name in _CHILDREN)
+        return children, (self.diffuse, self.input_kind)
 
     @classmethod
-    def tree_unflatten(cls, diffuse, children):
+    def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.A, obj.Q, obj.H, obj.R, obj.m0, obj.P0, obj.b, obj.d = children
-        obj.diffuse = diffuse
+        for name, value in zip(_CHILDREN, children):
+            setattr(obj, name, value)
+        obj.diffuse, obj.input_kind = aux
         return obj
 
     def __repr__(self):
@@ -607,7 +633,7 @@ class ContinuousLinearSSM:
             ...                                       R=[[1.0]], m0=[0.0], P0=[[1.0]])
             >>> batch = jax.vmap(build)(-jnp.arange(1.0, 4.0))
             >>> batch.batch_shape, batch.leaf_batch_ndims()
-            ((3,), (1, 1, 1, 1, 1, 1, 0, 0))
+            ((3,), (1, 1, 1, 1, 1, 1, 0, 0, 0, 0))
         """
         batch = self.batch_shape
         ndims = []
@@ -699,21 +725,40 @@ class ContinuousLinearSSM:
 
     # the filter's entry point ---------------------------------------------------------------
     @full_precision
-    def to_discrete(self, times):
+    def to_discrete(self, times, inputs=None):
         """The exact discrete model at ``times`` and a validity flag.
 
         ``dt[k] = times[k+1] − times[k]`` maps step ``k → k+1``; the last entry is padded with
         ``dt = 0`` (unused by the filter). ``H, R, d`` pass through unchanged.
 
+        Inputs ``u (..., T, p)`` (a model with ``B`` and/or ``D``) are folded into the offsets
+        of the discrete model: ``d[k] + D u[k]`` for ``y[k]``, and on the state
+
+        * ``input_kind="hold"`` (zero-order hold, ``u(t) = u[k]`` on ``[t_k, t_{k+1})``):
+          ``b[k] = ∫_0^{dt_k} e^{A s} ds (b + B u[k])``, computed with the drift offset as the
+          columns of ``[b | B]`` in one exact discretisation (no ``A⁻¹``: exact for singular
+          ``A``);
+        * ``input_kind="impulse"`` (ctsem's time-dependent predictors): the state jumps by
+          ``B u[k]`` at ``t_k``, before ``y[k]`` is observed: ``m0 + B u[0]`` and
+          ``b[k] = ∫_0^{dt_k} e^{A s} ds b + B u[k+1]``.
+
+        Leading axes of ``inputs`` become batch axes of the discrete model.
+
         Args:
             times: ``(T,)`` non-decreasing observation times.
+            inputs: ``(..., T, p)`` inputs, for a model with input weights (else ``None``).
 
         Returns:
             ``(disc, ok)``: a :class:`statespace.LinearGaussianSSM` with time-varying
             ``F (T, n, n)``, ``Q (T, n, n)`` and ``b (T, n)`` (``b`` only when this model has
-            one), and a boolean scalar, ``False`` when the stationary start is impossible,
-            ``times`` decrease or ``Q`` is not positive semi-definite (the filter then reports
-            a ``-inf`` log-likelihood).
+            one or takes inputs), and a boolean scalar, ``False`` when the stationary start is
+            impossible, ``times`` decrease or ``Q`` is not positive semi-definite (the filter
+            then reports a ``-inf`` log-likelihood).
+
+        Raises:
+            ValueError: badly shaped ``times``, time-varying ``H``, ``R``, ``d`` of another
+                length, inputs for a model without ``B``/``D`` or the reverse, or of the wrong
+                length or width.
         """
         times = as_float_array("times", times)
         if times.ndim != 1:
@@ -724,19 +769,48 @@ class ContinuousLinearSSM:
             base = 1 if name == "d" else 2
             if value is not None and value.ndim == base + 1 and value.shape[0] != T:
                 raise ValueError(f"time-varying {name} has {value.shape[0]} steps but times has T = {T}: {name}.shape = {value.shape}, times.shape = {times.shape}")
+        _check_inputs(self, inputs, T)
         dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), times.dtype)])[:T]  # T = 0: empty
-        F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
         m0, P0, ok = self.initial()
+        if inputs is None:
+            F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
+            b, d = (None if self.b is None else bd), self.d
+        else:
+            F, Qd, b, d, m0 = self._discretize_with_inputs(dt, jnp.asarray(inputs), m0)
         # Decreasing times and an indefinite diffusion Q have no density (-inf); NaN times
         # stay NaN (through dt). Qd is PSD whenever Q is, so Q is tested once, not per step.
         ok = ok & ~jnp.any(dt < 0) & ~_indefinite(self.Q)
-        disc = LinearGaussianSSM(
-            F, Qd, self.H, self.R, m0, P0,
-            b=None if self.b is None else bd,
-            d=self.d,
-            diffuse=self.diffuse,
-        )
+        disc = LinearGaussianSSM(F, Qd, self.H, self.R, m0, P0, b=b, d=d, diffuse=self.diffuse)
         return disc, ok
+
+    @property
+    def input_dim(self) -> int | None:
+        """``p``, the width of the inputs ``B`` and ``D`` take (``None`` without inputs)."""
+        weights = self.B if self.B is not None else self.D
+        return None if weights is None else weights.shape[-1]
+
+    def _discretize_with_inputs(self, dt, inputs, m0):
+        """``(F, Qd, b, d, m0)`` of :meth:`to_discrete` with ``inputs (..., T, p)`` folded in."""
+        dtype = self.dtype
+        inputs = inputs.astype(jnp.result_type(dtype, inputs.dtype))
+        n = self.state_dim
+        b = jnp.zeros((n,), dtype) if self.b is None else self.b
+        d = self.d
+        if self.D is not None:
+            d = (0.0 if d is None else d) + jnp.einsum("ij,...tj->...ti", self.D, inputs)
+        if self.B is None:
+            F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
+            return F, Qd, bd, d, m0
+        if self.input_kind == "hold":
+            offsets = jnp.concatenate([b[:, None], self.B.astype(b.dtype)], axis=1)
+            F, Qd, held = _discretize_matrices(self.A, self.Q, offsets, dt)
+            bd = held[..., 0] + jnp.einsum("tij,...tj->...ti", held[..., 1:], inputs)
+            return F, Qd, bd, d, m0
+        F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
+        jumps = jnp.einsum("ij,...tj->...ti", self.B, inputs)
+        # the jump at t_{k+1} joins the step k -> k+1; the one at t_0 joins the initial mean
+        ahead = jnp.concatenate([jumps[..., 1:, :], jnp.zeros_like(jumps[..., :1, :])], axis=-2)
+        return F, Qd, bd + ahead, d, m0 + jumps[..., 0, :]
 
 
 def _is_positive_definite(X):

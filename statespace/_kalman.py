@@ -19,7 +19,9 @@ from statespace._model import (
     _invalid_covariances,
     _joint_batch_shape,
     _map_batch,
+    _check_inputs,
     _steps_params,
+    _with_inputs,
 )
 from statespace._parallel import parallel_filter
 from statespace._sequential import filter_log_likelihoods, filter_moments
@@ -51,33 +53,42 @@ def _unobserved(model: LinearGaussianSSM, y):
     H, R, d = model.H, model.R, model.d
     model = model.replace(H=jnp.zeros(H.shape[:-2] + (1, H.shape[-1]), H.dtype),
                           R=jnp.ones(R.shape[:-2] + (1, 1), R.dtype),
-                          d=jnp.zeros(d.shape[:-1] + (1,), d.dtype))
+                          d=jnp.zeros(d.shape[:-1] + (1,), d.dtype), D=None)
     return model, jnp.full(y.shape[:-1] + (1,), jnp.nan, y.dtype)
 
 
-def _map_over_series(fn, model: LinearGaussianSSM, y):
-    """``fn(single_model, single_y)`` over the broadcast batch axes of model and ``y``."""
-    batch = _joint_batch_shape(model, y)
-    return _map_batch(fn, model, batch, jnp.broadcast_to(y, batch + y.shape[-2:]))
+def _map_over_series(fn, model: LinearGaussianSSM, y, inputs=None):
+    """``fn(single_model, single_y)`` over the broadcast batch axes of model, ``y`` and
+    ``inputs``, each single model with its inputs folded into its offsets."""
+    batch = _joint_batch_shape(model, y, inputs)
+    if inputs is None:
+        return _map_batch(fn, model, batch, jnp.broadcast_to(y, batch + y.shape[-2:]))
+    return _map_batch(lambda mdl, yy, uu: fn(_with_inputs(mdl, uu), yy), model, batch,
+                      jnp.broadcast_to(y, batch + y.shape[-2:]),
+                      jnp.broadcast_to(inputs, batch + inputs.shape[-2:]))
 
 
-def _prepare_run(model, y, times, form, gradient="autodiff"):
-    """``(disc, ok, y)``: the arguments checked, the discrete model to filter (with ``ok`` as
-    :func:`_as_discrete` gives it) and ``y`` cast to the model's float dtype.
+def _prepare_run(model, y, times, form, gradient="autodiff", inputs=None):
+    """``(disc, ok, y, inputs)``: the arguments checked, the discrete model to filter (with
+    ``ok`` as :func:`_as_discrete` gives it), ``y`` and ``inputs`` cast to its float dtype.
 
     Raises:
         ValueError: unknown ``form`` or ``gradient``, and as :func:`_as_discrete`,
-            :func:`_check_observations`, :func:`_check_times`.
+            :func:`_check_observations`, :func:`_check_times`, :func:`_check_inputs`.
     """
     _check_form(form)
     if gradient not in ("adjoint", "autodiff"):
         raise ValueError(f"gradient must be 'adjoint' or 'autodiff'; got {gradient!r}")
-    disc, ok = _as_discrete(model, times)
+    disc, ok = _as_discrete(model, times, inputs)
+    inputs = inputs if ok is None else None  # a continuous model folded them in
     y = _check_observations(disc, y)
     _check_times(times, y)
+    _check_inputs(disc, inputs, y.shape[-2])
+    if inputs is not None:
+        inputs = jnp.asarray(inputs).astype(y.dtype)
     if disc.obs_dim == 0:
         disc, y = _unobserved(disc, y)
-    return disc, ok, y
+    return disc, ok, y, inputs
 
 
 def _float_leaves(tree):
@@ -109,9 +120,9 @@ def _parallel_invalid(model, y):
     return _invalid_covariances(const, scanned, model.P0, y.shape[0])
 
 
-def _run_moments(model, y, times, form, parallel) -> FilterResult:
+def _run_moments(model, y, times, form, parallel, inputs) -> FilterResult:
     """:func:`kalman_filter`'s work: the filter with all moments, mapped over batch axes."""
-    disc, ok, y = _prepare_run(model, y, times, form)
+    disc, ok, y, inputs = _prepare_run(model, y, times, form, inputs=inputs)
     if parallel:
         def single(mdl, yy):
             invalid = _parallel_invalid(mdl, yy)
@@ -121,16 +132,16 @@ def _run_moments(model, y, times, form, parallel) -> FilterResult:
         def single(mdl, yy):
             return filter_moments(mdl, yy, form)
 
-    out = _map_over_series(single, disc, y)
+    out = _map_over_series(single, disc, y, inputs)
     if ok is None:
         return out
     bad = ~jnp.asarray(ok)
     return _reject_result(out, bad, bad[..., None], _float_leaves(model))
 
 
-def _run_total(model, y, times, form, parallel, gradient):
+def _run_total(model, y, times, form, parallel, gradient, inputs):
     """:func:`log_likelihood`'s work: the total only, mapped over batch axes."""
-    disc, ok, y = _prepare_run(model, y, times, form, gradient)
+    disc, ok, y, inputs = _prepare_run(model, y, times, form, gradient, inputs)
     if gradient == "adjoint" and not parallel and disc.diffuse is None:
         def single(mdl, yy):
             return adjoint_log_likelihood(mdl, yy, form)
@@ -143,7 +154,7 @@ def _run_total(model, y, times, form, parallel, gradient):
         def single(mdl, yy):
             return filter_log_likelihoods(mdl, yy, form)[0]
 
-    total = _map_over_series(single, disc, y)
+    total = _map_over_series(single, disc, y, inputs)
     if ok is None:
         return total
     return _reject(total, ~jnp.asarray(ok), *_float_leaves(model))
@@ -151,7 +162,7 @@ def _run_total(model, y, times, form, parallel, gradient):
 
 @full_precision
 def kalman_filter(
-    model, y, times=None, *, form: str = "cov", parallel: bool = False
+    model, y, times=None, *, inputs=None, form: str = "cov", parallel: bool = False
 ) -> FilterResult:
     r"""Kalman filter: log-likelihood and filtered / one-step-predicted state moments.
 
@@ -214,6 +225,9 @@ def kalman_filter(
             ``to_discrete(times) -> (LinearGaussianSSM, ok)`` method).
         y: observations ``(..., T, m)``; ``NaN`` marks missing entries.
         times: observation times ``(T,)``, only for continuous-time models.
+        inputs: ``(..., T, p)`` inputs for a model with input weights ``B``/``D``: ``u[k]``
+            drives the step ``k -> k+1`` through ``B`` and enters ``y[k]`` through ``D`` (see
+            :class:`LinearGaussianSSM`); leading axes broadcast with the batch.
         form: ``"cov"`` (default) or ``"sqrt"``.
         parallel: use the associative-scan filter (Särkkä & García-Fernández 2021):
             O(log T) depth, the same numbers; it pays off on
@@ -224,7 +238,8 @@ def kalman_filter(
 
     Raises:
         ValueError: bad shapes of ``y``, unknown ``form``, ``times`` given for a discrete model
-            or missing for a continuous one, or of a length other than ``y``'s ``T``.
+            or missing for a continuous one, or of a length other than ``y``'s ``T``; inputs
+            for a model without ``B``/``D`` or the reverse, or of the wrong length or width.
         NotImplementedError: ``parallel=True`` with a diffuse model.
 
     Example:
@@ -248,8 +263,14 @@ def kalman_filter(
         (-4.201405, -4.201405)
         >>> bool(np.allclose(kalman_filter(model, y, form="sqrt").log_likelihood, dense))
         True
+        >>> # an input u[k] pushes x[k+1] by B u[k]: the mean of y becomes (0, 2, 1) for u[1] = 2
+        >>> pushed = model.replace(B=jnp.array([[1.0]]))
+        >>> u = jnp.array([[0.0], [2.0], [0.0]])
+        >>> dense = multivariate_normal([0.0, 0.0, 2.0], G @ G.T + np.eye(3)).logpdf(y[:, 0])
+        >>> bool(np.isclose(kalman_filter(pushed, y, inputs=u).log_likelihood, dense))
+        True
     """
-    return _run_moments(model, y, times, form, parallel)
+    return _run_moments(model, y, times, form, parallel, inputs)
 
 
 @full_precision
@@ -273,7 +294,8 @@ def log_likelihood(model, y, times=None, **kwargs):
         model: a :class:`LinearGaussianSSM` or continuous-time model.
         y: observations ``(..., T, m)``, NaN = missing.
         times: observation times, continuous-time models only.
-        **kwargs: ``form="cov" | "sqrt"``, ``parallel``, ``gradient="adjoint" | "autodiff"``.
+        **kwargs: ``inputs`` (as in :func:`kalman_filter`), ``form="cov" | "sqrt"``,
+            ``parallel``, ``gradient="adjoint" | "autodiff"``.
 
     Returns:
         The log-likelihood (scalar, or the batch shape).
@@ -300,8 +322,8 @@ def log_likelihood(model, y, times=None, **kwargs):
         >>> round(float(grad(model.F)[0, 0]), 6), bool(np.allclose(grad(model.F), auto(model.F)))
         (-0.21144, True)
     """
-    unknown = set(kwargs) - {"form", "parallel", "gradient"}
+    unknown = set(kwargs) - {"inputs", "form", "parallel", "gradient"}
     if unknown:
         raise TypeError(f"log_likelihood got unexpected keyword arguments {sorted(unknown)}")
     return _run_total(model, y, times, kwargs.get("form", "cov"), kwargs.get("parallel", False),
-                      kwargs.get("gradient", "adjoint"))
+                      kwargs.get("gradient", "adjoint"), kwargs.get("inputs"))

@@ -15,10 +15,13 @@ from rules._checks import as_float_array
 from rules._precision import full_precision
 
 # Rank of one time step's value of each parameter ("base rank").
-_BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1}
+_BASE_RANK = {"F": 2, "Q": 2, "H": 2, "R": 2, "m0": 1, "P0": 2, "b": 1, "d": 1, "B": 2, "D": 2}
 # Parameters that may carry a time axis (m0 and P0 describe x[0] only).
-_TIME_PARAMS = ("F", "Q", "H", "R", "b", "d")
-_FIELDS = ("F", "Q", "H", "R", "m0", "P0", "b", "d")
+_TIME_PARAMS = ("F", "Q", "H", "R", "b", "d", "B", "D")
+# What the filters read per step (inputs are folded into b and d before they run)
+_STEP_PARAMS = ("F", "Q", "H", "R", "b", "d")
+# pytree children; the input weights B and D are None in a model without inputs
+_FIELDS = ("F", "Q", "H", "R", "m0", "P0", "b", "d", "B", "D")
 
 
 def _split_axes(name: str, shape: tuple) -> tuple[tuple, int | None]:
@@ -51,9 +54,22 @@ class LinearGaussianSSM:
     Shapes (``n`` states, ``m`` observed series): ``F, Q, P0: (n, n)``, ``H: (m, n)``,
     ``R: (m, m)``, ``m0, b: (n,)``, ``d: (m,)``.
 
-    Time-varying parameters: ``F, Q, H, R, b, d`` may carry ONE extra leading axis of length
-    ``T``, indexed by time: ``F[k], Q[k], b[k]`` map step ``k -> k+1`` (entry ``T-1`` is unused),
-    ``H[k], R[k], d[k]`` give ``y[k]``.
+    Inputs (covariates, controls): with input weights ``B (n, p)`` and/or ``D (m, p)`` the
+    model takes ``inputs`` ``u (T, p)`` in :func:`statespace.kalman_filter` and the other
+    entry points::
+
+        x[k+1] = F x[k] + b + B u[k] + w[k],     y[k] = H x[k] + d + D u[k] + v[k],
+
+    so ``u[k]`` drives the step ``k -> k+1`` (its ``B u[T-1]`` is unused) and enters ``y[k]``
+    directly: the filter folds the inputs into time-varying offsets ``b[k] + B u[k]`` and
+    ``d[k] + D u[k]``. (dynamax's ``lgssm_filter`` has ``x_t = F x_{t-1} + B u_t + ...``: its
+    ``u_t`` drives the step into ``t``; the same model takes our ``u[k] = `` its ``u_{k+1}``
+    for ``B``.) NaN in ``inputs`` gives NaN log-likelihoods and moments (a missing input has
+    no density to integrate over: impute it or model it as a state).
+
+    Time-varying parameters: ``F, Q, H, R, b, d, B, D`` may carry ONE extra leading axis of
+    length ``T``, indexed by time: ``F[k], Q[k], b[k], B[k]`` map step ``k -> k+1`` (entry
+    ``T-1`` is unused), ``H[k], R[k], d[k], D[k]`` give ``y[k]``.
 
     Batches of models: a parameter with two or more extra leading axes has shape
     ``batch + (T_or_1,) + base``: leading batch axes, then a time axis that may have length 1
@@ -84,6 +100,8 @@ class LinearGaussianSSM:
         b: state offset ``(n,)``; default zeros.
         d: observation offset ``(m,)``; default zeros.
         diffuse: ``None``/``False``, ``True``, or a boolean sequence of length ``n``.
+        B: input weights on the state ``(n, p)``, or ``None`` (no inputs on the state).
+        D: input weights on the observations ``(m, p)``, or ``None``.
 
     Raises:
         ValueError: if shapes are inconsistent (the message names both shapes), if time-axis
@@ -110,7 +128,7 @@ class LinearGaussianSSM:
         -1.265512
     """
 
-    def __init__(self, F, Q, H, R, m0, P0, *, b=None, d=None, diffuse=None):
+    def __init__(self, F, Q, H, R, m0, P0, *, b=None, d=None, diffuse=None, B=None, D=None):
         F = as_float_array("F", F)
         Q = as_float_array("Q", Q)
         H = as_float_array("H", H)
@@ -123,7 +141,10 @@ class LinearGaussianSSM:
             P0 = as_float_array("P0", P0)
         b = None if b is None else as_float_array("b", b)
         d = None if d is None else as_float_array("d", d)
-        arrays = [a for a in (F, Q, H, R, m0, P0, b, d) if a is not None and not isinstance(a, str)]
+        B = None if B is None else as_float_array("B", B)
+        D = None if D is None else as_float_array("D", D)
+        arrays = [a for a in (F, Q, H, R, m0, P0, b, d, B, D)
+                  if a is not None and not isinstance(a, str)]
         dtype = jnp.result_type(*arrays)
 
         if F.ndim < 2 or F.shape[-1] != F.shape[-2]:
@@ -149,6 +170,7 @@ class LinearGaussianSSM:
             need("b", b, (n,))
         if d is not None:
             need("d", d, (m,))
+        _check_input_weights(B, D, n, m)
 
         if stationary:
             for name, x in (("F", F), ("Q", Q)):
@@ -169,10 +191,11 @@ class LinearGaussianSSM:
         if d is None:
             d = jnp.zeros((m,), dtype)
 
-        values = dict(F=F, Q=Q, H=H, R=R, m0=m0, P0=P0, b=b, d=d)
+        values = dict(F=F, Q=Q, H=H, R=R, m0=m0, P0=P0, b=b, d=d, B=B, D=D)
+        values = {name: x for name, x in values.items() if x is not None}
         self._check_axes(values)
         for name in _FIELDS:
-            setattr(self, name, jnp.asarray(values[name], dtype))
+            setattr(self, name, None if name not in values else jnp.asarray(values[name], dtype))
         self.diffuse = _normalise_diffuse(diffuse, n)
 
     # -- pytree ------------------------------------------------------------------------------
@@ -191,7 +214,7 @@ class LinearGaussianSSM:
         """A copy with some fields replaced (no re-validation; use the constructor for that).
 
         Args:
-            **changes: new values of some of ``F, Q, H, R, m0, P0, b, d, diffuse``.
+            **changes: new values of some of ``F, Q, H, R, m0, P0, b, d, B, D, diffuse``.
 
         Returns:
             A new model; the fields not named are shared with ``self``.
@@ -253,18 +276,27 @@ class LinearGaussianSSM:
     def num_timesteps(self) -> int | None:
         """Length of the time axis of the time-varying parameters (``None`` if none, or all 1)."""
         for name in _TIME_PARAMS:
+            if getattr(self, name) is None:
+                continue
             _, t_len = _split_axes(name, tuple(getattr(self, name).shape))
             if t_len is not None and t_len != 1:
                 return t_len
         return None
 
     @property
+    def input_dim(self) -> int | None:
+        """``p``, the width of the inputs ``B`` and ``D`` take (``None`` without inputs)."""
+        weights = self.B if self.B is not None else self.D
+        return None if weights is None else weights.shape[-1]
+
+    @property
     def batch_shape(self) -> tuple:
         """Broadcast batch shape of the parameters (``()`` for a single model)."""
         shape: tuple = ()
         for name in _FIELDS:
-            batch, _ = _split_axes(name, tuple(getattr(self, name).shape))
-            shape = np.broadcast_shapes(shape, batch)
+            if getattr(self, name) is not None:
+                batch, _ = _split_axes(name, tuple(getattr(self, name).shape))
+                shape = np.broadcast_shapes(shape, batch)
         return tuple(shape)
 
     def leaf_batch_ndims(self) -> tuple:
@@ -277,9 +309,10 @@ class LinearGaussianSSM:
             >>> model = LinearGaussianSSM(F=jnp.full((3, 1, 1, 1), 0.5), Q=[[1.0]], H=[[1.0]],
             ...                           R=[[1.0]], m0=[0.0], P0=[[1.0]])
             >>> model.batch_shape, model.leaf_batch_ndims()
-            ((3,), (1, 0, 0, 0, 0, 0, 0, 0))
+            ((3,), (1, 0, 0, 0, 0, 0, 0, 0, 0, 0))
         """
-        return tuple(len(_split_axes(name, tuple(getattr(self, name).shape))[0])
+        return tuple(0 if getattr(self, name) is None
+                     else len(_split_axes(name, tuple(getattr(self, name).shape))[0])
                      for name in _FIELDS)
 
     @property
@@ -288,7 +321,8 @@ class LinearGaussianSSM:
         return None if self.diffuse is None else np.asarray(self.diffuse)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{f}={tuple(getattr(self, f).shape)}" for f in _FIELDS)
+        shapes = ", ".join(f"{f}={tuple(getattr(self, f).shape)}" for f in _FIELDS
+                           if getattr(self, f) is not None)
         return f"LinearGaussianSSM({shapes}, diffuse={self.diffuse})"
 
     def check(self) -> "LinearGaussianSSM":
@@ -319,7 +353,7 @@ class LinearGaussianSSM:
 
     # -- simulation --------------------------------------------------------------------------
     @full_precision
-    def simulate(self, key, num_steps: int):
+    def simulate(self, key, num_steps: int, inputs=None):
         """Draw states and observations from the model.
 
         Diffuse states start at their ``m0`` entries (an improper prior cannot be sampled).
@@ -329,14 +363,16 @@ class LinearGaussianSSM:
         Args:
             key: a ``jax.random`` key.
             num_steps: ``T``; must equal the model's time-axis length if it is time-varying.
+            inputs: ``(T, p)`` inputs for a model with ``B`` or ``D`` (see the class docstring).
 
         Returns:
             ``(states, observations)`` with shapes ``(T, n)`` and ``(T, m)``; NaN when ``Q``,
             ``R`` or ``P0`` is not positive semi-definite (the model has no density).
 
         Raises:
-            ValueError: for a batched model (use ``jax.vmap``) or a ``num_steps`` that does not
-                match the time-varying parameters.
+            ValueError: for a batched model (use ``jax.vmap``), a ``num_steps`` that does not
+                match the time-varying parameters, or inputs that do not match the model (as
+                in :func:`statespace.kalman_filter`).
 
         Example:
             >>> import jax, jax.numpy as jnp
@@ -360,8 +396,10 @@ class LinearGaussianSSM:
                 f"num_steps = {T} does not match the time-varying parameters' length "
                 f"{self.num_timesteps}"
             )
-        n, m = self.state_dim, self.obs_dim
-        seq = {name: _per_step(name, getattr(self, name), T) for name in _TIME_PARAMS}
+        _check_inputs(self, inputs, T)
+        model = _with_inputs(self, None if inputs is None else jnp.asarray(inputs))
+        n, m = model.state_dim, model.obs_dim
+        seq = {name: _per_step(name, getattr(model, name), T) for name in _STEP_PARAMS}
         P0 = self.P0
         if self.diffuse is not None:
             keep = jnp.asarray(~self.diffuse_mask, P0.dtype)
@@ -384,6 +422,56 @@ class LinearGaussianSSM:
         # an indefinite covariance has no square root: NaN draws (its log-likelihood is -inf)
         bad = _indefinite(P0) | jnp.any(_indefinite(seq["Q"])) | jnp.any(_indefinite(seq["R"]))
         return jnp.where(bad, jnp.nan, states), jnp.where(bad, jnp.nan, obs)
+
+
+def _check_input_weights(B, D, n: int, m: int) -> None:
+    """``B (..., n, p)`` and ``D (..., m, p)`` agree with the model and with each other.
+
+    Raises:
+        ValueError: naming the shapes.
+    """
+    for name, x, rows in (("B", B, n), ("D", D, m)):
+        if x is not None and (x.ndim < 2 or x.shape[-2] != rows):
+            raise ValueError(f"{name} must have shape (..., {rows}, p) ({'n' if name == 'B' else 'm'}"
+                             f" = {rows}); got {name}.shape = {x.shape}")
+    if B is not None and D is not None and B.shape[-1] != D.shape[-1]:
+        raise ValueError(f"B and D must take inputs of one width p; got B.shape = {B.shape}, "
+                         f"D.shape = {D.shape}")
+
+
+def _check_inputs(model, inputs, T: int) -> None:
+    """Static checks of ``inputs (..., T, p)`` against a discrete model's ``B``, ``D``.
+
+    Raises:
+        ValueError: inputs without input weights or the reverse, or a wrong length or width
+            (naming the shapes).
+    """
+    p = model.input_dim
+    if inputs is None:
+        if p is not None:
+            raise ValueError(f"the model has input weights (B or D, width p = {p}): pass inputs "
+                             f"of shape (T, {p})")
+        return
+    shape = jnp.shape(inputs)
+    if p is None:
+        raise ValueError(f"inputs given (inputs.shape = {shape}) but the model has no input "
+                         "weights: give LinearGaussianSSM B and/or D")
+    if len(shape) < 2 or shape[-2:] != (T, p):
+        raise ValueError(f"inputs must have shape (..., T, p) = (..., {T}, {p}); got "
+                         f"inputs.shape = {shape}")
+
+
+def _with_inputs(model, inputs=None):
+    """ONE model with its inputs ``u (T, p)`` folded into time-varying offsets:
+    ``b[k] + B[k] u[k]``, ``d[k] + D[k] u[k]`` (then ``B = D = None``); unchanged without."""
+    if inputs is None:
+        return model
+    changes = {"B": None, "D": None}
+    if model.B is not None:
+        changes["b"] = model.b + jnp.einsum("...ij,...j->...i", model.B, inputs)
+    if model.D is not None:
+        changes["d"] = model.d + jnp.einsum("...ij,...j->...i", model.D, inputs)
+    return model.replace(**changes)
 
 
 def _per_step(name: str, x, T: int):
@@ -538,12 +626,17 @@ class DiscretizableModel(Protocol):
         """The discrete model at ``times (T,)`` and a boolean ``ok`` (scalar or batch-shaped):
         where ``ok`` is ``False`` the model has no density at these times and the filter
         reports a ``-inf`` log-likelihood. ``F[k], Q[k], b[k]`` map ``times[k] -> times[k+1]``
-        (entry ``T-1`` unused); ``H[k], R[k], d[k]`` give ``y[k]``."""
+        (entry ``T-1`` unused); ``H[k], R[k], d[k]`` give ``y[k]``. A model that takes inputs
+        also accepts ``inputs=`` ``(..., T, p)`` and folds them into the discrete model's
+        offsets (as :meth:`statespace.ContinuousLinearSSM.to_discrete` does)."""
         ...
 
 
-def _as_discrete(model, times):
-    """The discrete model to filter and an ``ok`` flag (``None`` for discrete models).
+def _as_discrete(model, times, inputs=None):
+    """``(disc, ok)``: the discrete model to filter and an ``ok`` flag (``None`` for discrete
+    models). A :class:`DiscretizableModel` takes ``inputs`` in ``to_discrete(times,
+    inputs=inputs)`` and returns them folded in; a discrete model (``ok is None``) leaves them
+    to the caller, which folds them per member (:func:`_with_inputs`).
 
     Raises:
         ValueError: ``times`` given for a discrete model, or missing for a
@@ -553,7 +646,9 @@ def _as_discrete(model, times):
     if isinstance(model, DiscretizableModel):
         if times is None:
             raise ValueError(f"{type(model).__name__} is a continuous-time model: pass times")
-        return model.to_discrete(times)
+        if inputs is None:
+            return model.to_discrete(times)
+        return model.to_discrete(times, inputs=inputs)
     if times is not None:
         raise ValueError(
             "times is only meaningful for continuous-time models; got a discrete model"
@@ -564,13 +659,24 @@ def _as_discrete(model, times):
     return model, None
 
 
+def _series_arguments(model, batch_shape: tuple, y, inputs=None) -> tuple:
+    """``y`` (and ``inputs``, cast to the model's dtype, if given) broadcast to
+    ``batch_shape``: the per-member arguments :func:`_map_batch` maps with the model."""
+    args = (jnp.broadcast_to(y, batch_shape + jnp.shape(y)[-2:]),)
+    if inputs is None:
+        return args
+    inputs = jnp.asarray(inputs).astype(model.F.dtype)
+    return args + (jnp.broadcast_to(inputs, batch_shape + inputs.shape[-2:]),)
+
+
 def _model_batch_shape(model) -> tuple:
     """A model's batch shape (``()`` for a model that does not declare one)."""
     return tuple(getattr(model, "batch_shape", ()))
 
 
-def _joint_batch_shape(model, y) -> tuple:
-    """Broadcast batch shape of the model and of ``y`` (``batch + (T, m)``).
+def _joint_batch_shape(model, y, inputs=None) -> tuple:
+    """Broadcast batch shape of the model, of ``y`` (``batch + (T, m)``) and of ``inputs``
+    (``batch + (T, p)``, if given).
 
     Raises:
         ValueError: ``y`` of rank < 2, or batch axes that do not broadcast (naming the shapes).
@@ -578,12 +684,13 @@ def _joint_batch_shape(model, y) -> tuple:
     if jnp.ndim(y) < 2:
         raise ValueError(f"y must have shape (T, m) (or batch + (T, m)); got y.shape = {jnp.shape(y)}")
     try:
-        return tuple(np.broadcast_shapes(jnp.shape(y)[:-2], _model_batch_shape(model)))
+        extra = () if inputs is None else jnp.shape(inputs)[:-2]
+        return tuple(np.broadcast_shapes(jnp.shape(y)[:-2], extra, _model_batch_shape(model)))
     except ValueError:
         children = model.tree_flatten()[0]
         described = ", ".join(str(jnp.shape(x)) for x in children if x is not None)
-        raise ValueError(f"batch axes of y.shape = {jnp.shape(y)} and of the model's parameters "
-                         f"({described}) do not broadcast") from None
+        raise ValueError(f"batch axes of y.shape = {jnp.shape(y)}, of the model's parameters "
+                         f"({described}) and of the inputs do not broadcast") from None
 
 
 def _map_batch(fn, model, batch_shape: tuple, *args):
@@ -647,7 +754,7 @@ def _invalid_covariances(const, scanned, P0, T):
 def _steps_params(model: LinearGaussianSSM):
     """Split parameters into constants and per-step (scanned) arrays."""
     const, scanned = {}, {}
-    for name in _TIME_PARAMS:
+    for name in _STEP_PARAMS:
         x = getattr(model, name)
         if x.ndim == _BASE_RANK[name]:
             const[name] = x

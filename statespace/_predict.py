@@ -45,8 +45,27 @@ class Prediction(NamedTuple):
     obs_covs: jax.Array
 
 
+def _merged_inputs(inputs, new_inputs, T: int, N: int, order):
+    """``inputs`` and ``new_inputs`` in the merged order of the times, or ``None``.
+
+    Raises:
+        ValueError: only one of them, or shapes other than ``(T, p)`` and ``(N, p)``.
+    """
+    if inputs is None and new_inputs is None:
+        return None
+    if inputs is None or new_inputs is None:
+        raise ValueError("pass both inputs (at times) and new_inputs (at new_times)")
+    inputs = as_float_array("inputs", inputs)
+    new_inputs = as_float_array("new_inputs", new_inputs)
+    if inputs.ndim != 2 or inputs.shape[0] != T or new_inputs.shape != (N, inputs.shape[1]):
+        raise ValueError(f"inputs must be (T, p) = ({T}, p) and new_inputs (N, p) = ({N}, p); "
+                         f"got inputs.shape = {inputs.shape}, new_inputs.shape = "
+                         f"{new_inputs.shape}")
+    return jnp.concatenate([inputs, new_inputs.astype(inputs.dtype)])[order]
+
+
 @full_precision
-def predict(model, y, times, new_times) -> Prediction:
+def predict(model, y, times, new_times, *, inputs=None, new_inputs=None) -> Prediction:
     """Predictive means and covariances at arbitrary ``new_times`` (inside or beyond the data).
 
     Method: the new times are merged with the observation times (stable sort; a new time equal
@@ -55,12 +74,21 @@ def predict(model, y, times, new_times) -> Prediction:
     out. Before the data this is the prior propagated back (the first merged time starts from
     ``N(m0, P0)``, exact for stationary models); beyond the data it is the forecast.
 
+    Inputs (a model with ``B``/``D``): ``inputs`` at the observation times and ``new_inputs`` at
+    the new ones are merged in the same order, so the input is piecewise constant in time and
+    changes at every time given, observed or new (``input_kind="hold"``: ``u(t)`` is the input
+    given at the latest time ``<= t``; ``"impulse"``: a jump ``B u`` at every time given). A
+    forecast beyond the data thus takes the future inputs at the new times; a new time inside
+    the data that should not change the held input gets the input of the observation before it.
+
     Args:
         model: a :class:`statespace.ContinuousLinearSSM` (or any
             :class:`statespace.DiscretizableModel`) with time-invariant ``H``, ``R``, ``d``.
         y: ``(T, m)`` observations (NaN = missing).
         times: ``(T,)`` non-decreasing observation times.
         new_times: ``(N,)`` times at which to predict (any order; duplicates allowed).
+        inputs: ``(T, p)`` inputs at ``times``, for a model with input weights.
+        new_inputs: ``(N, p)`` inputs at ``new_times`` (required with ``inputs``).
 
     Returns:
         :class:`Prediction` with state and observation means and covariances, in the order of
@@ -68,7 +96,8 @@ def predict(model, y, times, new_times) -> Prediction:
         everywhere when the model has no density at these times (its ``ok`` is False).
 
     Raises:
-        ValueError: on mismatched shapes or a time-varying ``H``, ``R`` or ``d``.
+        ValueError: on mismatched shapes, a time-varying ``H``, ``R`` or ``d``, or only one of
+            ``inputs`` and ``new_inputs``.
 
     Example:
         >>> import jax.numpy as jnp, numpy as np
@@ -106,9 +135,12 @@ def predict(model, y, times, new_times) -> Prediction:
     new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
     all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
     order = jnp.argsort(all_times, stable=True)
-    disc, ok = _as_discrete(model, all_times[order])
+    merged_inputs = _merged_inputs(inputs, new_inputs, T, N, order)
+    disc, ok = _as_discrete(model, all_times[order], merged_inputs)
     H, R, d = disc.H, disc.R, disc.d
-    if H.ndim != 2 or R.ndim != 2 or d.ndim != 1:
+    if merged_inputs is not None and d.ndim == 2:  # D u folded in: d per merged step
+        d = d[jnp.argsort(order)[T:]]
+    if H.ndim != 2 or R.ndim != 2 or d.ndim > 2:
         raise ValueError(f"predict needs time-invariant H, R, d; got H.shape = {H.shape}, "
                          f"R.shape = {R.shape}, d.shape = {d.shape}")
     m = disc.obs_dim

@@ -25,11 +25,14 @@ from rules._precision import full_precision
 from statespace._kalman import kalman_filter
 from statespace._model import (
     _as_discrete,
+    _check_inputs,
     _check_times,
     _joint_batch_shape,
     _map_batch,
     _per_step,
     _psd_sqrt,
+    _series_arguments,
+    _with_inputs,
 )
 from statespace._parallel import parallel_filter, parallel_smoother
 from statespace._steps import _check_form, _psd_cholesky, _reject, _symmetrise
@@ -181,7 +184,8 @@ def _filtered_chols(result):
 
 
 @full_precision
-def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = False) -> SmootherResult:
+def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
+                 parallel: bool = False) -> SmootherResult:
     """Rauch–Tung–Striebel smoother: moments of every state given all observations.
 
     Runs :func:`statespace.kalman_filter` forward, then the backward recursion (Särkkä 2013,
@@ -210,6 +214,8 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
             the model is discretised exactly at ``times``).
         y: ``(T, m)`` observations, NaN = missing.
         times: ``(T,)`` observation times for continuous-time models.
+        inputs: ``(..., T, p)`` inputs of a model with input weights ``B``/``D`` (as in
+            :func:`statespace.kalman_filter`).
         form: ``"cov"`` (covariance filter and backward pass) or ``"sqrt"`` (square-root filter
             and a square-root backward pass through ``rules.tria``; same numbers; ``Q`` may be
             singular, the predicted covariances must be positive definite as in ``"cov"``).
@@ -247,12 +253,15 @@ def rts_smoother(model, y, times=None, *, form: str = "cov", parallel: bool = Fa
         True
     """
     _check_form(form)
-    model, ok = _as_discrete(model, times)
+    model, ok = _as_discrete(model, times, inputs)
+    inputs = inputs if ok is None else None  # a continuous model folded them in
     y = jnp.asarray(y)
-    batch = _joint_batch_shape(model, y)
+    batch = _joint_batch_shape(model, y, inputs)
     _check_times(times, y)
-    out = _map_batch(lambda mdl, obs: _rts_single(mdl, obs, form, bool(parallel)), model, batch,
-                     jnp.broadcast_to(y, batch + y.shape[-2:]))
+    _check_inputs(model, inputs, y.shape[-2])
+    out = _map_batch(
+        lambda mdl, obs, *u: _rts_single(_with_inputs(mdl, *u), obs, form, bool(parallel)),
+        model, batch, *_series_arguments(model, batch, y, inputs))
     return _with_ok(out, ok)
 
 
@@ -318,7 +327,8 @@ def _backward_sampling_factors(filtered_covs, predicted_covs, F, Q):
 
 
 @full_precision
-def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str = "cov"):
+def sample_posterior(key, model, y, num_samples: int, times=None, *, inputs=None,
+                     form: str = "cov"):
     """Draw joint posterior samples of the states by forward-filtering backward-sampling.
 
     The filter runs once; the backward pass draws ``x[T-1]`` from its filtered distribution and
@@ -339,6 +349,8 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
         y: ``(T, m)`` observations, NaN = missing.
         num_samples: number of independent trajectories (static).
         times: ``(T,)`` observation times for continuous-time models.
+        inputs: ``(..., T, p)`` inputs of a model with input weights ``B``/``D`` (as in
+            :func:`statespace.kalman_filter`).
         form: filter form, ``"cov"`` or ``"sqrt"``.
 
     Returns:
@@ -374,17 +386,21 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, form: str =
     num_samples = int(num_samples)
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0; got {num_samples}")
-    model, ok = _as_discrete(model, times)
+    model, ok = _as_discrete(model, times, inputs)
+    inputs = inputs if ok is None else None  # a continuous model folded them in
     y = jnp.asarray(y)
-    batch = _joint_batch_shape(model, y)
+    batch = _joint_batch_shape(model, y, inputs)
     _check_times(times, y)
+    _check_inputs(model, inputs, y.shape[-2])
+    args = _series_arguments(model, batch, y, inputs)
     if not batch:
-        draws = _ffbs_single(key, model, y, num_samples, form)
+        draws = _ffbs_single(key, _with_inputs(model, *args[1:]), y, num_samples, form)
     else:
         keys = jax.random.split(key, int(np.prod(batch)))
         keys = keys.reshape(batch + keys.shape[1:])
-        draws = _map_batch(lambda mdl, obs, k: _ffbs_single(k, mdl, obs, num_samples, form),
-                           model, batch, jnp.broadcast_to(y, batch + y.shape[-2:]), keys)
+        draws = _map_batch(
+            lambda mdl, k, obs, *u: _ffbs_single(k, _with_inputs(mdl, *u), obs, num_samples, form),
+            model, batch, keys, *args)
     # a model without a density (log-likelihood -inf) has no posterior: NaN, not finite draws
     return draws if ok is None else jnp.where(ok, draws, jnp.nan)
 

@@ -37,6 +37,8 @@ from statespace._kalman import log_likelihood
 from statespace._model import (
     DiscretizableModel,
     LinearGaussianSSM,
+    _as_discrete,
+    _check_inputs,
     _map_batch,
     _model_batch_shape,
 )
@@ -56,6 +58,60 @@ def _obs_dim(model, times) -> int:
     one_series = times.reshape((-1, times.shape[-1]))[0]
     disc, _ = jax.eval_shape(model.to_discrete, one_series)
     return int(disc.H.shape[-2])
+
+
+def _series_length(model, times, num_steps):
+    """``(times, T, time_batch)``: ``times`` as a float array (or ``None``), the number of
+    steps and the batch axes of ``times``.
+
+    Raises:
+        ValueError: ``times`` for a discrete model or none for a continuous one, an unknown or
+            inconsistent number of steps.
+    """
+    discrete = _is_discrete(model)
+    if times is not None:
+        if discrete:
+            raise ValueError("times is only meaningful for continuous-time models; for a "
+                             "discrete model pass num_steps=T")
+        times = jnp.asarray(times)
+        if not jnp.issubdtype(times.dtype, jnp.floating):
+            times = times.astype(jnp.result_type(float))
+        if times.ndim < 1:
+            raise ValueError(f"times must have shape (..., T); got times.shape = {times.shape}")
+        T = times.shape[-1]
+        if num_steps is not None and int(num_steps) != T:
+            raise ValueError(f"num_steps = {num_steps} but times.shape = {times.shape}")
+        return times, T, tuple(times.shape[:-1])
+    if not discrete:
+        raise ValueError(f"{type(model).__name__} needs observation times: pass times of shape (T,)")
+    T = num_steps if num_steps is not None else model.num_timesteps
+    if T is None:
+        raise ValueError("the number of time steps is unknown: pass num_steps=T (or times) for a "
+                         "time-invariant discrete model")
+    T = int(T)
+    if model.num_timesteps not in (None, T):
+        raise ValueError(f"num_steps = {T} does not match the model's time-varying length "
+                         f"{model.num_timesteps}")
+    return None, T, ()
+
+
+def _checked_inputs(model, inputs, T: int):
+    """``inputs`` as a float array, checked against the model's ``B``/``D`` where it declares
+    them (``input_dim``), or ``None``.
+
+    Raises:
+        ValueError: as ``statespace.kalman_filter`` for inputs that do not fit the model.
+    """
+    if inputs is not None:
+        inputs = jnp.asarray(inputs)
+        if not jnp.issubdtype(inputs.dtype, jnp.floating):
+            inputs = inputs.astype(jnp.result_type(float))
+    if hasattr(model, "input_dim"):
+        _check_inputs(model, inputs, T)
+    elif inputs is not None and (inputs.ndim < 2 or inputs.shape[-2] != T):
+        raise ValueError(f"inputs must have shape (..., T, p) with T = {T}; got "
+                         f"inputs.shape = {inputs.shape}")
+    return inputs
 
 
 def _psd_check(name, x, tol=1e-8):
@@ -102,10 +158,14 @@ class LinearGaussianStateSpace(Distribution):
     values with infinite entries (NaN is allowed: it means missing).
 
     Args:
-        model: a ``statespace.LinearGaussianSSM`` or ``statespace.ContinuousLinearSSM``.
+        model: a ``statespace.LinearGaussianSSM`` or a ``statespace.DiscretizableModel``
+            (e.g. ``statespace.ContinuousLinearSSM``).
         times: observation times ``(T,)`` or ``batch + (T,)``, non-decreasing; required for
             continuous-time models, not accepted for discrete ones (as in
             ``statespace.log_likelihood``).
+        inputs: ``(T, p)`` or ``batch + (T, p)`` inputs of a model with input weights ``B``/``D``
+            (as in ``statespace.kalman_filter``); ``T`` when neither ``times`` nor
+            ``num_steps`` gives it.
         form: ``"cov"`` (covariance filter) or ``"sqrt"`` (square-root filter).
         parallel: use the parallel-in-time (associative scan) filter.
         num_steps: ``T`` for a discrete model without ``times``.
@@ -146,7 +206,7 @@ class LinearGaussianStateSpace(Distribution):
     arg_constraints = {}
     support = constraints.real_matrix
     reparametrized_params = []
-    pytree_data_fields = ("model", "times")
+    pytree_data_fields = ("model", "times", "inputs")
     pytree_aux_fields = ("form", "parallel", "num_steps")
 
     def __init__(
@@ -154,6 +214,7 @@ class LinearGaussianStateSpace(Distribution):
         model,
         times=None,
         *,
+        inputs=None,
         form: str = "cov",
         parallel: bool = False,
         num_steps: int | None = None,
@@ -166,49 +227,20 @@ class LinearGaussianStateSpace(Distribution):
         self.model = model
         self.form = form
         self.parallel = bool(parallel)
-        discrete = _is_discrete(model)
-        if times is not None and discrete:
-            raise ValueError(
-                "times is only meaningful for continuous-time models; for a discrete model "
-                "pass num_steps=T"
-            )
-        if times is not None:
-            times = jnp.asarray(times)
-            if not jnp.issubdtype(times.dtype, jnp.floating):
-                times = times.astype(jnp.result_type(float))
-            if times.ndim < 1:
-                raise ValueError(f"times must have shape (..., T); got times.shape = {times.shape}")
-            T = times.shape[-1]
-            if num_steps is not None and int(num_steps) != T:
-                raise ValueError(f"num_steps = {num_steps} but times.shape = {times.shape}")
-            time_batch = tuple(times.shape[:-1])
-        else:
-            if not discrete:
-                raise ValueError(
-                    f"{type(model).__name__} needs observation times: pass times of shape (T,)"
-                )
-            T = num_steps if num_steps is not None else getattr(model, "num_timesteps", None)
-            if T is None:
-                raise ValueError(
-                    "the number of time steps is unknown: pass num_steps=T (or times) for a "
-                    "time-invariant discrete model"
-                )
-            T = int(T)
-            if getattr(model, "num_timesteps", None) not in (None, T):
-                raise ValueError(
-                    f"num_steps = {T} does not match the model's time-varying length "
-                    f"{model.num_timesteps}"
-                )
-            time_batch = ()
-        self.times = times
-        self.num_steps = T
+        if num_steps is None and times is None and inputs is not None and jnp.ndim(inputs) >= 2:
+            num_steps = jnp.shape(inputs)[-2]
+        times, T, time_batch = _series_length(model, times, num_steps)
+        inputs = _checked_inputs(model, inputs, T)
+        self.times, self.inputs, self.num_steps = times, inputs, T
         m = _obs_dim(model, times)
+        input_batch = () if inputs is None else tuple(inputs.shape[:-2])
         try:
-            batch_shape = tuple(np.broadcast_shapes(_model_batch_shape(model), time_batch))
+            batch_shape = tuple(np.broadcast_shapes(_model_batch_shape(model), time_batch,
+                                                    input_batch))
         except ValueError:
             raise ValueError(
                 f"batch shape of the model {_model_batch_shape(model)} does not broadcast with "
-                f"times.shape = {times.shape}"
+                f"times.shape = {jnp.shape(times)} and inputs.shape = {jnp.shape(inputs)}"
             ) from None
         super().__init__(batch_shape=batch_shape, event_shape=(T, m), validate_args=validate_args)
 
@@ -257,20 +289,26 @@ class LinearGaussianStateSpace(Distribution):
 
     # -- batching helpers --------------------------------------------------------------------
     def _map_members(self, fn, *args):
-        """``fn(single_model, single_times, *single_args)`` over ``batch_shape``; every leaf of
-        ``args`` carries ``batch_shape`` in front."""
+        """``fn(single_model, single_times, single_inputs, *single_args)`` over
+        ``batch_shape`` (``None`` for absent times or inputs); every leaf of ``args`` carries
+        ``batch_shape`` in front."""
         batch = self.batch_shape
-        times = self.times
-        if times is None:
-            return _map_batch(lambda mdl, *a: fn(mdl, None, *a), self.model, batch, *args)
-        times = jnp.broadcast_to(times, batch + times.shape[-1:])
-        return _map_batch(fn, self.model, batch, times, *args)
+        series = [None if x is None else jnp.broadcast_to(x, batch + x.shape[x.ndim - k:])
+                  for x, k in ((self.times, 1), (self.inputs, 2))]
+        present = [x for x in series if x is not None]
 
-    def _single_log_prob(self, model, times, y):
+        def member(model, *values):
+            given = iter(values[:len(present)])
+            times, inputs = (None if x is None else next(given) for x in series)
+            return fn(model, times, inputs, *values[len(present):])
+
+        return _map_batch(member, self.model, batch, *present, *args)
+
+    def _single_log_prob(self, model, times, inputs, y):
         kwargs = {"form": self.form}
         if self.parallel:
             kwargs["parallel"] = True
-        return log_likelihood(model, y, times, **kwargs)
+        return log_likelihood(model, y, times, inputs=inputs, **kwargs)
 
     # -- density -----------------------------------------------------------------------------
     def log_prob(self, value):
@@ -299,19 +337,19 @@ class LinearGaussianStateSpace(Distribution):
         # batch axes first, the draws of each member behind them: (batch, num, T, m)
         per_member = jnp.moveaxis(value.reshape((num,) + batch + self.event_shape), 0, len(batch))
 
-        def member(model, times, ys):
-            return jax.vmap(lambda y: self._single_log_prob(model, times, y))(ys)
+        def member(model, times, inputs, ys):
+            return jax.vmap(lambda y: self._single_log_prob(model, times, inputs, y))(ys)
 
         lp = jnp.moveaxis(self._map_members(member, per_member), len(batch), 0)
         return lp.reshape(sample_shape + batch)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _single_sample(self, key, model, times):
+    def _single_sample(self, key, model, times, inputs):
         """States ``(T, n)`` and observations ``(T, m)`` of one unbatched model."""
         if _is_discrete(model):
-            return model.simulate(key, self.num_steps)
+            return model.simulate(key, self.num_steps, inputs)
         # exact discretisation at the observation times (F[k], Q[k] map t_k -> t_{k+1})
-        model, ok = model.to_discrete(times)
+        model, ok = _as_discrete(model, times, inputs)
         # no density (log_prob -inf, e.g. an unstable A with a stationary start): NaN draws
         return jax.tree_util.tree_map(lambda x: jnp.where(ok, x, jnp.nan),
                                       model.simulate(key, self.num_steps))
@@ -328,8 +366,8 @@ class LinearGaussianStateSpace(Distribution):
         keys = keys.reshape((num,) + batch + keys.shape[1:])
         keys = jnp.moveaxis(keys, 0, len(batch))
 
-        def member(model, times, member_keys):
-            return jax.vmap(lambda k: self._single_sample(k, model, times))(member_keys)
+        def member(model, times, inputs, member_keys):
+            return jax.vmap(lambda k: self._single_sample(k, model, times, inputs))(member_keys)
 
         states, obs = self._map_members(member, keys)
         states = jnp.moveaxis(states, len(batch), 0)
