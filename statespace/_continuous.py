@@ -771,12 +771,14 @@ class ContinuousLinearSSM:
                 raise ValueError(f"time-varying {name} has {value.shape[0]} steps but times has T = {T}: {name}.shape = {value.shape}, times.shape = {times.shape}")
         _check_inputs(self, inputs, T)
         dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), times.dtype)])[:T]  # T = 0: empty
-        m0, P0, ok = self.initial()
         if inputs is None:
             F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
-            b, d = (None if self.b is None else bd), self.d
+            b, d, jump = (None if self.b is None else bd), self.d, None
         else:
-            F, Qd, b, d, m0 = self._discretize_with_inputs(dt, jnp.asarray(inputs), m0)
+            F, Qd, b, d, jump = self._discretize_with_inputs(dt, jnp.asarray(inputs))
+        m0, P0, ok = self.initial()
+        if jump is not None:  # an impulse at t_0
+            m0 = m0 + jump
         # Decreasing times and an indefinite diffusion Q have no density (-inf); NaN times
         # stay NaN (through dt). Qd is PSD whenever Q is, so Q is tested once, not per step.
         ok = ok & ~jnp.any(dt < 0) & ~_indefinite(self.Q)
@@ -789,8 +791,9 @@ class ContinuousLinearSSM:
         weights = self.B if self.B is not None else self.D
         return None if weights is None else weights.shape[-1]
 
-    def _discretize_with_inputs(self, dt, inputs, m0):
-        """``(F, Qd, b, d, m0)`` of :meth:`to_discrete` with ``inputs (..., T, p)`` folded in."""
+    def _discretize_with_inputs(self, dt, inputs):
+        """``(F, Qd, b, d, jump)`` of :meth:`to_discrete` with ``inputs (..., T, p)`` folded in;
+        ``jump`` is the impulse at ``t_0`` (for the initial mean), ``None`` for held inputs."""
         dtype = self.dtype
         inputs = inputs.astype(jnp.result_type(dtype, inputs.dtype))
         n = self.state_dim
@@ -800,17 +803,17 @@ class ContinuousLinearSSM:
             d = (0.0 if d is None else d) + jnp.einsum("ij,...tj->...ti", self.D, inputs)
         if self.B is None:
             F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
-            return F, Qd, bd, d, m0
+            return F, Qd, bd, d, None
         if self.input_kind == "hold":
             offsets = jnp.concatenate([b[:, None], self.B.astype(b.dtype)], axis=1)
             F, Qd, held = _discretize_matrices(self.A, self.Q, offsets, dt)
             bd = held[..., 0] + jnp.einsum("tij,...tj->...ti", held[..., 1:], inputs)
-            return F, Qd, bd, d, m0
+            return F, Qd, bd, d, None
         F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
         jumps = jnp.einsum("ij,...tj->...ti", self.B, inputs)
         # the jump at t_{k+1} joins the step k -> k+1; the one at t_0 joins the initial mean
         ahead = jnp.concatenate([jumps[..., 1:, :], jnp.zeros_like(jumps[..., :1, :])], axis=-2)
-        return F, Qd, bd + ahead, d, m0 + jumps[..., 0, :]
+        return F, Qd, bd + ahead, d, jumps[..., 0, :]
 
 
 def _is_positive_definite(X):
