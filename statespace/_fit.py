@@ -499,8 +499,9 @@ def fit(
     """
     optimizer, num_steps, chunk_size, tolerances = _fit_options(
         optimizer, num_steps, chunk_size, tol, rtol, gtol)
-    user_loss, args = loss, tuple(args)
+    args = tuple(args)
     loss, params, to_constrained = _unconstrained_problem(loss, params, constraints)
+    user_loss = loss  # of the unconstrained parameters: what standard_errors differentiates
     optimizer = optax.with_extra_args_support(optimizer)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     if opt_state is None:

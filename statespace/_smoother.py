@@ -88,6 +88,25 @@ def _with_ok(result, ok):
     return result._replace(log_likelihood=_reject(result.log_likelihood, ~jnp.asarray(ok)))
 
 
+def _discrete_series(model, y, times, inputs):
+    """``(disc, ok, batch, args)``: the discrete model (a continuous one discretised, its
+    inputs folded in), ``ok`` as :func:`_as_discrete` gives it, the joint batch shape of model,
+    ``y`` and inputs, and the per-member arguments (``y`` and the inputs still to fold)
+    broadcast to it, for :func:`_map_batch`.
+
+    Raises:
+        ValueError: as :func:`_as_discrete`, :func:`_joint_batch_shape`, :func:`_check_times`
+            and :func:`_check_inputs`.
+    """
+    model, ok = _as_discrete(model, times, inputs)
+    inputs = inputs if ok is None else None  # a continuous model folded them in
+    y = jnp.asarray(y)
+    batch = _joint_batch_shape(model, y, inputs)
+    _check_times(times, y)
+    _check_inputs(model, inputs, y.shape[-2])
+    return model, ok, batch, _series_arguments(model, batch, y, inputs)
+
+
 def _run_filter(model, y, form, parallel):
     if parallel:
         try:
@@ -253,15 +272,10 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
         True
     """
     _check_form(form)
-    model, ok = _as_discrete(model, times, inputs)
-    inputs = inputs if ok is None else None  # a continuous model folded them in
-    y = jnp.asarray(y)
-    batch = _joint_batch_shape(model, y, inputs)
-    _check_times(times, y)
-    _check_inputs(model, inputs, y.shape[-2])
+    model, ok, batch, args = _discrete_series(model, y, times, inputs)
     out = _map_batch(
         lambda mdl, obs, *u: _rts_single(_with_inputs(mdl, *u), obs, form, bool(parallel)),
-        model, batch, *_series_arguments(model, batch, y, inputs))
+        model, batch, *args)
     return _with_ok(out, ok)
 
 
@@ -386,15 +400,9 @@ def sample_posterior(key, model, y, num_samples: int, times=None, *, inputs=None
     num_samples = int(num_samples)
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0; got {num_samples}")
-    model, ok = _as_discrete(model, times, inputs)
-    inputs = inputs if ok is None else None  # a continuous model folded them in
-    y = jnp.asarray(y)
-    batch = _joint_batch_shape(model, y, inputs)
-    _check_times(times, y)
-    _check_inputs(model, inputs, y.shape[-2])
-    args = _series_arguments(model, batch, y, inputs)
+    model, ok, batch, args = _discrete_series(model, y, times, inputs)
     if not batch:
-        draws = _ffbs_single(key, _with_inputs(model, *args[1:]), y, num_samples, form)
+        draws = _ffbs_single(key, _with_inputs(model, *args[1:]), args[0], num_samples, form)
     else:
         keys = jax.random.split(key, int(np.prod(batch)))
         keys = keys.reshape(batch + keys.shape[1:])
