@@ -805,9 +805,14 @@ class ContinuousLinearSSM:
             F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
             return F, Qd, bd, d, None
         if self.input_kind == "hold":
-            offsets = jnp.concatenate([b[:, None], self.B.astype(b.dtype)], axis=1)
+            # without a drift offset b, no column for it (one product column less per step)
+            offsets = self.B.astype(b.dtype)
+            if self.b is not None:
+                offsets = jnp.concatenate([b[:, None], offsets], axis=1)
             F, Qd, held = _discretize_matrices(self.A, self.Q, offsets, dt)
-            bd = held[..., 0] + jnp.einsum("tij,...tj->...ti", held[..., 1:], inputs)
+            bd = jnp.einsum("tij,...tj->...ti", held[..., -self.B.shape[-1]:], inputs)
+            if self.b is not None:
+                bd = held[..., 0] + bd
             return F, Qd, bd, d, None
         F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
         jumps = jnp.einsum("ij,...tj->...ti", self.B, inputs)
