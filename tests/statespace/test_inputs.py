@@ -116,7 +116,9 @@ def test_matches_dynamax_with_reindexed_inputs(dynamax):
     np.testing.assert_allclose(ours.filtered_means, theirs.filtered_means, rtol=1e-8, atol=1e-10)
 
 
-def test_gradients_in_B_D_and_the_inputs():
+# second order compiles second-order programs of the whole filter (~20 s): full suite only
+@pytest.mark.parametrize("order", [1, pytest.param(2, marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
+def test_gradients_in_B_D_and_the_inputs(order):
     params, u, y = _case()
     base = LinearGaussianSSM(**params)
 
@@ -125,7 +127,7 @@ def test_gradients_in_B_D_and_the_inputs():
                                          gradient=gradient)
 
     args = (jnp.asarray(params["B"]), jnp.asarray(params["D"]), jnp.asarray(u))
-    check_grads(loglik, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+    check_grads(loglik, args, order=order, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
     ours = jax.grad(loglik, argnums=(0, 1, 2))(*args)
     auto = jax.grad(lambda *a: loglik(*a, gradient="autodiff"), argnums=(0, 1, 2))(*args)
     for a, b in zip(ours, auto):
@@ -248,8 +250,9 @@ def test_held_inputs_match_van_loan_for_singular_drift():
         np.testing.assert_allclose(disc.b[k], augmented[:2, 2], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind", ["hold", "impulse"])
-def test_continuous_input_gradients(kind):
+@pytest.mark.parametrize("kind, order", [("hold", 1), pytest.param("hold", 2, marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
+                                         pytest.param("impulse", 2, marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
+def test_continuous_input_gradients(kind, order):
     model, _, times, u, y = _ou_case(kind)
 
     def loglik(B, D, inputs):
@@ -258,7 +261,7 @@ def test_continuous_input_gradients(kind):
         return statespace.log_likelihood(built, y, times, inputs=inputs)
 
     args = (model.B, model.D, jnp.asarray(u))
-    check_grads(loglik, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+    check_grads(loglik, args, order=order, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
 def test_continuous_input_errors():
