@@ -107,6 +107,15 @@ def test_panel_likelihood_is_one_vmapped_distribution_equal_to_per_subject_sum()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_panel_interventions_recovers_the_effects():
+    """The default run (40 subjects, 2 x 300 + 300 NUTS draws): every true value inside its
+    95 % interval and r-hat < 1.05 (10 s of sampling here, compile included)."""
+    out = load("panel_interventions").main(["--no-progress"])
+    assert out["ok"], (out["covered"], out["max_rhat"])
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_panel_interventions_smoke_and_likelihood():
     """The intervention panel runs end to end at a tiny size, and its plate likelihood is the
