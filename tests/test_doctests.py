@@ -115,8 +115,14 @@ def test_every_module_is_listed():
     assert not unlisted, f"add to DOCTEST_MODULES (or, for now, DOCTEST_MODULES_TODO): {unlisted}"
 
 
+# The examples of the internal drivers compile whole filters and their gradients (~10 s
+# each): full suite only, to keep the quick run near its budget.
+_FULL_SUITE_ONLY = {"statespace._parallel", "statespace._adjoint"}
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", DOCTEST_MODULES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow, pytest.mark.timeout(300)]) if n in _FULL_SUITE_ONLY else n
+                                  for n in DOCTEST_MODULES])
 def test_doctests(name, float64):
     module = importlib.import_module(name)
     public = _public_objects(module)

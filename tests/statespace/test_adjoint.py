@@ -152,7 +152,8 @@ def test_unknown_gradient_option_raises():
         log_likelihood(LinearGaussianSSM(**params), y, gradient="magic")
 
 
-@pytest.mark.parametrize("case, form", [("constant", "cov"), ("time_varying", "cov"),
+@pytest.mark.parametrize("case, form", [pytest.param("constant", "cov", marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
+                                        ("time_varying", "cov"),
                                         pytest.param("m3", "cov", marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
                                         pytest.param("m1", "sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_split_and_loop_drivers_agree(case, form):

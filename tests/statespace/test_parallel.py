@@ -114,8 +114,8 @@ def test_float32_on_well_conditioned_model(form):
     assert np.all(np.linalg.eigvalsh(np.asarray(smoothed.smoothed_covs, np.float64)) > 0)
 
 
-@pytest.mark.parametrize(
-    "form", ["cov", pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
+# the quick run keeps test_gradient_matches_sequential for the parallel gradient
+@pytest.mark.parametrize("form", [pytest.param("cov", marks=[pytest.mark.slow, pytest.mark.timeout(300)]), pytest.param("sqrt", marks=[pytest.mark.slow, pytest.mark.timeout(300)])])
 def test_gradients_through_parallel_path(form):
     # One scalar mixing the log-likelihood and the smoothed moments, so one reverse pass
     # (one compilation) checks both scans. T = 6 with missing entries, a missing row, offsets.
