@@ -37,9 +37,11 @@ from statespace._model import (
     LinearGaussianSSM,
     _check_input_weights,
     _check_inputs,
+    _input_width,
     _indefinite,
     _normalise_diffuse,
     _raise_if_indefinite,
+    _with_inputs,
 )
 
 __all__ = ["ContinuousLinearSSM", "Discretization", "discretize"]
@@ -771,54 +773,46 @@ class ContinuousLinearSSM:
                 raise ValueError(f"time-varying {name} has {value.shape[0]} steps but times has T = {T}: {name}.shape = {value.shape}, times.shape = {times.shape}")
         _check_inputs(self, inputs, T)
         dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), times.dtype)])[:T]  # T = 0: empty
-        if inputs is None:
+        if inputs is not None:
+            inputs = jnp.asarray(inputs)
+            inputs = inputs.astype(jnp.result_type(self.dtype, inputs.dtype))
+        if inputs is None or self.B is None:
             F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
-            b, d, jump = (None if self.b is None else bd), self.d, None
+            b, jump = (None if self.b is None else bd), None
         else:
-            F, Qd, b, d, jump = self._discretize_with_inputs(dt, jnp.asarray(inputs))
+            F, Qd, b, jump = self._discretize_with_inputs(dt, inputs)
         m0, P0, ok = self.initial()
         if jump is not None:  # an impulse at t_0
             m0 = m0 + jump
         # Decreasing times and an indefinite diffusion Q have no density (-inf); NaN times
         # stay NaN (through dt). Qd is PSD whenever Q is, so Q is tested once, not per step.
         ok = ok & ~jnp.any(dt < 0) & ~_indefinite(self.Q)
-        disc = LinearGaussianSSM(F, Qd, self.H, self.R, m0, P0, b=b, d=d, diffuse=self.diffuse)
-        return disc, ok
+        disc = LinearGaussianSSM(F, Qd, self.H, self.R, m0, P0, b=b, d=self.d, D=self.D,
+                                 diffuse=self.diffuse)
+        # D u[k] as for a discrete model (the state's inputs are folded in above)
+        return _with_inputs(disc, inputs), ok
 
     @property
     def input_dim(self) -> int | None:
         """``p``, the width of the inputs ``B`` and ``D`` take (``None`` without inputs)."""
-        weights = self.B if self.B is not None else self.D
-        return None if weights is None else weights.shape[-1]
+        return _input_width(self.B, self.D)
 
     def _discretize_with_inputs(self, dt, inputs):
-        """``(F, Qd, b, d, jump)`` of :meth:`to_discrete` with ``inputs (..., T, p)`` folded in;
-        ``jump`` is the impulse at ``t_0`` (for the initial mean), ``None`` for held inputs."""
-        dtype = self.dtype
-        inputs = inputs.astype(jnp.result_type(dtype, inputs.dtype))
-        n = self.state_dim
-        b = jnp.zeros((n,), dtype) if self.b is None else self.b
-        d = self.d
-        if self.D is not None:
-            d = (0.0 if d is None else d) + jnp.einsum("ij,...tj->...ti", self.D, inputs)
-        if self.B is None:
-            F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
-            return F, Qd, bd, d, None
+        """``(F, Qd, b, jump)`` of :meth:`to_discrete` with the state's inputs ``B u``
+        (``inputs (..., T, p)``) folded into ``b``; ``jump`` is the impulse at ``t_0`` (for the
+        initial mean), ``None`` for held inputs. Without a drift offset ``b`` no offset column
+        is spent on it."""
+        B = self.B.astype(self.dtype)
         if self.input_kind == "hold":
-            # without a drift offset b, no column for it (one product column less per step)
-            offsets = self.B.astype(b.dtype)
-            if self.b is not None:
-                offsets = jnp.concatenate([b[:, None], offsets], axis=1)
+            offsets = B if self.b is None else jnp.concatenate([self.b[:, None], B], axis=1)
             F, Qd, held = _discretize_matrices(self.A, self.Q, offsets, dt)
-            bd = jnp.einsum("tij,...tj->...ti", held[..., -self.B.shape[-1]:], inputs)
-            if self.b is not None:
-                bd = held[..., 0] + bd
-            return F, Qd, bd, d, None
-        F, Qd, bd = _discretize_matrices(self.A, self.Q, b, dt)
-        jumps = jnp.einsum("ij,...tj->...ti", self.B, inputs)
+            bd = jnp.einsum("tij,...tj->...ti", held[..., -B.shape[-1]:], inputs)
+            return F, Qd, (bd if self.b is None else held[..., 0] + bd), None
+        F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
+        jumps = jnp.einsum("ij,...tj->...ti", B, inputs)
         # the jump at t_{k+1} joins the step k -> k+1; the one at t_0 joins the initial mean
         ahead = jnp.concatenate([jumps[..., 1:, :], jnp.zeros_like(jumps[..., :1, :])], axis=-2)
-        return F, Qd, bd + ahead, d, jumps[..., 0, :]
+        return F, Qd, (ahead if self.b is None else bd + ahead), jumps[..., 0, :]
 
 
 def _is_positive_definite(X):

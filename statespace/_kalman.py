@@ -19,6 +19,7 @@ from statespace._model import (
     _invalid_covariances,
     _joint_batch_shape,
     _map_batch,
+    _series_arguments,
     _check_inputs,
     _steps_params,
     _with_inputs,
@@ -61,16 +62,14 @@ def _map_over_series(fn, model: LinearGaussianSSM, y, inputs=None):
     """``fn(single_model, single_y)`` over the broadcast batch axes of model, ``y`` and
     ``inputs``, each single model with its inputs folded into its offsets."""
     batch = _joint_batch_shape(model, y, inputs)
-    if inputs is None:
-        return _map_batch(fn, model, batch, jnp.broadcast_to(y, batch + y.shape[-2:]))
-    return _map_batch(lambda mdl, yy, uu: fn(_with_inputs(mdl, uu), yy), model, batch,
-                      jnp.broadcast_to(y, batch + y.shape[-2:]),
-                      jnp.broadcast_to(inputs, batch + inputs.shape[-2:]))
+    return _map_batch(lambda mdl, yy, *u: fn(_with_inputs(mdl, *u), yy), model, batch,
+                      *_series_arguments(model, batch, y, inputs))
 
 
 def _prepare_run(model, y, times, form, gradient="autodiff", inputs=None):
     """``(disc, ok, y, inputs)``: the arguments checked, the discrete model to filter (with
-    ``ok`` as :func:`_as_discrete` gives it), ``y`` and ``inputs`` cast to its float dtype.
+    ``ok`` as :func:`_as_discrete` gives it), ``y`` cast to its float dtype and the inputs
+    still to fold into it (``None`` once a continuous-time model has folded them in).
 
     Raises:
         ValueError: unknown ``form`` or ``gradient``, and as :func:`_as_discrete`,
@@ -84,8 +83,6 @@ def _prepare_run(model, y, times, form, gradient="autodiff", inputs=None):
     y = _check_observations(disc, y)
     _check_times(times, y)
     _check_inputs(disc, inputs, y.shape[-2])
-    if inputs is not None:
-        inputs = jnp.asarray(inputs).astype(y.dtype)
     if disc.obs_dim == 0:
         disc, y = _unobserved(disc, y)
     return disc, ok, y, inputs

@@ -286,8 +286,7 @@ class LinearGaussianSSM:
     @property
     def input_dim(self) -> int | None:
         """``p``, the width of the inputs ``B`` and ``D`` take (``None`` without inputs)."""
-        weights = self.B if self.B is not None else self.D
-        return None if weights is None else weights.shape[-1]
+        return _input_width(self.B, self.D)
 
     @property
     def batch_shape(self) -> tuple:
@@ -439,8 +438,15 @@ def _check_input_weights(B, D, n: int, m: int) -> None:
                          f"D.shape = {D.shape}")
 
 
+def _input_width(B, D) -> int | None:
+    """``p`` of input weights ``B (..., n, p)`` and/or ``D (..., m, p)``; ``None`` for neither."""
+    weights = B if B is not None else D
+    return None if weights is None else weights.shape[-1]
+
+
 def _check_inputs(model, inputs, T: int) -> None:
-    """Static checks of ``inputs (..., T, p)`` against a discrete model's ``B``, ``D``.
+    """Static checks of ``inputs (..., T, p)`` against a model's ``B``, ``D`` (its
+    ``input_dim``).
 
     Raises:
         ValueError: inputs without input weights or the reverse, or a wrong length or width
@@ -462,8 +468,10 @@ def _check_inputs(model, inputs, T: int) -> None:
 
 
 def _with_inputs(model, inputs=None):
-    """ONE model with its inputs ``u (T, p)`` folded into time-varying offsets:
-    ``b[k] + B[k] u[k]``, ``d[k] + D[k] u[k]`` (then ``B = D = None``); unchanged without."""
+    """The model with its inputs ``u (T, p)`` folded into time-varying offsets:
+    ``b[k] + B[k] u[k]``, ``d[k] + D[k] u[k]`` (then ``B = D = None``); unchanged without.
+    For one model; leading axes of ``u`` become batch axes of the offsets when ``B`` and ``D``
+    have none (as in ``ContinuousLinearSSM.to_discrete``)."""
     if inputs is None:
         return model
     changes = {"B": None, "D": None}
@@ -660,12 +668,13 @@ def _as_discrete(model, times, inputs=None):
 
 
 def _series_arguments(model, batch_shape: tuple, y, inputs=None) -> tuple:
-    """``y`` (and ``inputs``, cast to the model's dtype, if given) broadcast to
+    """``y`` (and ``inputs``, cast to the dtype of model and ``y``, if given) broadcast to
     ``batch_shape``: the per-member arguments :func:`_map_batch` maps with the model."""
-    args = (jnp.broadcast_to(y, batch_shape + jnp.shape(y)[-2:]),)
+    y = jnp.asarray(y)
+    args = (jnp.broadcast_to(y, batch_shape + y.shape[-2:]),)
     if inputs is None:
         return args
-    inputs = jnp.asarray(inputs).astype(model.F.dtype)
+    inputs = jnp.asarray(inputs).astype(jnp.result_type(model.F.dtype, y.dtype))
     return args + (jnp.broadcast_to(inputs, batch_shape + inputs.shape[-2:]),)
 
 
