@@ -19,6 +19,7 @@ from statespace._fit import (
 )
 from statespace._kalman import FilterResult, kalman_filter, log_likelihood
 from statespace._model import DiscretizableModel, LinearGaussianSSM
+from statespace._nonlinear import NonlinearSDE
 from statespace._predict import Prediction, predict
 from statespace._smoother import SmootherResult, rts_smoother, sample_posterior
 from statespace._xla_flags import enable_small_loop_compilation
@@ -33,6 +34,7 @@ __all__ = [
     "FilterResult",
     "FitResult",
     "LinearGaussianSSM",
+    "NonlinearSDE",
     "Prediction",
     "SmootherResult",
     "covariance",

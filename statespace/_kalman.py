@@ -24,6 +24,7 @@ from statespace._model import (
     _steps_params,
     _with_inputs,
 )
+from statespace._nonlinear import NonlinearSDE, nonlinear_pass
 from statespace._parallel import parallel_filter
 from statespace._sequential import filter_log_likelihoods, filter_moments
 from statespace._steps import FilterResult, _check_form, _reject
@@ -157,9 +158,29 @@ def _run_total(model, y, times, form, parallel, gradient, inputs):
     return _reject(total, ~jnp.asarray(ok), *_float_leaves(model))
 
 
+def _nonlinear_options(model, method, substeps, **linear_only):
+    """``(method, substeps)`` with their defaults for a :class:`NonlinearSDE`.
+
+    Raises:
+        ValueError: ``method``/``substeps`` for a linear model, or an option of the linear
+            filters (``inputs``, ``parallel``, ``gradient="adjoint"``) for a nonlinear one.
+    """
+    if not isinstance(model, NonlinearSDE):
+        if method is not None or substeps is not None:
+            raise ValueError("method and substeps apply to a NonlinearSDE only; got "
+                             f"method={method!r}, substeps={substeps!r} for a {type(model).__name__}")
+        return None
+    given = {k: v for k, v in linear_only.items() if v not in (None, False, "autodiff")}
+    if given:
+        raise ValueError(f"a NonlinearSDE does not take {sorted(given)} (inputs enter through the "
+                         "drift's t and params; gradients are autodiff through the filter)")
+    return ("ekf" if method is None else method), (1 if substeps is None else substeps)
+
+
 @full_precision
 def kalman_filter(
-    model, y, times=None, *, inputs=None, form: str = "cov", parallel: bool = False
+    model, y, times=None, *, inputs=None, form: str = "cov", parallel: bool = False,
+    method: str | None = None, substeps: int | None = None,
 ) -> FilterResult:
     r"""Kalman filter: log-likelihood and filtered / one-step-predicted state moments.
 
@@ -229,6 +250,10 @@ def kalman_filter(
         parallel: use the associative-scan filter (Särkkä & García-Fernández 2021):
             O(log T) depth, the same numbers; it pays off on
             GPU/TPU, not on CPU. Not available with diffuse initialisation.
+        method: for a :class:`NonlinearSDE` only: ``"ekf"`` (default; local linearisation of
+            the drift, linearised observation update) or ``"ukf"`` (sigma-point observation
+            update); see ``statespace/_nonlinear.py``.
+        substeps: for a :class:`NonlinearSDE` only: relinearisations per interval (default 1).
 
     Returns:
         A :class:`FilterResult`.
@@ -267,6 +292,9 @@ def kalman_filter(
         >>> bool(np.isclose(kalman_filter(pushed, y, inputs=u).log_likelihood, dense))
         True
     """
+    options = _nonlinear_options(model, method, substeps, inputs=inputs, parallel=parallel)
+    if options is not None:
+        return nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form).result
     return _run_moments(model, y, times, form, parallel, inputs)
 
 
@@ -292,7 +320,8 @@ def log_likelihood(model, y, times=None, **kwargs):
         y: observations ``(..., T, m)``, NaN = missing.
         times: observation times, continuous-time models only.
         **kwargs: ``inputs`` (as in :func:`kalman_filter`), ``form="cov" | "sqrt"``,
-            ``parallel``, ``gradient="adjoint" | "autodiff"``.
+            ``parallel``, ``gradient="adjoint" | "autodiff"``; for a :class:`NonlinearSDE`
+            ``method`` and ``substeps`` (as in :func:`kalman_filter`; autodiff gradients).
 
     Returns:
         The log-likelihood (scalar, or the batch shape).
@@ -319,8 +348,14 @@ def log_likelihood(model, y, times=None, **kwargs):
         >>> round(float(grad(model.F)[0, 0]), 6), bool(np.allclose(grad(model.F), auto(model.F)))
         (-0.21144, True)
     """
-    unknown = set(kwargs) - {"inputs", "form", "parallel", "gradient"}
+    unknown = set(kwargs) - {"inputs", "form", "parallel", "gradient", "method", "substeps"}
     if unknown:
         raise TypeError(f"log_likelihood got unexpected keyword arguments {sorted(unknown)}")
+    options = _nonlinear_options(model, kwargs.get("method"), kwargs.get("substeps"),
+                                 inputs=kwargs.get("inputs"), parallel=kwargs.get("parallel"),
+                                 gradient=kwargs.get("gradient"))
+    if options is not None:
+        return nonlinear_pass(model, y, times, method=options[0], substeps=options[1],
+                              form=kwargs.get("form", "cov")).result.log_likelihood
     return _run_total(model, y, times, kwargs.get("form", "cov"), kwargs.get("parallel", False),
                       kwargs.get("gradient", "adjoint"), kwargs.get("inputs"))

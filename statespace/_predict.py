@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from rules._checks import as_float_array
 from rules._precision import full_precision
 from statespace._model import _as_discrete
+from statespace._nonlinear import NonlinearSDE, observation_moments
 from statespace._smoother import rts_smoother
 
 __all__ = ["Prediction", "predict"]
@@ -65,7 +66,8 @@ def _merged_inputs(inputs, new_inputs, T: int, N: int, order):
 
 
 @full_precision
-def predict(model, y, times, new_times, *, inputs=None, new_inputs=None) -> Prediction:
+def predict(model, y, times, new_times, *, inputs=None, new_inputs=None,
+            method: str | None = None, substeps: int | None = None) -> Prediction:
     """Predictive means and covariances at arbitrary ``new_times`` (inside or beyond the data).
 
     Method: the new times are merged with the observation times (stable sort; a new time equal
@@ -89,6 +91,10 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None) -> Pred
         new_times: ``(N,)`` times at which to predict (any order; duplicates allowed).
         inputs: ``(T, p)`` inputs at ``times``, for a model with input weights.
         new_inputs: ``(N, p)`` inputs at ``new_times`` (required with ``inputs``).
+        method, substeps: for a :class:`statespace.NonlinearSDE` (as in
+            :func:`statespace.kalman_filter`): the extended RTS smoother on the merged series;
+            the observation moments come from the update's linearisation at the predicted
+            state (``h(m)``, ``H P Hᵀ + R`` for ``"ekf"``; the cubature rule's for ``"ukf"``).
 
     Returns:
         :class:`Prediction` with state and observation means and covariances, in the order of
@@ -135,6 +141,13 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None) -> Pred
     new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
     all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
     order = jnp.argsort(all_times, stable=True)
+    if isinstance(model, NonlinearSDE):
+        if inputs is not None or new_inputs is not None:
+            raise ValueError("a NonlinearSDE takes no inputs (they enter through the drift's t and params)")
+        return _predict_nonlinear(model, y, all_times, order, bad, method or "ekf",
+                                  1 if substeps is None else substeps)
+    if method is not None or substeps is not None:
+        raise ValueError("method and substeps apply to a NonlinearSDE only")
     merged_inputs = _merged_inputs(inputs, new_inputs, T, N, order)
     disc, ok = _as_discrete(model, all_times[order], merged_inputs)
     H, R, d = disc.H, disc.R, disc.d
@@ -157,3 +170,22 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None) -> Pred
     obs_means = means @ H.T.astype(dtype) + d.astype(dtype)
     obs_covs = H.astype(dtype) @ covs @ H.T.astype(dtype) + R.astype(dtype)
     return Prediction(means, covs, obs_means, 0.5 * (obs_covs + jnp.swapaxes(obs_covs, -1, -2)))
+
+
+def _predict_nonlinear(model, y, all_times, order, bad, method, substeps) -> Prediction:
+    """:func:`predict` for a :class:`NonlinearSDE`: the extended smoother on the merged series
+    (``bad`` marks non-finite new times, already replaced by a finite one)."""
+    T, m = y.shape[0], model.obs_dim
+    if y.shape[1] != m:
+        raise ValueError(f"y must be (T, m) = (T, {m}); got y.shape = {y.shape}")
+    N = all_times.shape[0] - T
+    dtype = jnp.result_type(y, all_times, model.dtype)
+    all_y = jnp.concatenate([y.astype(dtype), jnp.full((N, m), jnp.nan, dtype)])
+    sorted_times = all_times[order].astype(dtype)
+    smoothed = rts_smoother(model, all_y[order], sorted_times, method=method, substeps=substeps)
+    position = jnp.argsort(order)[T:]
+    bad = bad | ~jnp.isfinite(smoothed.log_likelihood)
+    means = jnp.where(bad[:, None], jnp.nan, smoothed.smoothed_means[position])
+    covs = jnp.where(bad[:, None, None], jnp.nan, smoothed.smoothed_covs[position])
+    obs_means, obs_covs = observation_moments(model, means, covs, sorted_times[position], method)
+    return Prediction(means, covs, obs_means, obs_covs)

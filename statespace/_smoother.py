@@ -34,6 +34,7 @@ from statespace._model import (
     _series_arguments,
     _with_inputs,
 )
+from statespace._nonlinear import NonlinearSDE, nonlinear_pass
 from statespace._parallel import parallel_filter, parallel_smoother
 from statespace._steps import _check_form, _psd_cholesky, _reject, _symmetrise
 
@@ -204,7 +205,8 @@ def _filtered_chols(result):
 
 @full_precision
 def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
-                 parallel: bool = False) -> SmootherResult:
+                 parallel: bool = False, method: str | None = None,
+                 substeps: int | None = None) -> SmootherResult:
     """Rauch–Tung–Striebel smoother: moments of every state given all observations.
 
     Runs :func:`statespace.kalman_filter` forward, then the backward recursion (Särkkä 2013,
@@ -241,6 +243,11 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
         parallel: parallel-in-time filter and smoother (associative scans, Särkkä &
             García-Fernández 2021): O(log T) depth, for GPU/TPU;
             slower than the sequential passes on CPU. No exact diffuse initialisation.
+        method, substeps: for a :class:`statespace.NonlinearSDE` (as in
+            :func:`statespace.kalman_filter`): the extended RTS smoother, the backward
+            recursion above with ``F_k``, ``Q_k`` the filter's linearised transition over
+            ``[t_k, t_{k+1}]`` (its substeps composed) and its predicted moments (Särkkä 2013,
+            §9.1).
 
     Returns:
         SmootherResult with ``smoothed_means (T, n)``, ``smoothed_covs (T, n, n)``,
@@ -272,6 +279,17 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
         True
     """
     _check_form(form)
+    if isinstance(model, NonlinearSDE):
+        if inputs is not None or parallel:
+            raise ValueError("a NonlinearSDE does not take inputs or parallel=True")
+        passes = nonlinear_pass(model, y, times, method=method or "ekf",
+                                substeps=1 if substeps is None else substeps, form=form)
+        backward = lambda p: _smooth(p.result, p.F, p.Q, form, False, None, None)  # noqa: E731
+        for _ in range(passes.F.ndim - 3):
+            backward = jax.vmap(backward)
+        return backward(passes)
+    if method is not None or substeps is not None:
+        raise ValueError("method and substeps apply to a NonlinearSDE only")
     model, ok, batch, args = _discrete_series(model, y, times, inputs)
     out = _map_batch(
         lambda mdl, obs, *u: _rts_single(_with_inputs(mdl, *u), obs, form, bool(parallel)),
@@ -282,11 +300,17 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
 def _rts_single(model, y, form, parallel):
     T = y.shape[0]
     result = _run_filter(model, y, form, parallel)
+    return _smooth(result, _per_step("F", model.F, T), _per_step("Q", model.Q, T), form,
+                   parallel, model, y)
+
+
+def _smooth(result, F, Q, form, parallel, model, y):
+    """The backward pass over a filter's ``result`` with transitions ``F``, ``Q`` (T, n, n)
+    (``model`` and ``y`` only for the parallel smoother)."""
+    T = F.shape[0]
     if T == 0:  # nothing to smooth
         return SmootherResult(result.filtered_means, result.filtered_covs, result.filtered_covs,
                               result.log_likelihood, result.filtered_means, result.filtered_covs)
-    F = _per_step("F", model.F, T)
-    Q = _per_step("Q", model.Q, T)
     fm, fP = result.filtered_means, result.filtered_covs
     pm, pP = result.predicted_means, result.predicted_covs
     if T == 1:

@@ -353,11 +353,18 @@ def _update_cov(mean, P, Hm, Rm, v, A=None):
     Returns:
         An :class:`Update`.
     """
-    n = P.shape[-1]
     HP = _mm(Hm, P)
     S = _mm(HP, Hm.T) + Rm
+    return _update_cov_moments(mean, P, HP, S, v, None if A is None else _mm(Hm, A))
+
+
+def _update_cov_moments(mean, P, HP, S, v, HA=None):
+    """:func:`_update_cov` given ``HP = H P (m, n)`` and ``S = H P Hᵀ + R (m, m)`` (masked),
+    and ``HA = H A`` for diffuse states (or None): also the update of a statistically
+    linearised observation (sigma points), where only these moments exist."""
+    n = P.shape[-1]
     finite = jnp.isfinite(S).all()
-    parts = [HP, v[:, None]] + ([_mm(Hm, A)] if A is not None else [])
+    parts = [HP, v[:, None]] + ([HA] if HA is not None else [])
     diag, sol = _chol_solve(S, jnp.concatenate(parts, axis=1))
     W, e, E = sol[:, :n], sol[:, n], sol[:, n + 1:]
     G = W.T
@@ -378,18 +385,27 @@ def _update_sqrt(mean, L_pred, H, Hm, Rm, v, A=None):
     Returns:
         An :class:`Update` whose ``cov`` is the lower factor ``L_f``.
     """
-    n, m = L_pred.shape[-1], Hm.shape[0]
+    upd = _update_sqrt_loadings(mean, L_pred, _mm(Hm, L_pred), Rm, v,
+                                None if A is None else _mm(Hm, A))
+    finite = jnp.isfinite(Rm).all() & jnp.isfinite(L_pred).all() & jnp.isfinite(H).all()
+    return upd._replace(finite=finite)
+
+
+def _update_sqrt_loadings(mean, L_pred, HL, Rm, v, HA=None):
+    """:func:`_update_sqrt` given ``HL = H L (m, n)`` (masked) and ``HA = H A`` (or None):
+    also the update of a statistically linearised observation (sigma points), whose ``H L``
+    is known without ``H``. Its ``finite`` is None: the caller knows which inputs to test."""
+    n, m = L_pred.shape[-1], HL.shape[0]
     LR = _psd_cholesky(Rm)
-    top = jnp.concatenate([_mm(Hm, L_pred), LR], axis=1)
+    top = jnp.concatenate([HL, LR], axis=1)
     bottom = jnp.concatenate([L_pred, jnp.zeros((n, m), L_pred.dtype)], axis=1)
     T_ = tria(jnp.concatenate([top, bottom], axis=0))
     L_S, G, L_f = T_[:m, :m], T_[m:, :m], T_[m:, m:]
-    rhs = v[:, None] if A is None else jnp.concatenate([v[:, None], _mm(Hm, A)], axis=1)
+    rhs = v[:, None] if HA is None else jnp.concatenate([v[:, None], HA], axis=1)
     sol = _solve_lower(L_S, rhs)
     e, E = sol[:, 0], sol[:, 1:]
     mean_f = mean + _mm(G, e)
-    finite = jnp.isfinite(Rm).all() & jnp.isfinite(L_pred).all() & jnp.isfinite(H).all()
-    return Update(mean_f, L_f, G, e, E, jnp.diagonal(L_S), finite)
+    return Update(mean_f, L_f, G, e, E, jnp.diagonal(L_S), None)
 
 
 def _log_likelihood_term(e, diag, w):

@@ -42,9 +42,10 @@ from statespace._model import (
     _map_batch,
     _model_batch_shape,
 )
+from statespace._nonlinear import METHODS, NonlinearSDE
 from statespace._steps import _check_form
 
-__all__ = ["LinearGaussianStateSpace"]
+__all__ = ["LinearGaussianStateSpace", "NonlinearStateSpace"]
 
 def _is_discrete(model) -> bool:
     return isinstance(model, LinearGaussianSSM)
@@ -386,3 +387,76 @@ class LinearGaussianStateSpace(Distribution):
 # dispatch the filter op by op (under an outer jit, e.g. in MCMC, these are simply inlined).
 _jit_log_prob = jax.jit(lambda dist, value: dist._log_prob(value))
 _jit_sample = jax.jit(lambda dist, key, shape: dist._sample(key, shape), static_argnums=2)
+
+
+class NonlinearStateSpace(Distribution):
+    """The observations ``y (T, m)`` of a :class:`statespace.NonlinearSDE` at ``times``, with
+    the local-linearisation (extended or sigma-point) Kalman filter's log-likelihood as the
+    density: the approximate marginal likelihood with the states integrated out, so NUTS
+    samples only the parameters.
+
+    ``log_prob`` is ``statespace.log_likelihood(model, y, times, method=..., substeps=...)``
+    (``-inf`` for a model the filter rejects, so a sampler rejects the point); NaN entries of
+    ``y`` are missing. ``sample`` draws paths with :meth:`statespace.NonlinearSDE.simulate`
+    (``sample_substeps`` substeps per interval) and observes them. Leading axes of ``y``
+    are series sharing the model and ``times`` (the log-probability has their shape).
+
+    Args:
+        model: a :class:`statespace.NonlinearSDE`.
+        times: ``(T,)`` observation times.
+        method: ``"ekf"`` or ``"ukf"``.
+        substeps: relinearisations per interval in the filter.
+        form: ``"cov"`` or ``"sqrt"``.
+        sample_substeps: substeps per interval when sampling (default ``substeps``).
+
+    Raises:
+        TypeError: a model that is not a ``NonlinearSDE``.
+        ValueError: bad ``times``, ``method``, ``form`` or ``substeps``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, statespace
+        >>> from statespace.numpyro import NonlinearStateSpace
+        >>> sde = statespace.NonlinearSDE(lambda x, t, p: -p * jnp.sin(x), 0.1 * jnp.eye(1),
+        ...                               lambda x, t, p: x, 0.01 * jnp.eye(1), jnp.zeros(1),
+        ...                               jnp.eye(1), params=jnp.array(1.5))
+        >>> d = NonlinearStateSpace(sde, jnp.linspace(0.0, 2.0, 5))
+        >>> y = d.sample(jax.random.key(0))
+        >>> y.shape, d.event_shape
+        ((5, 1), (5, 1))
+        >>> bool(np.isclose(d.log_prob(y), statespace.log_likelihood(sde, y, d.times)))
+        True
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+    pytree_data_fields = ("model", "times")
+    pytree_aux_fields = ("method", "substeps", "form", "sample_substeps")
+
+    def __init__(self, model, times, *, method: str = "ekf", substeps: int = 1,
+                 form: str = "cov", sample_substeps: int | None = None,
+                 validate_args: bool | None = None):
+        if not isinstance(model, NonlinearSDE):
+            raise TypeError(f"expected a statespace.NonlinearSDE; got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        _check_form(form)
+        times = jnp.asarray(times)
+        if times.ndim != 1:
+            raise ValueError(f"times must have shape (T,); got times.shape = {times.shape}")
+        self.model, self.times = model, times
+        self.method, self.substeps, self.form = method, substeps, form
+        self.sample_substeps = substeps if sample_substeps is None else sample_substeps
+        super().__init__(batch_shape=(), event_shape=(times.shape[0], model.obs_dim),
+                         validate_args=validate_args)
+
+    def log_prob(self, value):
+        return log_likelihood(self.model, value, self.times, method=self.method,
+                              substeps=self.substeps, form=self.form)
+
+    def sample(self, key, sample_shape=()):
+        def one(k):
+            return self.model.simulate(k, self.times, self.sample_substeps)[1]
+
+        keys = jax.random.split(key, math.prod(sample_shape)) if sample_shape else key[None]
+        draws = jax.vmap(one)(keys)
+        return draws.reshape(tuple(sample_shape) + self.event_shape)

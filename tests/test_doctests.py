@@ -43,6 +43,7 @@ DOCTEST_MODULES = [
     "statespace._fit",
     "statespace._kalman",
     "statespace._model",
+    "statespace._nonlinear",
     "statespace._parallel",
     "statespace._predict",
     "statespace._sequential",

@@ -1,0 +1,503 @@
+r"""Nonlinear SDEs observed at irregular times: local-linearisation Kalman filtering.
+
+The model (:class:`NonlinearSDE`)::
+
+    dx = f(x, t, θ) dt + dW,   Cov(dW) = Q(x, t, θ) dt,
+    y_k = h(x(t_k), t_k, θ) + v_k,   v_k ~ N(0, R),   x(t_0) ~ N(m0, P0).
+
+**Prediction** (local linearisation: Ozaki 1992, "A bridge between nonlinear time series
+models and nonlinear stochastic dynamical systems: a local linearization approach", Statistica
+Sinica 2; Jimenez & Biscay 2002, Stoch. Anal. Appl. 20(4); Särkkä & Solin 2019, "Applied
+Stochastic Differential Equations", §9.3). Over a substep of length ``h`` from the moments
+``(m, P)`` the drift is replaced by its linearisation at the mean,
+``f(x) ≈ f(m) + J (x − m)`` with ``J = ∂f/∂x(m)``, and that linear SDE is solved exactly::
+
+    m⁺ = m + Ψ f(m),   Ψ = ∫_0^h e^{Js} ds,
+    P⁺ = F P Fᵀ + Qd,  F = e^{Jh},  Qd = ∫_0^h e^{Js} Q(m) e^{Jᵀs} ds.
+
+For a linear drift ``f(x) = A x + b`` this is the exact discretisation (``Ψ A = F − I``, so
+``m + Ψ (A m + b) = F m + Ψ b``, singular ``A`` included). The three come from one exponential
+of a ``(2n+1)``-square block (Van Loan 1978, with a row for the drift)::
+
+    exp(τ [[−J, Q, 0], [0, Jᵀ, 0], [0, fᵀ, 0]]) = [[e^{−Jτ}, G, 0], [0, F(τ)ᵀ, 0], [0, (Ψ(τ) f)ᵀ, 1]],
+    Qd(τ) = F(τ) G,
+
+computed by ``rules.expm`` (derivative rules on the solution: Fréchet derivative forward, its
+adjoint in reverse) at ``τ = h / 2^K`` and brought to ``h`` by ``K`` exact doublings
+``Qd ← F Qd Fᵀ + Qd``, ``Ψf ← F Ψf + Ψf``, ``F ← F²``: the block's ``e^{−Jτ}`` then stays
+finite for ``h ‖J‖`` up to about ``2^K · 700`` in float64 (``2^K · 88`` in float32), at the cost
+of ``K`` products (``rules.expm`` takes correspondingly fewer squarings). Longer intervals are
+split into ``substeps`` equal substeps, each relinearised at its own mean; as ``substeps``
+grows the moments converge to those of the continuous-discrete EKF's moment equations
+``dm/dt = f(m)``, ``dP/dt = J(m) P + P J(m)ᵀ + Q(m)`` (``tests/statespace/test_nonlinear.py``
+measures the order).
+
+**Update** at ``t_k``: ``method="ekf"`` linearises ``h`` at the predicted mean
+(``H = ∂h/∂x(m)``, innovation ``y − h(m)``) and applies the linear update of
+``statespace._steps``. ``method="ukf"`` uses sigma points ``X_i = m + L ξ_i`` (``L Lᵀ = P``,
+``ξ = ±√n e_j``: the third-degree spherical-radial cubature rule, Arasaratnam & Haykin 2009,
+i.e. the unscented transform with ``α = 1, β = 0, κ = 0``): with ``Y_i = h(X_i)``,
+``ŷ = mean Y_i``, ``Ξ = (1/2n) Σ ξ_i (Y_i − ŷ)ᵀ`` and ``S_y = (1/2n) Σ (Y_i − ŷ)(Y_i − ŷ)ᵀ``
+the observation is statistically linearised as ``H L = Ξᵀ`` with noise ``R + S_y − ΞᵀΞ``
+(positive semi-definite), and the same linear update gives the UKF's
+``S = S_y + R``, ``C = L Ξ``, ``m_f = m + C S⁻¹ (y − ŷ)``, ``P_f = P − C S⁻¹ Cᵀ``. Missing
+entries (NaN) are masked as in the linear filter.
+
+Derivatives: everything is ``jax`` code plus ``rules.expm``, so ``jax.grad``, ``jax.jvp`` and
+higher orders work through the scan (``J`` is ``jax.jacfwd`` of the drift: a gradient
+differentiates it once more).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import rules
+from rules import tria
+from rules._checks import as_float_array
+from rules._precision import full_precision
+from statespace._model import _indefinite
+from statespace._steps import (
+    FilterResult,
+    _check_form,
+    _log_likelihood_term,
+    _mask_observation,
+    _psd_cholesky,
+    _reject,
+    _symmetrise,
+    _update_cov,
+    _update_cov_moments,
+    _update_sqrt,
+    _update_sqrt_loadings,
+)
+
+METHODS = ("ekf", "ukf")
+
+# Doublings after the block exponential over h / 2^K (see the module docstring).
+_HALVINGS = 4
+
+
+@jax.tree_util.register_pytree_node_class
+class NonlinearSDE:
+    r"""A nonlinear SDE observed with Gaussian noise at irregular times.
+
+    ::
+
+        dx = drift(x, t, params) dt + dW,   Cov(dW) = Q dt,
+        y_k = observe(x(t_k), t_k, params) + v_k,   v_k ~ N(0, R),   x(t_0) ~ N(m0, P0),
+
+    with ``Q`` a constant matrix or ``diffusion(x, t, params) -> (n, n)`` (evaluated at the
+    filter's mean). Filter with :func:`statespace.log_likelihood`,
+    :func:`statespace.kalman_filter`, :func:`statespace.rts_smoother` and
+    :func:`statespace.predict` (``method="ekf" | "ukf"``, ``substeps``; see
+    ``statespace/_nonlinear.py`` for the local-linearisation scheme); sample with
+    :meth:`simulate`.
+
+    A registered pytree: ``params`` (any pytree of arrays), the matrix ``Q``, ``R``, ``m0`` and
+    ``P0`` are its children (differentiable, ``vmap``-able), the functions its static part.
+
+    Args:
+        drift: ``f(x, t, params) -> (n,)``.
+        diffusion: ``Q (n, n)``, or ``callable(x, t, params) -> (n, n)``.
+        observe: ``h(x, t, params) -> (m,)``.
+        R: ``(m, m)`` observation noise covariance.
+        m0, P0: ``(n,)``, ``(n, n)``: the state at the first observation time.
+        params: the parameters passed to the three functions (a pytree; ``None`` allowed).
+
+    Raises:
+        TypeError: a function argument that is not callable.
+        ValueError: badly shaped ``R``, ``m0``, ``P0`` or matrix ``Q``; a function whose output
+            has the wrong shape (checked with ``jax.eval_shape`` at ``m0``).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import NonlinearSDE, ContinuousLinearSSM, log_likelihood
+        >>> A = jnp.array([[-0.5, 1.0], [-1.0, -0.5]])
+        >>> sde = NonlinearSDE(lambda x, t, p: p @ x, 0.1 * jnp.eye(2),
+        ...                    lambda x, t, p: x[:1], 0.05 * jnp.eye(1),
+        ...                    jnp.zeros(2), jnp.eye(2), params=A)
+        >>> times = jnp.array([0.0, 0.3, 1.1, 1.5])
+        >>> y = jnp.array([[0.2], [0.1], [np.nan], [-0.3]])
+        >>> linear = ContinuousLinearSSM(A, 0.1 * jnp.eye(2), jnp.array([[1.0, 0.0]]),
+        ...                              0.05 * jnp.eye(1), jnp.zeros(2), jnp.eye(2))
+        >>> # a linear drift: the exact continuous-time filter
+        >>> bool(np.isclose(log_likelihood(sde, y, times), log_likelihood(linear, y, times)))
+        True
+    """
+
+    def __init__(self, drift, diffusion, observe, R, m0, P0, *, params=None):
+        for name, fn in (("drift", drift), ("observe", observe)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable as {name}(x, t, params); got {type(fn).__name__}")
+        self.drift, self.observe, self.params = drift, observe, params
+        if callable(diffusion):
+            self.diffusion_fn, self.Q = diffusion, None
+        else:
+            self.diffusion_fn, self.Q = None, as_float_array("Q", diffusion)
+        self.R = as_float_array("R", R)
+        self.m0 = as_float_array("m0", m0)
+        self.P0 = as_float_array("P0", P0)
+        n = self.m0.shape[-1] if self.m0.ndim == 1 else None
+        if n is None:
+            raise ValueError(f"m0 must have shape (n,); got m0.shape = {self.m0.shape}")
+        for name, value, size in (("P0", self.P0, n), ("Q", self.Q, n),
+                                  ("R", self.R, self.R.shape[-1] if self.R.ndim else 0)):
+            if value is not None and value.shape != (size, size):
+                raise ValueError(f"{name} must have shape ({size}, {size}) for n = {n} states "
+                                 f"(m0.shape = {self.m0.shape}); got {name}.shape = {value.shape}")
+        if self.R.ndim != 2:
+            raise ValueError(f"R must have shape (m, m); got R.shape = {self.R.shape}")
+        _check_functions(self)
+
+    def tree_flatten(self):
+        return (self.params, self.Q, self.R, self.m0, self.P0), (self.drift, self.diffusion_fn, self.observe)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.params, obj.Q, obj.R, obj.m0, obj.P0 = children
+        obj.drift, obj.diffusion_fn, obj.observe = aux
+        return obj
+
+    def __repr__(self):
+        return (f"NonlinearSDE(state_dim={self.state_dim}, obs_dim={self.obs_dim}, "
+                f"drift={getattr(self.drift, '__name__', self.drift)!s})")
+
+    @property
+    def state_dim(self) -> int:
+        return self.m0.shape[-1]
+
+    @property
+    def obs_dim(self) -> int:
+        return self.R.shape[-1]
+
+    @property
+    def dtype(self):
+        return jnp.result_type(self.R, self.m0, self.P0, *([] if self.Q is None else [self.Q]))
+
+    def diffusion(self, x, t):
+        """``Q(x, t)`` (symmetrised), the constant matrix when there is one."""
+        Q = self.Q if self.diffusion_fn is None else self.diffusion_fn(x, t, self.params)
+        return _symmetrise(jnp.asarray(Q, x.dtype))
+
+    def replace(self, **changes) -> "NonlinearSDE":
+        """A copy with some children replaced (``params``, ``Q``, ``R``, ``m0``, ``P0``)."""
+        children, aux = self.tree_flatten()
+        named = dict(zip(("params", "Q", "R", "m0", "P0"), children))
+        unknown = set(changes) - set(named)
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}; NonlinearSDE has {sorted(named)}")
+        named.update(changes)
+        return NonlinearSDE.tree_unflatten(aux, tuple(named.values()))
+
+    def simulate(self, key, times, substeps: int = 1):
+        """Draw a path at ``times`` by the local-linearisation scheme at the sampled state:
+        ``x⁺ ~ N(x + Ψ f(x), Qd(x))`` per substep (exact in law for a linear drift, weak
+        order one otherwise; refine with ``substeps``).
+
+        Args:
+            key: a ``jax.random`` key.
+            times: ``(T,)`` non-decreasing times; ``x[0] ~ N(m0, P0)`` at ``times[0]``.
+            substeps: substeps per interval.
+
+        Returns:
+            ``(states (T, n), observations (T, m))``.
+        """
+        times = _checked_times(times, None)
+        _check_substeps(substeps)
+        dtype = self.dtype
+        n, m = self.state_dim, self.obs_dim
+        T = times.shape[0]
+        k0, k_path, k_obs = jax.random.split(key, 3)
+        x0 = self.m0.astype(dtype) + _psd_cholesky(_symmetrise(self.P0.astype(dtype))) @ jax.random.normal(k0, (n,), dtype)
+        dt = jnp.diff(times.astype(dtype))
+
+        def interval(x, xs):
+            t, h, k = xs
+            for j, kj in enumerate(jax.random.split(k, substeps)):
+                F, Qd, shift, _ = _transition(self, x, t + j * h / substeps, h / substeps)
+                x = x + shift + _psd_cholesky(Qd) @ jax.random.normal(kj, (n,), dtype)
+            return x, x
+
+        _, rest = lax.scan(interval, x0, (times[:-1].astype(dtype), dt, jax.random.split(k_path, max(T - 1, 0))))
+        states = jnp.concatenate([x0[None], rest])[:T]
+        LR = _psd_cholesky(_symmetrise(self.R.astype(dtype)))
+        noise = jax.random.normal(k_obs, (T, m), dtype) @ LR.T
+        means = jax.vmap(lambda x, t: self.observe(x, t, self.params))(states, times.astype(dtype))
+        return states, means + noise
+
+
+def _check_functions(model: NonlinearSDE):
+    """Raises:
+        ValueError: drift, observe or diffusion give an output of the wrong shape at ``m0``.
+    """
+    n, m = model.state_dim, model.obs_dim
+    x = jax.ShapeDtypeStruct((n,), model.dtype)
+    t = jax.ShapeDtypeStruct((), model.dtype)
+    checks = [("drift", model.drift, (n,)), ("observe", model.observe, (m,))]
+    if model.diffusion_fn is not None:
+        checks.append(("diffusion", model.diffusion_fn, (n, n)))
+    for name, fn, shape in checks:
+        out = jax.eval_shape(lambda x_, t_, p: fn(x_, t_, p), x, t, model.params)
+        got = getattr(out, "shape", None)
+        if got != shape:
+            raise ValueError(f"{name}(x, t, params) must return shape {shape} for x.shape = ({n},) "
+                             f"(n = {n} states, m = {m} observed, from m0 and R); got {got}")
+
+
+def _check_substeps(substeps):
+    if not isinstance(substeps, (int, np.integer)) or isinstance(substeps, bool) or substeps < 1:
+        raise ValueError(f"substeps must be a positive integer; got {substeps!r}")
+
+
+def _checked_times(times, T):
+    times = as_float_array("times", times)
+    if times.ndim != 1 or (T is not None and times.shape[0] != T):
+        want = "(T,)" if T is None else f"(T,) = ({T},) as y"
+        raise ValueError(f"times must have shape {want}; got times.shape = {times.shape}")
+    return times
+
+
+# ------------------------------------------------------------------------------------------
+# Step functions
+# ------------------------------------------------------------------------------------------
+
+# Local linearisation over one substep (module docstring):
+#   exp(τ [[−J, Q, 0], [0, Jᵀ, 0], [0, fᵀ, 0]]) = [[·, G, 0], [0, Fᵀ, 0], [0, (Ψf)ᵀ, 1]],
+#   Qd = F G (Van Loan 1978), then K doublings (exact semigroup identities).
+def _transition(model: NonlinearSDE, x, t, h):
+    """``(F, Qd, Ψ f(x), bad)`` of the drift linearised at ``x`` over ``[t, t + h]``; ``bad``
+    flags a non-finite drift or Jacobian, or a clearly indefinite diffusion."""
+    n = x.shape[-1]
+    f = model.drift(x, t, model.params)
+    J = jax.jacfwd(model.drift)(x, t, model.params)
+    Q = model.diffusion(x, t)
+    tau = h / 2.0 ** _HALVINGS
+    zeros = jnp.zeros((n, n), x.dtype)
+    block = jnp.concatenate([
+        jnp.concatenate([-J, Q, jnp.zeros((n, 1), x.dtype)], axis=1),
+        jnp.concatenate([zeros, J.T, jnp.zeros((n, 1), x.dtype)], axis=1),
+        jnp.concatenate([jnp.zeros((1, n), x.dtype), f[None], jnp.zeros((1, 1), x.dtype)], axis=1),
+    ])
+    E = rules.expm(tau * block)
+    F, G, shift = E[n:2 * n, n:2 * n].T, E[:n, n:2 * n], E[2 * n, n:2 * n]
+    Qd = F @ G
+    for _ in range(_HALVINGS):
+        Qd = F @ Qd @ F.T + Qd
+        shift = F @ shift + shift
+        F = F @ F
+    bad = ~(jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(J))) | _indefinite(Q)
+    return F, _symmetrise(Qd), shift, bad
+
+
+def _predict(model: NonlinearSDE, mean, cov, t, dt, substeps: int, sqrt: bool):
+    """The moments at ``t + dt`` from those at ``t`` (``cov`` a lower factor when ``sqrt``),
+    ``substeps`` relinearisations, and the composed transition ``(F, Qd)`` of the linearised
+    SDE over ``dt`` (for the smoother), and a ``bad`` flag."""
+    h = dt / substeps
+    n = mean.shape[-1]
+    F_all, Q_all = jnp.eye(n, dtype=mean.dtype), jnp.zeros((n, n), mean.dtype)
+    bad = jnp.zeros((), bool)
+    for j in range(substeps):
+        F, Qd, shift, bad_j = _transition(model, mean, t + j * h, h)
+        mean = mean + shift
+        if sqrt:
+            cov = tria(jnp.concatenate([F @ cov, _psd_cholesky(Qd)], axis=1))
+        else:
+            cov = _symmetrise(F @ cov @ F.T + Qd)
+        F_all, Q_all = F @ F_all, F @ Q_all @ F.T + Qd
+        bad = bad | bad_j
+    return mean, cov, F_all, _symmetrise(Q_all), bad
+
+
+def _cubature_statistics(model: NonlinearSDE, mean, L, t):
+    """``(ŷ, Ξᵀ = H L, Ω = S_y − ΞᵀΞ)`` of the cubature rule (module docstring)."""
+    n = mean.shape[-1]
+    xi = np.sqrt(n) * np.concatenate([np.eye(n), -np.eye(n)])  # (2n, n)
+    xi = jnp.asarray(xi, mean.dtype)
+    points = mean + xi @ L.T
+    Y = jax.vmap(lambda x: model.observe(x, t, model.params))(points)
+    y_hat = jnp.mean(Y, axis=0)
+    centred = Y - y_hat
+    Xi = xi.T @ centred / (2 * n)  # (n, m)
+    S_y = centred.T @ centred / (2 * n)
+    return y_hat, Xi.T, _symmetrise(S_y - Xi.T @ Xi)
+
+
+def _update(model: NonlinearSDE, mean, cov, y, t, method: str, sqrt: bool):
+    """The update with ``y`` at ``t``: ``(Update, w, bad)`` (``w`` the observed indicator,
+    ``bad`` a non-finite observation function or Jacobian)."""
+    observed = ~jnp.isnan(y)
+    R = _symmetrise(model.R.astype(mean.dtype))
+    if method == "ekf":
+        y_hat = model.observe(mean, t, model.params)
+        H = jax.jacfwd(model.observe)(mean, t, model.params)
+        w, Hm, Rm = _mask_observation(H, R, observed)
+        v = jnp.where(observed, y - y_hat, 0.0)
+        upd = _update_sqrt(mean, cov, H, Hm, Rm, v) if sqrt else _update_cov(mean, cov, Hm, Rm, v)
+        bad = ~(jnp.all(jnp.isfinite(H)) & jnp.all(jnp.isfinite(y_hat)))
+        return upd, w, bad
+    L = cov if sqrt else _psd_cholesky(cov)
+    y_hat, HL, Omega = _cubature_statistics(model, mean, L, t)
+    w, HLm, Rm = _mask_observation(HL, R + Omega, observed)
+    v = jnp.where(observed, y - y_hat, 0.0)
+    if sqrt:
+        upd = _update_sqrt_loadings(mean, cov, HLm, Rm, v)
+        upd = upd._replace(finite=jnp.isfinite(Rm).all() & jnp.isfinite(HLm).all() & jnp.isfinite(cov).all())
+    else:
+        upd = _update_cov_moments(mean, cov, HLm @ L.T, HLm @ HLm.T + Rm, v)
+    bad = ~(jnp.all(jnp.isfinite(y_hat)) & jnp.all(jnp.isfinite(HL)))
+    return upd, w, bad
+
+
+def observation_moments(model: NonlinearSDE, means, covs, times, method: str):
+    """``(E[y], Cov[y])`` of a new observation at ``times (N,)`` given state moments
+    ``means (N, n)``, ``covs (N, n, n)``, by the update's linearisation: ``(h(m), H P Hᵀ + R)``
+    for ``"ekf"``, ``(ŷ, S_y + R)`` of the cubature rule for ``"ukf"``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from statespace import NonlinearSDE
+        >>> from statespace._nonlinear import observation_moments
+        >>> sde = NonlinearSDE(lambda x, t, p: -x, jnp.eye(2), lambda x, t, p: x[:1] ** 2,
+        ...                    0.1 * jnp.eye(1), jnp.zeros(2), jnp.eye(2))
+        >>> means, covs, times = jnp.array([[1.0, 0.0]]), 0.5 * jnp.eye(2)[None], jnp.zeros(1)
+        >>> ekf = observation_moments(sde, means, covs, times, "ekf")  # h = 1, H = [2, 0]
+        >>> [float(v) for v in (ekf[0][0, 0], ekf[1][0, 0, 0])]
+        [1.0, 2.1]
+        >>> ukf = observation_moments(sde, means, covs, times, "ukf")  # E[x²] = 1.5 exactly
+        >>> round(float(ukf[0][0, 0]), 6)
+        1.5
+    """
+    R = _symmetrise(model.R.astype(means.dtype))
+
+    def single(mean, cov, t):
+        if method == "ekf":
+            H = jax.jacfwd(model.observe)(mean, t, model.params)
+            return model.observe(mean, t, model.params), H @ cov @ H.T + R
+        y_hat, HL, Omega = _cubature_statistics(model, mean, _psd_cholesky(_symmetrise(cov)), t)
+        return y_hat, HL @ HL.T + Omega + R
+
+    obs_means, obs_covs = jax.vmap(single)(means, covs, times)
+    return obs_means, _symmetrise(obs_covs)
+
+
+# ------------------------------------------------------------------------------------------
+# Driver: the scan over observation times
+# ------------------------------------------------------------------------------------------
+
+class NonlinearPass(NamedTuple):
+    """The filter over one series: its :class:`FilterResult` and the linearised transitions
+    ``F[k]``, ``Q[k]`` over ``[t_k, t_{k+1}]`` (the extended RTS smoother's; the last is
+    ``(I, 0)``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from statespace import NonlinearSDE
+        >>> from statespace._nonlinear import nonlinear_pass
+        >>> sde = NonlinearSDE(lambda x, t, p: -x, 2.0 * jnp.eye(1), lambda x, t, p: x,
+        ...                    jnp.eye(1), jnp.zeros(1), jnp.eye(1))
+        >>> out = nonlinear_pass(sde, jnp.array([[0.3], [0.1]]), jnp.array([0.0, 1.0]))
+        >>> # the predicted covariance is F P_f Fᵀ + Q over the interval (here exact: linear)
+        >>> P_f, F, Q = out.result.filtered_covs[0], out.F[0], out.Q[0]
+        >>> bool(jnp.allclose(out.result.predicted_covs[1], F @ P_f @ F.T + Q))
+        True
+    """
+
+    result: FilterResult
+    F: jax.Array
+    Q: jax.Array
+
+
+def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPass:
+    sqrt = form == "sqrt"
+    dtype = jnp.result_type(model.dtype, y.dtype, times.dtype)
+    y, times = y.astype(dtype), times.astype(dtype)
+    T, n = y.shape[0], model.state_dim
+    dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), dtype)])[:T]
+    P0 = _symmetrise(model.P0.astype(dtype))
+    cov0 = _psd_cholesky(P0) if sqrt else P0
+
+    def step(carry, xs):
+        mean, cov, failed = carry
+        yk, t, h = xs
+        upd, w, bad_obs = _update(model, mean, cov, yk, t, method, sqrt)
+        ok = jnp.all(jnp.abs(upd.diag) > 0)
+        failed = failed | (upd.finite & ~ok)
+        ll = jnp.where(failed, -jnp.inf, _log_likelihood_term(upd.e, upd.diag, w))
+        mean_next, cov_next, F, Qd, bad_pred = _predict(model, upd.mean, upd.cov, t, h, substeps, sqrt)
+        return (mean_next, cov_next, failed), (ll, bad_obs | bad_pred | (h < 0), mean, cov, upd.mean, upd.cov, F, Qd)
+
+    carry0 = (model.m0.astype(dtype), cov0, jnp.zeros((), bool))
+    _, (ll, bad, pm, pc, fm, fc, F, Qd) = lax.scan(step, carry0, (y, times, dt))
+    invalid = _indefinite(model.R) | _indefinite(model.P0)
+    if model.Q is not None:
+        invalid = invalid | _indefinite(model.Q)
+    bad_steps = (lax.cummax(bad.astype(jnp.int32)) > 0) | invalid
+    leaves = [x for x in jax.tree_util.tree_leaves(model)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    ll = _reject(ll, bad_steps, *leaves)
+    total = _reject(jnp.sum(ll), jnp.any(bad_steps) | invalid, *leaves)
+    full = (lambda L: L @ jnp.swapaxes(L, -1, -2)) if sqrt else (lambda P: P)
+    result = FilterResult(total, ll, fm, full(fc), pm, full(pc),
+                          fc if sqrt else None, pc if sqrt else None)
+    return NonlinearPass(result, F, Qd)
+
+
+def _checked_call(model, y, times, method, substeps, form):
+    """``(y, times)`` checked for the nonlinear filter.
+
+    Raises:
+        ValueError: unknown ``method`` or ``form``, bad ``substeps``, ``y`` not ``(..., T, m)``
+            with the model's ``m``, ``times`` missing or not ``(T,)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    _check_form(form)
+    _check_substeps(substeps)
+    y = as_float_array("y", y)
+    if y.ndim < 2 or y.shape[-1] != model.obs_dim:
+        raise ValueError(f"y must have shape (..., T, m) with m = {model.obs_dim} (R.shape = "
+                         f"{model.R.shape}); got y.shape = {y.shape}")
+    if times is None:
+        raise ValueError("times is required for a NonlinearSDE: the observation times (T,)")
+    return y, _checked_times(times, y.shape[-2])
+
+
+def _over_series(fn, y):
+    """``fn(y_single)`` mapped over the leading axes of ``y (..., T, m)``."""
+    for _ in range(y.ndim - 2):
+        fn = jax.vmap(fn)
+    return fn(y)
+
+
+@full_precision
+def nonlinear_pass(model: NonlinearSDE, y, times, *, method="ekf", substeps=1, form="cov") -> NonlinearPass:
+    """The local-linearisation filter over ``y (..., T, m)`` at ``times (T,)`` with the
+    linearised transitions (see the module docstring); leading axes of ``y`` batch.
+
+    Raises:
+        ValueError: as :func:`_checked_call`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from statespace import NonlinearSDE
+        >>> from statespace._nonlinear import nonlinear_pass
+        >>> sde = NonlinearSDE(lambda x, t, p: -x ** 3, jnp.eye(1), lambda x, t, p: x,
+        ...                    0.1 * jnp.eye(1), jnp.ones(1), jnp.eye(1))
+        >>> out = nonlinear_pass(sde, jnp.array([[1.0], [0.5]]), jnp.array([0.0, 0.2]), substeps=4)
+        >>> out.result.filtered_means.shape, out.F.shape  # F[0]: the linearised e^{J dt}
+        ((2, 1), (2, 1, 1))
+        >>> bool(out.F[0, 0, 0] < 1.0) and bool(jnp.all(out.F[-1] == 1.0))  # the last: dt = 0
+        True
+    """
+    y, times = _checked_call(model, y, times, method, substeps, form)
+    return _over_series(lambda yy: _scan(model, yy, times, method, substeps, form), y)
+
+
+__all__ = ["METHODS", "NonlinearSDE", "NonlinearPass", "nonlinear_pass", "observation_moments"]
