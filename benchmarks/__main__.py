@@ -24,7 +24,8 @@ import jax
 
 from benchmarks._timing import machine_info
 
-AREAS = ["lyap", "expm", "kron", "kalman", "continuous", "gp", "parallel", "nuts", "compile"]
+AREAS = ["lyap", "expm", "kron", "kalman", "continuous", "nonlinear", "gp", "parallel", "nuts",
+         "compile"]
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 
 

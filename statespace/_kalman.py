@@ -170,7 +170,9 @@ def _nonlinear_options(model, method, substeps, **linear_only):
             raise ValueError("method and substeps apply to a NonlinearSDE only; got "
                              f"method={method!r}, substeps={substeps!r} for a {type(model).__name__}")
         return None
-    given = {k: v for k, v in linear_only.items() if v not in (None, False, "autodiff")}
+    given = [name for name, value in linear_only.items()
+             if value is not None and not (name == "parallel" and value is False)
+             and not (name == "gradient" and value == "autodiff")]
     if given:
         raise ValueError(f"a NonlinearSDE does not take {sorted(given)} (inputs enter through the "
                          "drift's t and params; gradients are autodiff through the filter)")

@@ -9,11 +9,17 @@ The model (:class:`NonlinearSDE`)::
 models and nonlinear stochastic dynamical systems: a local linearization approach", Statistica
 Sinica 2; Jimenez & Biscay 2002, Stoch. Anal. Appl. 20(4); Särkkä & Solin 2019, "Applied
 Stochastic Differential Equations", §9.3). Over a substep of length ``h`` from the moments
-``(m, P)`` the drift is replaced by its linearisation at the mean,
-``f(x) ≈ f(m) + J (x − m)`` with ``J = ∂f/∂x(m)``, and that linear SDE is solved exactly::
+``(m, P)`` the drift is replaced by its linearisation ``f(x) ≈ f(m) + J (x − m)`` and that
+linear SDE is solved exactly. ``J = ∂f/∂x`` (and a state-dependent ``Q``) is taken at the
+substep's Euler midpoint ``m + (h/2) f(m)``, not at ``m``: over the substep the true
+``J(m(t))`` moves by ``O(h)``, which makes the covariance first order in ``h`` when ``J`` is
+frozen at ``m`` and second order at the midpoint (``tests/statespace/test_nonlinear.py``
+measures order 2.0 against the moment equations solved by SciPy; on a Van der Pol
+oscillator, ``T = 300``, the log-likelihood's error fell from 0.23 to 0.011 at 4 substeps
+and from 0.090 to 1.3e-4 at 8)::
 
     m⁺ = m + Ψ f(m),   Ψ = ∫_0^h e^{Js} ds,
-    P⁺ = F P Fᵀ + Qd,  F = e^{Jh},  Qd = ∫_0^h e^{Js} Q(m) e^{Jᵀs} ds.
+    P⁺ = F P Fᵀ + Qd,  F = e^{Jh},  Qd = ∫_0^h e^{Js} Q e^{Jᵀs} ds.
 
 For a linear drift ``f(x) = A x + b`` this is the exact discretisation (``Ψ A = F − I``, so
 ``m + Ψ (A m + b) = F m + Ψ b``, singular ``A`` included). The three come from one exponential
@@ -27,10 +33,10 @@ adjoint in reverse) at ``τ = h / 2^K`` and brought to ``h`` by ``K`` exact doub
 ``Qd ← F Qd Fᵀ + Qd``, ``Ψf ← F Ψf + Ψf``, ``F ← F²``: the block's ``e^{−Jτ}`` then stays
 finite for ``h ‖J‖`` up to about ``2^K · 700`` in float64 (``2^K · 88`` in float32), at the cost
 of ``K`` products (``rules.expm`` takes correspondingly fewer squarings). Longer intervals are
-split into ``substeps`` equal substeps, each relinearised at its own mean; as ``substeps``
-grows the moments converge to those of the continuous-discrete EKF's moment equations
-``dm/dt = f(m)``, ``dP/dt = J(m) P + P J(m)ᵀ + Q(m)`` (``tests/statespace/test_nonlinear.py``
-measures the order).
+split into ``substeps`` equal substeps (a ``lax.scan``: the program does not grow with
+them), each relinearised; as ``substeps`` grows the moments converge to those of the
+continuous-discrete EKF's moment equations ``dm/dt = f(m)``,
+``dP/dt = J(m) P + P J(m)ᵀ + Q(m)``, at second order.
 
 **Update** at ``t_k``: ``method="ekf"`` linearises ``h`` at the predicted mean
 (``H = ∂h/∂x(m)``, innovation ``y − h(m)``) and applies the linear update of
@@ -50,7 +56,7 @@ differentiates it once more).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -271,12 +277,16 @@ def _checked_times(times, T):
 #   exp(τ [[−J, Q, 0], [0, Jᵀ, 0], [0, fᵀ, 0]]) = [[·, G, 0], [0, Fᵀ, 0], [0, (Ψf)ᵀ, 1]],
 #   Qd = F G (Van Loan 1978), then K doublings (exact semigroup identities).
 def _transition(model: NonlinearSDE, x, t, h):
-    """``(F, Qd, Ψ f(x), bad)`` of the drift linearised at ``x`` over ``[t, t + h]``; ``bad``
-    flags a non-finite drift or Jacobian, or a clearly indefinite diffusion."""
+    """``(F, Qd, Ψ f(x), bad)`` over ``[t, t + h]`` of the drift linearised around ``x``
+    with the Jacobian at the substep's midpoint (module docstring); ``bad`` flags a non-finite
+    drift or Jacobian, or a clearly indefinite diffusion."""
     n = x.shape[-1]
     f = model.drift(x, t, model.params)
-    J = jax.jacfwd(model.drift)(x, t, model.params)
-    Q = model.diffusion(x, t)
+    # J and Q at the Euler midpoint (second order in h; at x itself the covariance is first
+    # order: J(m(t)) moves by O(h) over the substep)
+    x_mid, t_mid = x + 0.5 * h * f, t + 0.5 * h
+    J = jax.jacfwd(model.drift)(x_mid, t_mid, model.params)
+    Q = model.diffusion(x_mid, t_mid)
     tau = h / 2.0 ** _HALVINGS
     zeros = jnp.zeros((n, n), x.dtype)
     block = jnp.concatenate([
@@ -301,17 +311,24 @@ def _predict(model: NonlinearSDE, mean, cov, t, dt, substeps: int, sqrt: bool):
     SDE over ``dt`` (for the smoother), and a ``bad`` flag."""
     h = dt / substeps
     n = mean.shape[-1]
-    F_all, Q_all = jnp.eye(n, dtype=mean.dtype), jnp.zeros((n, n), mean.dtype)
-    bad = jnp.zeros((), bool)
-    for j in range(substeps):
+
+    def substep(carry, j):
+        mean, cov, F_all, Q_all, bad = carry
         F, Qd, shift, bad_j = _transition(model, mean, t + j * h, h)
         mean = mean + shift
         if sqrt:
             cov = tria(jnp.concatenate([F @ cov, _psd_cholesky(Qd)], axis=1))
         else:
             cov = _symmetrise(F @ cov @ F.T + Qd)
-        F_all, Q_all = F @ F_all, F @ Q_all @ F.T + Qd
-        bad = bad | bad_j
+        return (mean, cov, F @ F_all, F @ Q_all @ F.T + Qd, bad | bad_j), None
+
+    carry = (mean, cov, jnp.eye(n, dtype=mean.dtype), jnp.zeros((n, n), mean.dtype),
+             jnp.zeros((), bool))
+    if substeps == 1:
+        carry, _ = substep(carry, jnp.zeros((), mean.dtype))
+    else:  # a loop, not unrolled: the program (and its compile time) does not grow with it
+        carry, _ = lax.scan(substep, carry, jnp.arange(substeps, dtype=mean.dtype))
+    mean, cov, F_all, Q_all, bad = carry
     return mean, cov, F_all, _symmetrise(Q_all), bad
 
 
@@ -415,10 +432,12 @@ class NonlinearPass(NamedTuple):
 
 
 def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPass:
+    """The filter over one series ``y (T, m)``: update at ``t_k``, then prediction to
+    ``t_{k+1}``; ``-inf`` (NaN gradient) from the first step that uses a rejected quantity."""
     sqrt = form == "sqrt"
     dtype = jnp.result_type(model.dtype, y.dtype, times.dtype)
     y, times = y.astype(dtype), times.astype(dtype)
-    T, n = y.shape[0], model.state_dim
+    T = y.shape[0]
     dt = jnp.concatenate([jnp.diff(times), jnp.zeros((1,), dtype)])[:T]
     P0 = _symmetrise(model.P0.astype(dtype))
     cov0 = _psd_cholesky(P0) if sqrt else P0
@@ -431,10 +450,13 @@ def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPas
         failed = failed | (upd.finite & ~ok)
         ll = jnp.where(failed, -jnp.inf, _log_likelihood_term(upd.e, upd.diag, w))
         mean_next, cov_next, F, Qd, bad_pred = _predict(model, upd.mean, upd.cov, t, h, substeps, sqrt)
-        return (mean_next, cov_next, failed), (ll, bad_obs | bad_pred | (h < 0), mean, cov, upd.mean, upd.cov, F, Qd)
+        return (mean_next, cov_next, failed), (ll, bad_obs, bad_pred | (h < 0), mean, cov, upd.mean, upd.cov, F, Qd)
 
     carry0 = (model.m0.astype(dtype), cov0, jnp.zeros((), bool))
-    _, (ll, bad, pm, pc, fm, fc, F, Qd) = lax.scan(step, carry0, (y, times, dt))
+    _, (ll, bad_obs, bad_pred, pm, pc, fm, fc, F, Qd) = lax.scan(step, carry0, (y, times, dt))
+    # a bad prediction over [t_k, t_{k+1}] is first used by step k + 1 (the one after the
+    # last observation by none)
+    bad = bad_obs | jnp.concatenate([jnp.zeros((1,), bool), bad_pred[:-1]])[:T]
     invalid = _indefinite(model.R) | _indefinite(model.P0)
     if model.Q is not None:
         invalid = invalid | _indefinite(model.Q)
@@ -447,6 +469,11 @@ def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPas
     result = FilterResult(total, ll, fm, full(fc), pm, full(pc),
                           fc if sqrt else None, pc if sqrt else None)
     return NonlinearPass(result, F, Qd)
+
+
+# Eager calls compile once per model functions, shapes and options (the functions are the
+# model's static part), not once per call.
+_scan_jit = jax.jit(_scan, static_argnums=(3, 4, 5))
 
 
 def _checked_call(model, y, times, method, substeps, form):
@@ -497,7 +524,7 @@ def nonlinear_pass(model: NonlinearSDE, y, times, *, method="ekf", substeps=1, f
         True
     """
     y, times = _checked_call(model, y, times, method, substeps, form)
-    return _over_series(lambda yy: _scan(model, yy, times, method, substeps, form), y)
+    return _over_series(lambda yy: _scan_jit(model, yy, times, method, substeps, form), y)
 
 
 __all__ = ["METHODS", "NonlinearSDE", "NonlinearPass", "nonlinear_pass", "observation_moments"]

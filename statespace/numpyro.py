@@ -42,7 +42,7 @@ from statespace._model import (
     _map_batch,
     _model_batch_shape,
 )
-from statespace._nonlinear import METHODS, NonlinearSDE
+from statespace._nonlinear import METHODS, NonlinearSDE, _check_substeps
 from statespace._steps import _check_form
 
 __all__ = ["LinearGaussianStateSpace", "NonlinearStateSpace"]
@@ -440,6 +440,9 @@ class NonlinearStateSpace(Distribution):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         _check_form(form)
+        _check_substeps(substeps)
+        if sample_substeps is not None:
+            _check_substeps(sample_substeps)
         times = jnp.asarray(times)
         if times.ndim != 1:
             raise ValueError(f"times must have shape (T,); got times.shape = {times.shape}")
