@@ -24,7 +24,7 @@ from statespace._model import (
     _steps_params,
     _with_inputs,
 )
-from statespace._nonlinear import NonlinearSDE, nonlinear_pass
+from statespace._nonlinear import nonlinear_options, nonlinear_pass
 from statespace._parallel import parallel_filter
 from statespace._sequential import filter_log_likelihoods, filter_moments
 from statespace._steps import FilterResult, _check_form, _reject
@@ -158,27 +158,6 @@ def _run_total(model, y, times, form, parallel, gradient, inputs):
     return _reject(total, ~jnp.asarray(ok), *_float_leaves(model))
 
 
-def _nonlinear_options(model, method, substeps, **linear_only):
-    """``(method, substeps)`` with their defaults for a :class:`NonlinearSDE`.
-
-    Raises:
-        ValueError: ``method``/``substeps`` for a linear model, or an option of the linear
-            filters (``inputs``, ``parallel``, ``gradient="adjoint"``) for a nonlinear one.
-    """
-    if not isinstance(model, NonlinearSDE):
-        if method is not None or substeps is not None:
-            raise ValueError("method and substeps apply to a NonlinearSDE only; got "
-                             f"method={method!r}, substeps={substeps!r} for a {type(model).__name__}")
-        return None
-    given = [name for name, value in linear_only.items()
-             if value is not None and not (name == "parallel" and value is False)
-             and not (name == "gradient" and value == "autodiff")]
-    if given:
-        raise ValueError(f"a NonlinearSDE does not take {sorted(given)} (inputs enter through the "
-                         "drift's t and params; gradients are autodiff through the filter)")
-    return ("ekf" if method is None else method), (1 if substeps is None else substeps)
-
-
 @full_precision
 def kalman_filter(
     model, y, times=None, *, inputs=None, form: str = "cov", parallel: bool = False,
@@ -294,7 +273,7 @@ def kalman_filter(
         >>> bool(np.isclose(kalman_filter(pushed, y, inputs=u).log_likelihood, dense))
         True
     """
-    options = _nonlinear_options(model, method, substeps, inputs=inputs, parallel=parallel)
+    options = nonlinear_options(model, method, substeps, inputs=inputs, parallel=parallel)
     if options is not None:
         return nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form).result
     return _run_moments(model, y, times, form, parallel, inputs)
@@ -353,9 +332,9 @@ def log_likelihood(model, y, times=None, **kwargs):
     unknown = set(kwargs) - {"inputs", "form", "parallel", "gradient", "method", "substeps"}
     if unknown:
         raise TypeError(f"log_likelihood got unexpected keyword arguments {sorted(unknown)}")
-    options = _nonlinear_options(model, kwargs.get("method"), kwargs.get("substeps"),
-                                 inputs=kwargs.get("inputs"), parallel=kwargs.get("parallel"),
-                                 gradient=kwargs.get("gradient"))
+    options = nonlinear_options(model, kwargs.get("method"), kwargs.get("substeps"),
+                                inputs=kwargs.get("inputs"), parallel=kwargs.get("parallel"),
+                                gradient=kwargs.get("gradient"))
     if options is not None:
         return nonlinear_pass(model, y, times, method=options[0], substeps=options[1],
                               form=kwargs.get("form", "cov")).result.log_likelihood

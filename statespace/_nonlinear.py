@@ -471,6 +471,38 @@ def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPas
     return NonlinearPass(result, F, Qd)
 
 
+def nonlinear_options(model, method, substeps, **linear_only):
+    """``(method, substeps)`` with their defaults for a :class:`NonlinearSDE`, ``None`` for
+    another model (the front ends' dispatch).
+
+    Raises:
+        ValueError: ``method``/``substeps`` for another model, or an option of the linear
+            filters (``inputs``, ``new_inputs``, ``parallel``, ``gradient="adjoint"``) given for
+            a ``NonlinearSDE``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from statespace import NonlinearSDE
+        >>> from statespace._nonlinear import nonlinear_options
+        >>> sde = NonlinearSDE(lambda x, t, p: -x, jnp.eye(1), lambda x, t, p: x, jnp.eye(1),
+        ...                    jnp.zeros(1), jnp.eye(1))
+        >>> nonlinear_options(sde, None, None, parallel=False), nonlinear_options(object(), None, None)
+        (('ekf', 1), None)
+    """
+    if not isinstance(model, NonlinearSDE):
+        if method is not None or substeps is not None:
+            raise ValueError("method and substeps apply to a NonlinearSDE only; got "
+                             f"method={method!r}, substeps={substeps!r} for a {type(model).__name__}")
+        return None
+    given = [name for name, value in linear_only.items()
+             if value is not None and not (name == "parallel" and value is False)
+             and not (name == "gradient" and value == "autodiff")]
+    if given:
+        raise ValueError(f"a NonlinearSDE does not take {sorted(given)} (inputs enter through the "
+                         "drift's t and params; gradients are autodiff through the filter)")
+    return ("ekf" if method is None else method), (1 if substeps is None else substeps)
+
+
 # Eager calls compile once per model functions, shapes and options (the functions are the
 # model's static part), not once per call.
 _scan_jit = jax.jit(_scan, static_argnums=(3, 4, 5))
@@ -527,4 +559,5 @@ def nonlinear_pass(model: NonlinearSDE, y, times, *, method="ekf", substeps=1, f
     return _over_series(lambda yy: _scan_jit(model, yy, times, method, substeps, form), y)
 
 
-__all__ = ["METHODS", "NonlinearSDE", "NonlinearPass", "nonlinear_pass", "observation_moments"]
+__all__ = ["METHODS", "NonlinearSDE", "NonlinearPass", "nonlinear_options", "nonlinear_pass",
+           "observation_moments"]

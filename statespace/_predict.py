@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from rules._checks import as_float_array
 from rules._precision import full_precision
 from statespace._model import _as_discrete
-from statespace._nonlinear import NonlinearSDE, observation_moments
+from statespace._nonlinear import nonlinear_options, observation_moments
 from statespace._smoother import rts_smoother
 
 __all__ = ["Prediction", "predict"]
@@ -141,13 +141,9 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None,
     new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
     all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
     order = jnp.argsort(all_times, stable=True)
-    if isinstance(model, NonlinearSDE):
-        if inputs is not None or new_inputs is not None:
-            raise ValueError("a NonlinearSDE takes no inputs (they enter through the drift's t and params)")
-        return _predict_nonlinear(model, y, all_times, order, bad, method or "ekf",
-                                  1 if substeps is None else substeps)
-    if method is not None or substeps is not None:
-        raise ValueError("method and substeps apply to a NonlinearSDE only")
+    options = nonlinear_options(model, method, substeps, inputs=inputs, new_inputs=new_inputs)
+    if options is not None:
+        return _predict_nonlinear(model, y, all_times, order, bad, *options)
     merged_inputs = _merged_inputs(inputs, new_inputs, T, N, order)
     disc, ok = _as_discrete(model, all_times[order], merged_inputs)
     H, R, d = disc.H, disc.R, disc.d

@@ -34,7 +34,7 @@ from statespace._model import (
     _series_arguments,
     _with_inputs,
 )
-from statespace._nonlinear import NonlinearSDE, nonlinear_pass
+from statespace._nonlinear import nonlinear_options, nonlinear_pass
 from statespace._parallel import parallel_filter, parallel_smoother
 from statespace._steps import _check_form, _psd_cholesky, _reject, _symmetrise
 
@@ -279,17 +279,13 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
         True
     """
     _check_form(form)
-    if isinstance(model, NonlinearSDE):
-        if inputs is not None or parallel:
-            raise ValueError("a NonlinearSDE does not take inputs or parallel=True")
-        passes = nonlinear_pass(model, y, times, method=method or "ekf",
-                                substeps=1 if substeps is None else substeps, form=form)
+    options = nonlinear_options(model, method, substeps, inputs=inputs, parallel=bool(parallel))
+    if options is not None:
+        passes = nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form)
         backward = lambda p: _smooth(p.result, p.F, p.Q, form, False, None, None)  # noqa: E731
         for _ in range(passes.F.ndim - 3):
             backward = jax.vmap(backward)
         return backward(passes)
-    if method is not None or substeps is not None:
-        raise ValueError("method and substeps apply to a NonlinearSDE only")
     model, ok, batch, args = _discrete_series(model, y, times, inputs)
     out = _map_batch(
         lambda mdl, obs, *u: _rts_single(_with_inputs(mdl, *u), obs, form, bool(parallel)),

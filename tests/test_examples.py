@@ -164,12 +164,3 @@ def test_nonlinear_continuous_smoke_and_likelihood():
     lp = tr["y"]["fn"].log_prob(tr["y"]["value"])
     ref = statespace.log_likelihood(module.build(**params), y, times, substeps=3)
     np.testing.assert_allclose(lp, ref, rtol=1e-12)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_nonlinear_continuous_recovers_the_parameters():
-    """The default run (150 observations, 2 x 300 + 300 NUTS draws): every true value inside
-    its 95 % interval and r-hat < 1.05."""
-    out = load("nonlinear_continuous").main(["--no-progress"])
-    assert out["ok"], (out["covered"], out["max_rhat"])
