@@ -7,7 +7,6 @@ gradient (``statespace._adjoint``) and the parallel filter (``statespace._parall
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from rules._precision import full_precision
@@ -27,7 +26,7 @@ from statespace._model import (
 from statespace._nonlinear import nonlinear_options, nonlinear_pass
 from statespace._parallel import parallel_filter
 from statespace._sequential import filter_log_likelihoods, filter_moments
-from statespace._steps import FilterResult, _check_form, _reject
+from statespace._steps import FilterResult, _check_form, _float_leaves, _reject
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,13 +86,6 @@ def _prepare_run(model, y, times, form, gradient="autodiff", inputs=None):
     if disc.obs_dim == 0:
         disc, y = _unobserved(disc, y)
     return disc, ok, y, inputs
-
-
-def _float_leaves(tree):
-    """The float arrays of ``tree`` (any duck-typed model): what :func:`_reject` gives NaN
-    tangents."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return [x for x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
 def _reject_result(result: FilterResult, bad, bad_steps, leaves) -> FilterResult:

@@ -71,6 +71,7 @@ from statespace._model import _indefinite
 from statespace._steps import (
     FilterResult,
     _check_form,
+    _float_leaves,
     _log_likelihood_term,
     _mask_observation,
     _psd_cholesky,
@@ -461,8 +462,7 @@ def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPas
     if model.Q is not None:
         invalid = invalid | _indefinite(model.Q)
     bad_steps = (lax.cummax(bad.astype(jnp.int32)) > 0) | invalid
-    leaves = [x for x in jax.tree_util.tree_leaves(model)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = _float_leaves(model)
     ll = _reject(ll, bad_steps, *leaves)
     total = _reject(jnp.sum(ll), jnp.any(bad_steps) | invalid, *leaves)
     full = (lambda L: L @ jnp.swapaxes(L, -1, -2)) if sqrt else (lambda P: P)

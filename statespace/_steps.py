@@ -263,6 +263,13 @@ def _symmetrise(P):
     return 0.5 * (P + jnp.swapaxes(P, -1, -2))
 
 
+def _float_leaves(tree):
+    """The float arrays of ``tree`` (any duck-typed model): what :func:`_reject` gives NaN
+    tangents."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return [x for x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
 @jax.custom_jvp
 def _reject(value, bad, *inputs):
     """``value`` with ``-inf`` where ``bad`` (an invalid model); there the tangent is NaN, also
