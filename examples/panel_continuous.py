@@ -149,6 +149,7 @@ def main(argv=None):
                 progress_bar=not args.no_progress)
     start = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(args.seed + 1), jnp.asarray(times), jnp.asarray(y))
+    jax.block_until_ready(mcmc.get_samples())  # run() returns before the draws exist
     seconds = time.perf_counter() - start
     samples = mcmc.get_samples(group_by_chain=True)
     wanted = {k: np.asarray(samples[k]) for k in ("A_pop", "rho", "sigma", "noise")}

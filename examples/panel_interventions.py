@@ -149,6 +149,7 @@ def main(argv=None):
                 progress_bar=not args.no_progress)
     start = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(args.seed + 1), *map(jnp.asarray, (times, inputs, covariate, y)))
+    jax.block_until_ready(mcmc.get_samples())  # run() returns before the draws exist
     seconds = time.perf_counter() - start
     samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
     max_rhat, covered, divergences = report(samples, mcmc, seconds)

@@ -153,7 +153,7 @@ def _run_total(model, y, times, form, parallel, gradient, inputs):
 @full_precision
 def kalman_filter(
     model, y, times=None, *, inputs=None, form: str = "cov", parallel: bool = False,
-    method: str | None = None, substeps: int | None = None,
+    method: str | None = None, substeps: int | None = None, max_step: float | None = None,
 ) -> FilterResult:
     r"""Kalman filter: log-likelihood and filtered / one-step-predicted state moments.
 
@@ -227,6 +227,10 @@ def kalman_filter(
             the drift, linearised observation update) or ``"ukf"`` (sigma-point observation
             update); see ``statespace/_nonlinear.py``.
         substeps: for a :class:`NonlinearSDE` only: relinearisations per interval (default 1).
+        max_step: for a :class:`NonlinearSDE` only, with concrete ``times``: split every gap
+            longer than ``max_step`` into ``ceil(gap / max_step)`` equal parts first, each with
+            ``substeps`` relinearisations (long gaps need them, short ones do not); the result
+            is reported at ``times``.
 
     Returns:
         A :class:`FilterResult`.
@@ -265,9 +269,10 @@ def kalman_filter(
         >>> bool(np.isclose(kalman_filter(pushed, y, inputs=u).log_likelihood, dense))
         True
     """
-    options = nonlinear_options(model, method, substeps, inputs=inputs, parallel=parallel)
+    options = nonlinear_options(model, method, substeps, max_step, inputs=inputs, parallel=parallel)
     if options is not None:
-        return nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form).result
+        return nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form,
+                              max_step=options[2]).result
     return _run_moments(model, y, times, form, parallel, inputs)
 
 
@@ -294,7 +299,8 @@ def log_likelihood(model, y, times=None, **kwargs):
         times: observation times, continuous-time models only.
         **kwargs: ``inputs`` (as in :func:`kalman_filter`), ``form="cov" | "sqrt"``,
             ``parallel``, ``gradient="adjoint" | "autodiff"``; for a :class:`NonlinearSDE`
-            ``method`` and ``substeps`` (as in :func:`kalman_filter`; autodiff gradients).
+            ``method``, ``substeps`` and ``max_step`` (as in :func:`kalman_filter`; autodiff
+            gradients).
 
     Returns:
         The log-likelihood (scalar, or the batch shape).
@@ -321,14 +327,17 @@ def log_likelihood(model, y, times=None, **kwargs):
         >>> round(float(grad(model.F)[0, 0]), 6), bool(np.allclose(grad(model.F), auto(model.F)))
         (-0.21144, True)
     """
-    unknown = set(kwargs) - {"inputs", "form", "parallel", "gradient", "method", "substeps"}
+    unknown = set(kwargs) - {"inputs", "form", "parallel", "gradient", "method", "substeps",
+                             "max_step"}
     if unknown:
         raise TypeError(f"log_likelihood got unexpected keyword arguments {sorted(unknown)}")
     options = nonlinear_options(model, kwargs.get("method"), kwargs.get("substeps"),
+                                kwargs.get("max_step"),
                                 inputs=kwargs.get("inputs"), parallel=kwargs.get("parallel"),
                                 gradient=kwargs.get("gradient"))
     if options is not None:
         return nonlinear_pass(model, y, times, method=options[0], substeps=options[1],
+                              max_step=options[2],
                               form=kwargs.get("form", "cov")).result.log_likelihood
     return _run_total(model, y, times, kwargs.get("form", "cov"), kwargs.get("parallel", False),
                       kwargs.get("gradient", "adjoint"), kwargs.get("inputs"))

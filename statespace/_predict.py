@@ -67,7 +67,8 @@ def _merged_inputs(inputs, new_inputs, T: int, N: int, order):
 
 @full_precision
 def predict(model, y, times, new_times, *, inputs=None, new_inputs=None,
-            method: str | None = None, substeps: int | None = None) -> Prediction:
+            method: str | None = None, substeps: int | None = None,
+            max_step: float | None = None) -> Prediction:
     """Predictive means and covariances at arbitrary ``new_times`` (inside or beyond the data).
 
     Method: the new times are merged with the observation times (stable sort; a new time equal
@@ -91,7 +92,7 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None,
         new_times: ``(N,)`` times at which to predict (any order; duplicates allowed).
         inputs: ``(T, p)`` inputs at ``times``, for a model with input weights.
         new_inputs: ``(N, p)`` inputs at ``new_times`` (required with ``inputs``).
-        method, substeps: for a :class:`statespace.NonlinearSDE` (as in
+        method, substeps, max_step: for a :class:`statespace.NonlinearSDE` (as in
             :func:`statespace.kalman_filter`): the extended RTS smoother on the merged series;
             the observation moments come from the update's linearisation at the predicted
             state (``h(m)``, ``H P Hᵀ + R`` for ``"ekf"``; the cubature rule's for ``"ukf"``).
@@ -141,7 +142,8 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None,
     new_times = jnp.where(bad, times[0] if T else 0.0, new_times)
     all_times = jnp.concatenate([times.astype(dtype), new_times.astype(dtype)])
     order = jnp.argsort(all_times, stable=True)
-    options = nonlinear_options(model, method, substeps, inputs=inputs, new_inputs=new_inputs)
+    options = nonlinear_options(model, method, substeps, max_step, inputs=inputs,
+                                new_inputs=new_inputs)
     if options is not None:
         return _predict_nonlinear(model, y, all_times, order, bad, *options)
     merged_inputs = _merged_inputs(inputs, new_inputs, T, N, order)
@@ -168,7 +170,7 @@ def predict(model, y, times, new_times, *, inputs=None, new_inputs=None,
     return Prediction(means, covs, obs_means, 0.5 * (obs_covs + jnp.swapaxes(obs_covs, -1, -2)))
 
 
-def _predict_nonlinear(model, y, all_times, order, bad, method, substeps) -> Prediction:
+def _predict_nonlinear(model, y, all_times, order, bad, method, substeps, max_step) -> Prediction:
     """:func:`predict` for a :class:`NonlinearSDE`: the extended smoother on the merged series
     (``bad`` marks non-finite new times, already replaced by a finite one)."""
     T, m = y.shape[0], model.obs_dim
@@ -178,7 +180,8 @@ def _predict_nonlinear(model, y, all_times, order, bad, method, substeps) -> Pre
     dtype = jnp.result_type(y, all_times, model.dtype)
     all_y = jnp.concatenate([y.astype(dtype), jnp.full((N, m), jnp.nan, dtype)])
     sorted_times = all_times[order].astype(dtype)
-    smoothed = rts_smoother(model, all_y[order], sorted_times, method=method, substeps=substeps)
+    smoothed = rts_smoother(model, all_y[order], sorted_times, method=method, substeps=substeps,
+                            max_step=max_step)
     position = jnp.argsort(order)[T:]
     bad = bad | ~jnp.isfinite(smoothed.log_likelihood)
     means = jnp.where(bad[:, None], jnp.nan, smoothed.smoothed_means[position])

@@ -206,7 +206,7 @@ def _filtered_chols(result):
 @full_precision
 def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
                  parallel: bool = False, method: str | None = None,
-                 substeps: int | None = None) -> SmootherResult:
+                 substeps: int | None = None, max_step: float | None = None) -> SmootherResult:
     """Rauch–Tung–Striebel smoother: moments of every state given all observations.
 
     Runs :func:`statespace.kalman_filter` forward, then the backward recursion (Särkkä 2013,
@@ -243,7 +243,7 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
         parallel: parallel-in-time filter and smoother (associative scans, Särkkä &
             García-Fernández 2021): O(log T) depth, for GPU/TPU;
             slower than the sequential passes on CPU. No exact diffuse initialisation.
-        method, substeps: for a :class:`statespace.NonlinearSDE` (as in
+        method, substeps, max_step: for a :class:`statespace.NonlinearSDE` (as in
             :func:`statespace.kalman_filter`): the extended RTS smoother, the backward
             recursion above with ``F_k``, ``Q_k`` the filter's linearised transition over
             ``[t_k, t_{k+1}]`` (its substeps composed) and its predicted moments (Särkkä 2013,
@@ -279,9 +279,11 @@ def rts_smoother(model, y, times=None, *, inputs=None, form: str = "cov",
         True
     """
     _check_form(form)
-    options = nonlinear_options(model, method, substeps, inputs=inputs, parallel=bool(parallel))
+    options = nonlinear_options(model, method, substeps, max_step, inputs=inputs,
+                                parallel=bool(parallel))
     if options is not None:
-        passes = nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form)
+        passes = nonlinear_pass(model, y, times, method=options[0], substeps=options[1], form=form,
+                                max_step=options[2])
         backward = lambda p: _smooth(p.result, p.F, p.Q, form, False, None, None)  # noqa: E731
         for _ in range(passes.F.ndim - 3):
             backward = jax.vmap(backward)

@@ -42,7 +42,7 @@ from statespace._model import (
     _map_batch,
     _model_batch_shape,
 )
-from statespace._nonlinear import METHODS, NonlinearSDE, _check_substeps
+from statespace._nonlinear import METHODS, NonlinearSDE, _check_substeps, refined_grid
 from statespace._steps import _check_form
 
 __all__ = ["LinearGaussianStateSpace", "NonlinearStateSpace"]
@@ -395,7 +395,8 @@ class NonlinearStateSpace(Distribution):
     density: the approximate marginal likelihood with the states integrated out, so NUTS
     samples only the parameters.
 
-    ``log_prob`` is ``statespace.log_likelihood(model, y, times, method=..., substeps=...)``
+    ``log_prob`` is ``statespace.log_likelihood(model, y, times, method=..., substeps=...,
+    max_step=...)``
     (``-inf`` for a model the filter rejects, so a sampler rejects the point); NaN entries of
     ``y`` are missing. ``sample`` draws paths with :meth:`statespace.NonlinearSDE.simulate`
     (``sample_substeps`` substeps per interval) and observes them. Leading axes of ``y``
@@ -408,10 +409,13 @@ class NonlinearStateSpace(Distribution):
         substeps: relinearisations per interval in the filter.
         form: ``"cov"`` or ``"sqrt"``.
         sample_substeps: substeps per interval when sampling (default ``substeps``).
+        max_step: split every gap longer than this into ``ceil(gap / max_step)`` equal parts
+            in the filter (see :func:`statespace.kalman_filter`; needs concrete ``times``,
+            as the data given to a NumPyro model are).
 
     Raises:
-        TypeError: a model that is not a ``NonlinearSDE``.
-        ValueError: bad ``times``, ``method``, ``form`` or ``substeps``.
+        TypeError: a model that is not a ``NonlinearSDE``; ``max_step`` with traced ``times``.
+        ValueError: bad ``times``, ``method``, ``form``, ``substeps`` or ``max_step``.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np, statespace
@@ -430,11 +434,11 @@ class NonlinearStateSpace(Distribution):
     arg_constraints = {}
     support = constraints.independent(constraints.real, 2)
     pytree_data_fields = ("model", "times")
-    pytree_aux_fields = ("method", "substeps", "form", "sample_substeps")
+    pytree_aux_fields = ("method", "substeps", "form", "sample_substeps", "max_step")
 
     def __init__(self, model, times, *, method: str = "ekf", substeps: int = 1,
                  form: str = "cov", sample_substeps: int | None = None,
-                 validate_args: bool | None = None):
+                 max_step: float | None = None, validate_args: bool | None = None):
         if not isinstance(model, NonlinearSDE):
             raise TypeError(f"expected a statespace.NonlinearSDE; got {type(model).__name__}")
         if method not in METHODS:
@@ -443,10 +447,14 @@ class NonlinearStateSpace(Distribution):
         _check_substeps(substeps)
         if sample_substeps is not None:
             _check_substeps(sample_substeps)
-        times = jnp.asarray(times)
+        if max_step is None:
+            times = jnp.asarray(times)
+        else:  # its errors now, not at the first log_prob; NumPy: under jit a JAX array made
+            refined_grid(times, max_step)  # here would be traced, and the grid needs values
+            times = np.asarray(times)
         if times.ndim != 1:
             raise ValueError(f"times must have shape (T,); got times.shape = {times.shape}")
-        self.model, self.times = model, times
+        self.model, self.times, self.max_step = model, times, max_step
         self.method, self.substeps, self.form = method, substeps, form
         self.sample_substeps = substeps if sample_substeps is None else sample_substeps
         super().__init__(batch_shape=(), event_shape=(times.shape[0], model.obs_dim),
@@ -454,7 +462,7 @@ class NonlinearStateSpace(Distribution):
 
     def log_prob(self, value):
         return log_likelihood(self.model, value, self.times, method=self.method,
-                              substeps=self.substeps, form=self.form)
+                              substeps=self.substeps, form=self.form, max_step=self.max_step)
 
     def sample(self, key, sample_shape=()):
         def one(k):

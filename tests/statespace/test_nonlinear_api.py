@@ -510,7 +510,8 @@ def test_nonlinear_options_rejected_for_linear_model():
     continuous = statespace.ContinuousLinearSSM(-jnp.eye(1), jnp.eye(1), jnp.eye(1), jnp.eye(1),
                                                 jnp.zeros(1), jnp.eye(1))
     y, times = jnp.ones((3, 1)), jnp.arange(3.0)
-    for kwargs in (dict(method="ekf"), dict(substeps=2), dict(method="ukf", substeps=1)):
+    for kwargs in (dict(method="ekf"), dict(substeps=2), dict(method="ukf", substeps=1),
+                   dict(max_step=0.5)):
         for fn in (statespace.log_likelihood, statespace.kalman_filter, statespace.rts_smoother):
             with pytest.raises(ValueError, match="NonlinearSDE"):
                 fn(linear, y, **kwargs)
