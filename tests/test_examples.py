@@ -113,7 +113,7 @@ def test_panel_likelihood_is_one_vmapped_distribution_equal_to_per_subject_sum()
 @pytest.mark.timeout(600)
 def test_panel_interventions_recovers_the_effects():
     """The default run (40 subjects, 2 x 300 + 300 NUTS draws): every true value inside its
-    95 % interval and r-hat < 1.05 (10 s of sampling here, compile included)."""
+    95 % interval and r-hat < 1.05 (15 s of sampling alone, compile included)."""
     out = load("panel_interventions").main(["--no-progress"])
     assert out["ok"], (out["covered"], out["max_rhat"])
 

@@ -196,6 +196,7 @@ def test_max_step_equals_nan_rows_added_by_hand(form):
                                    rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow  # quick-run time: the test above covers max_step through the front ends
 @pytest.mark.timeout(300)
 def test_max_step_with_equal_gaps_is_substeps():
     """Gaps of 0.5 with max_step 0.2: three parts each, as substeps=3; plus a linear drift,
