@@ -121,6 +121,7 @@ def test_refined_grid_splits_only_the_long_gaps():
     np.testing.assert_array_equal(same, times)
     np.testing.assert_array_equal(rows, np.arange(times.size))
     assert refined_grid(np.zeros(0), 0.1)[0].size == 0
+    np.testing.assert_allclose(refined_grid(np.array([0, 1]), 0.5)[0], [0.0, 0.5, 1.0])
     np.testing.assert_array_equal(refined_grid(np.array([3.0]), 0.1)[1], [0])
     # NaN and decreasing times are left for the filter to reject
     fine, rows = refined_grid(np.array([0.0, np.nan, 1.0, 0.5]), 0.1)
@@ -216,6 +217,14 @@ def test_max_step_with_equal_gaps_is_substeps():
                                            0.05 * jnp.eye(1), jnp.zeros(2), jnp.eye(2))
     np.testing.assert_allclose(statespace.log_likelihood(linear, y, times, max_step=0.15),
                                statespace.log_likelihood(exact, y, times), rtol=1e-12)
+    # predict refines the merged grid: near the many-substep prediction (second order)
+    new_times = np.array([0.25, 1.7, 4.2])
+    fine = statespace.predict(model, y, times, new_times, max_step=0.05)
+    many = statespace.predict(model, y, times, new_times, substeps=16)
+    coarse = statespace.predict(model, y, times, new_times)
+    for name in ("means", "covs"):
+        err = np.max(np.abs(getattr(fine, name) - getattr(many, name)))
+        assert err < 0.1 * np.max(np.abs(getattr(coarse, name) - getattr(many, name))), name
 
 
 @pytest.mark.timeout(300)
