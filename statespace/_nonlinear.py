@@ -132,8 +132,8 @@ class NonlinearSDE:
     with ``Q`` a constant matrix or ``diffusion(x, t, params) -> (n, n)`` (evaluated at the
     filter's mean). Filter with :func:`statespace.log_likelihood`,
     :func:`statespace.kalman_filter`, :func:`statespace.rts_smoother` and
-    :func:`statespace.predict` (``method="ekf" | "ukf"``, ``substeps``; see
-    ``statespace/_nonlinear.py`` for the local-linearisation scheme); sample with
+    :func:`statespace.predict` (``method="ekf" | "ukf"``, ``substeps``, ``max_step`` for the
+    long gaps; see ``statespace/_nonlinear.py`` for the local-linearisation scheme); sample with
     :meth:`simulate`.
 
     A registered pytree: ``params`` (any pytree of arrays), the matrix ``Q``, ``R``, ``m0`` and
