@@ -82,6 +82,7 @@ from rules import tria
 from rules._checks import as_float_array
 from rules._precision import full_precision
 from rules._smallmm import small_matmul
+from statespace._continuous import _compose
 from statespace._model import _indefinite
 from statespace._steps import (
     FilterResult,
@@ -332,9 +333,9 @@ def _substep_expm(block, J_scaled):
     norm = jnp.maximum(jnp.max(jnp.sum(jnp.abs(J_scaled), axis=-2)),
                        jnp.max(jnp.sum(jnp.abs(J_scaled), axis=-1)))
     theta = _TAYLOR_THETA.get(np.dtype(block.dtype), _TAYLOR_THETA[np.dtype(np.float32)])
-    squarings = jnp.clip(jnp.ceil(jnp.log2(norm / theta)), 1, _MAX_SQUARINGS).astype(jnp.int32)
 
     def scaled(block):
+        squarings = jnp.clip(jnp.ceil(jnp.log2(norm / theta)), 1, _MAX_SQUARINGS).astype(jnp.int32)
         out = _taylor16(block * (0.5 ** squarings).astype(block.dtype))
         return lax.fori_loop(0, _MAX_SQUARINGS, lambda i, E: jnp.where(
             i < squarings, small_matmul(E, E), E), out)
@@ -393,8 +394,8 @@ def _predict(model: NonlinearSDE, mean, cov, t, dt, substeps: int, sqrt: bool):
     def substep(carry, j):
         mean, cov, F_all, Q_all, bad = carry
         F, Qd, shift, bad_j = _transition(model, mean, t + j * h, h)
-        return (mean + shift, advance(cov, F, Qd), small_matmul(F, F_all),
-                small_matmul(small_matmul(F, Q_all), F.T) + Qd, bad | bad_j), None
+        F_all, Q_all, _ = _compose((F_all, Q_all, None), (F, Qd, None))
+        return (mean + shift, advance(cov, F, Qd), F_all, Q_all, bad | bad_j), None
 
     if substeps == 1:
         F, Qd, shift, bad = _transition(model, mean, t, h)
@@ -402,8 +403,7 @@ def _predict(model: NonlinearSDE, mean, cov, t, dt, substeps: int, sqrt: bool):
     carry = (mean, cov, jnp.eye(n, dtype=mean.dtype), jnp.zeros((n, n), mean.dtype),
              jnp.zeros((), bool))
     # a loop, not unrolled: the program (and its compile time) does not grow with substeps
-    mean, cov, F_all, Q_all, bad = lax.scan(substep, carry, jnp.arange(substeps, dtype=mean.dtype))[0]
-    return mean, cov, F_all, _symmetrise(Q_all), bad
+    return lax.scan(substep, carry, jnp.arange(substeps, dtype=mean.dtype))[0]
 
 
 def _cubature_statistics(model: NonlinearSDE, mean, L, t):
@@ -626,34 +626,35 @@ def refined_grid(times, max_step):
     return np.append(fine, t[-1]).astype(t.dtype, copy=False), rows
 
 
-# A pass on the refined grid seen at the observation rows: the moments and log-likelihood
-# terms there; each gap's transition is the composition of its pieces' (F ← F_j F,
-# Q ← F_j Q F_jᵀ + Q_j, restarted at each observation row), as ``substeps`` composes them.
-def _coarsen(passed: NonlinearPass, starts, ends, rows) -> NonlinearPass:
+# A pass on the refined grid seen at the observation ``rows``: the moments and log-likelihood
+# terms there; each gap's transition is the composition of its pieces' (restarted at each
+# observation row), as ``substeps`` composes them.
+def _coarsen(passed: NonlinearPass, rows) -> NonlinearPass:
     def compose(carry, xs):
-        F_acc, Q_acc = carry
         F, Q, start = xs
-        F_acc = jnp.where(start, F, small_matmul(F, F_acc))
-        Q_acc = jnp.where(start, Q, small_matmul(small_matmul(F, Q_acc), F.T) + Q)
-        return (F_acc, Q_acc), (F_acc, Q_acc)
+        F_acc, Q_acc, _ = _compose((*carry, None), (F, Q, None))
+        carry = (jnp.where(start, F, F_acc), jnp.where(start, Q, Q_acc))
+        return carry, carry
 
     n = passed.F.shape[-1]
+    starts = jnp.zeros(passed.F.shape[0], bool).at[rows].set(True)
     eye, zeros = jnp.eye(n, dtype=passed.F.dtype), jnp.zeros((n, n), passed.F.dtype)
     F, Q = lax.scan(compose, (eye, zeros), (passed.F, passed.Q, starts))[1]
+    ends = jnp.append(rows[1:] - 1, rows[-1:])  # each gap's last piece (the last row: itself)
     r = passed.result
     at = lambda a: None if a is None else a[rows]  # noqa: E731
     result = FilterResult(r.log_likelihood, *(at(a) for a in r[1:]))
-    return NonlinearPass(result, F[ends], _symmetrise(Q[ends]))
+    return NonlinearPass(result, F[ends], Q[ends])
 
 
-def _refined_scan(model, y, times, starts, ends, rows, method, substeps, form):
-    return _coarsen(_scan(model, y, times, method, substeps, form), starts, ends, rows)
+def _refined_scan(model, y, times, rows, method, substeps, form):
+    return _coarsen(_scan(model, y, times, method, substeps, form), rows)
 
 
 # Eager calls compile once per model functions, shapes and options (the functions are the
 # model's static part), not once per call.
 _scan_jit = jax.jit(_scan, static_argnums=(3, 4, 5))
-_refined_scan_jit = jax.jit(_refined_scan, static_argnums=(6, 7, 8))
+_refined_scan_jit = jax.jit(_refined_scan, static_argnums=(4, 5, 6))
 
 
 def _checked_call(model, y, times, method, substeps, form):
@@ -719,13 +720,10 @@ def nonlinear_pass(model: NonlinearSDE, y, times, *, method="ekf", substeps=1, f
     y, times = _checked_call(model, y, times, method, substeps, form)
     if max_step is None:
         return _over_series(lambda yy: _scan_jit(model, yy, times, method, substeps, form), y)
-    starts = np.zeros(fine.shape[0], bool)
-    starts[rows] = True
-    ends = np.append(rows[1:] - 1, rows[-1:])
     y_fine = jnp.full(y.shape[:-2] + (fine.shape[0], y.shape[-1]), jnp.nan, y.dtype)
     y_fine = y_fine.at[..., rows, :].set(y)
-    return _over_series(lambda yy: _refined_scan_jit(model, yy, fine, starts, ends, rows, method,
-                                                     substeps, form), y_fine)
+    return _over_series(lambda yy: _refined_scan_jit(model, yy, fine, rows, method, substeps,
+                                                     form), y_fine)
 
 
 __all__ = ["METHODS", "NonlinearSDE", "NonlinearPass", "nonlinear_options", "nonlinear_pass",
