@@ -10,7 +10,9 @@ import scipy.linalg
 from jax.test_util import check_grads
 
 import statespace
+from rules._unrolled import UNROLL_MAX
 from statespace import ContinuousLinearSSM, discretize, predict
+from statespace._continuous import _KRON_LYAP_MAX
 from tests.statespace.continuous_oracle import (
     dense_gp_condition,
     dense_gp_log_likelihood,
@@ -454,19 +456,16 @@ def _panel(num_subjects, n=4, T=5, seed=0):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="LAPACK custom calls are CPU-only")
-@pytest.mark.parametrize("n", [4, 5])
+@pytest.mark.parametrize("n", [_KRON_LYAP_MAX, _KRON_LYAP_MAX + 1])
 def test_stationary_start_makes_one_chain_of_lapack_calls(n):
-    """P∞ and the stability test share one factorisation (the Kronecker LU up to n = 4, a Schur
-    form beyond) and one chain of triangular solves, and the PD test uses no LAPACK:
-    independent batched LAPACK calls side by side deadlock XLA:CPU under jaxlib 0.10 once a
-    vmapped panel is large (test_large_panel_gradient_does_not_hang). Up to
-    ``rules._lyap._UNROLL_MAX_N`` states the Schur sweep is written out: one solve per column
-    and sweep (the solve and its refinement), each needing the ones before it, so still one
-    chain."""
+    """P∞ and the stability test share one factorisation (the Kronecker LU up to
+    ``_KRON_LYAP_MAX`` states, a Schur form beyond) and one chain of triangular solves, and up
+    to ``rules._unrolled.UNROLL_MAX`` states the PD test uses no LAPACK: independent batched
+    LAPACK calls side by side deadlock XLA:CPU under jaxlib 0.10 once a vmapped panel is large
+    (test_large_panel_gradient_does_not_hang). The Schur sweep and its refinement step are one
+    ``fori_loop`` body: one triangular solve per column, each needing the ones before it."""
     import collections
     import re
-
-    from rules._lyap import _UNROLL_MAX_N
 
     A, _ = _panel(8, n=n)
     Q, H, R = jnp.eye(n), jnp.ones((1, n)), jnp.eye(1)
@@ -478,13 +477,13 @@ def test_stationary_start_makes_one_chain_of_lapack_calls(n):
     for fn, chain in ((start, 1), (jax.grad(start), 2)):
         hlo = jax.jit(fn).lower(A).compile().as_text()
         calls = collections.Counter(re.findall(r'custom_call_target="(lapack_\w+)"', hlo))
-        assert "lapack_dpotrf_ffi" not in calls, calls
-        if n <= 4:  # LU, then L and U solves (forward), Uᵀ and Lᵀ solves (reverse)
+        if n <= UNROLL_MAX:
+            assert "lapack_dpotrf_ffi" not in calls, calls
+        if n <= _KRON_LYAP_MAX:  # LU, then L and U solves (forward), Uᵀ and Lᵀ solves (reverse)
             assert calls == {"lapack_dgetrf_ffi": 1, "lapack_dtrsm_ffi": 2 * chain}, calls
         else:
             assert calls["lapack_dgees_ffi"] == 1, calls
-            per_chain = 2 * n if n <= _UNROLL_MAX_N else 1  # written out / one fori_loop body
-            assert calls["lapack_ztrsm_ffi"] == per_chain * chain, calls
+            assert calls["lapack_ztrsm_ffi"] == chain, calls
 
 
 @pytest.mark.slow
