@@ -476,10 +476,23 @@ def _with_inputs(model, inputs=None):
         return model
     changes = {"B": None, "D": None}
     if model.B is not None:
-        changes["b"] = model.b + jnp.einsum("...ij,...j->...i", model.B, inputs)
+        changes["b"] = model.b + _weighted(model.B, inputs)
     if model.D is not None:
-        changes["d"] = model.d + jnp.einsum("...ij,...j->...i", model.D, inputs)
+        changes["d"] = model.d + _weighted(model.D, inputs)
     return model.replace(**changes)
+
+
+# input weights with at most this many entries are applied elementwise (below)
+_ELEMENTWISE_WEIGHTS_MAX = 64
+
+
+def _weighted(W, u):
+    """``W u`` per step for weights ``W (..., r, p)`` and inputs ``u (..., p)``. Small ``W``
+    as a broadcast-multiply-sum that XLA fuses (forward and reverse): as dots, the (T, p) x
+    (p, r) products of a small model cost several µs of dispatch each on XLA:CPU."""
+    if W.shape[-1] * W.shape[-2] <= _ELEMENTWISE_WEIGHTS_MAX:
+        return jnp.sum(W * u[..., None, :], axis=-1)
+    return jnp.einsum("...ij,...j->...i", W, u)
 
 
 def _per_step(name: str, x, T: int):
