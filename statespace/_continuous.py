@@ -41,6 +41,7 @@ from statespace._model import (
     _indefinite,
     _normalise_diffuse,
     _raise_if_indefinite,
+    _weighted,
     _with_inputs,
 )
 
@@ -828,7 +829,7 @@ class ContinuousLinearSSM:
             bd = jnp.einsum("tij,...tj->...ti", held[..., -B.shape[-1]:], inputs)
             return F, Qd, (bd if self.b is None else held[..., 0] + bd), None
         F, Qd, bd = _discretize_matrices(self.A, self.Q, self.b, dt)
-        jumps = jnp.einsum("ij,...tj->...ti", B, inputs)
+        jumps = _weighted(B, inputs)
         # the jump at t_{k+1} joins the step k -> k+1; the one at t_0 joins the initial mean
         ahead = jnp.concatenate([jumps[..., 1:, :], jnp.zeros_like(jumps[..., :1, :])], axis=-2)
         return F, Qd, (ahead if self.b is None else bd + ahead), jumps[..., 0, :]
