@@ -612,7 +612,7 @@ def refined_grid(times, max_step):
                         "instead of passing them as a traced argument") from None
     if t.ndim != 1:
         raise ValueError(f"times must have shape (T,); got times.shape = {t.shape}")
-    if not np.issubdtype(t.dtype, np.floating):  # integer times: the inner points are not
+    if not np.issubdtype(t.dtype, np.floating):  # integer times: inner points are not integers
         t = t.astype(np.float64)
     if t.size == 0:
         return t, np.zeros(0, np.int64)
