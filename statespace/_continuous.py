@@ -164,7 +164,8 @@ def _series_weights(A, Q, b, degree):
     columns = [F_terms.reshape(degree + 2, n * n), G_terms.reshape(degree + 2, n * n)]
     if b is not None:
         # elementwise, not a dot: a tiny dot was a ~20 µs library call on XLA:CPU
-        terms = (_mv(F_terms[:-1], b) if b.ndim == 1 else _mm(F_terms[:-1], b)).reshape(degree + 1, -1)
+        terms = _mv(F_terms[:-1], b) if b.ndim == 1 else _mm(F_terms[:-1], b)
+        terms = terms.reshape(degree + 1, -1)
         columns.append(jnp.concatenate([jnp.zeros((1, terms.shape[1]), A.dtype), terms]))
     return jnp.concatenate(columns, axis=1)
 
@@ -236,9 +237,9 @@ def _compose_shared(first, second):
     (or ``(size·n, n) @ (n, n)``) dot instead of a batched product: on XLA:CPU the batched
     products of this size became library (YNNPACK) fusions of ~15-20 µs each, run in every
     round of :func:`_table`, forward and reverse. Measured, gradient of the continuous
-    log-likelihood at T = 1000, same process (``python -m benchmarks.continuous`` sizes),
-    new / old time: jax 0.10 (4, 2) 0.92, (6, 3) 0.80, (8, 4) 1.00, the demo's model 0.87;
-    jax 0.12 0.84, 0.65, 0.90, 0.85; compile time within ±5 % (noise). Below 4 states the
+    log-likelihood at T = 1000 (``benchmarks._inputs``' models), same process, new / old
+    time: jax 0.10 (4, 2) 0.92, (6, 3) 0.80, (8, 4) 1.00, the demo's model 0.87; jax 0.12
+    0.84, 0.65, 0.90, 0.85; compile time within ±5 % (noise). Below 4 states the
     batched form is fused elementwise work and stays: there the dots were 1.1-1.2x slower.
     """
     F_a, Q_a = first
