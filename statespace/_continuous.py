@@ -231,7 +231,8 @@ def _compose_series(first, series):
 
 def _compose_shared(first, second):
     """:func:`_compose` without offsets of a stack of transitions ``first`` (``(size, n, n)``
-    arrays) with ONE transition ``second`` (``(n, n)``) shared by all of them.
+    arrays, or one ``(n, n)`` transition) with ONE transition ``second`` (``(n, n)``) shared
+    by all of them.
 
     From 4 states on the shared factor makes each product one plain ``(n, n) @ (n, size·n)``
     (or ``(size·n, n) @ (n, n)``) dot instead of a batched product: on XLA:CPU the batched
