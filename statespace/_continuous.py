@@ -95,15 +95,16 @@ class Discretization(NamedTuple):
 # series (the (T, K+2) @ (K+2, 2n²+n) product, K=30 for θ=2) at no per-step cost elsewhere:
 # every step is composed with a look-up anyway.
 _SERIES = {8: (1.0, 19, 5), 4: (1.0, 12, 4), 2: (0.5, 8, 3)}
-# Each step dt = q δ + r looks up q mod _TABLE in a table; steps of _TABLE δ or more compose the
-# higher bits of q, one transition per bit (6 (_LEVELS − 1) bits): steps up to _TABLE**_LEVELS δ = 262144 δ
-# (at least 1.3e5 / α time units, δ >= θ/(2α)); longer steps give NaN.
+# Each step dt = q δ + r looks up q in a table of _TABLE entries; when a step of the batch is
+# _TABLE δ or longer, every step is halved s <= _MAX_HALVINGS times and its transition squared
+# s times: steps up to _TABLE · 2**_MAX_HALVINGS δ = 262144 δ (at least 1.3e5 / α time units,
+# δ >= θ/(2α)); longer steps give NaN.
 _TABLE = 64
+_MAX_HALVINGS = 12
 # from this state size on, the table's rounds compose by plain dots (_compose_shared)
 _SHARED_DOT_MIN_N = 4
 # the look-ups of the tables' entries are one gather while an entry has at most this many numbers
 _JOINT_LOOK_UP_MAX = 64
-_LEVELS = 3
 # The stationary start's Lyapunov solve uses rules.lyap(method="kron") up to this state size
 # (its n² x n² LU: 64 x 64 at n = 8, 0.5 MB per model of a vmapped panel).
 _KRON_LYAP_MAX = 8
@@ -253,8 +254,7 @@ def _compose_shared(first, second):
 
 
 def _table(step, size):
-    """Transitions over ``j δ`` for ``j = 0 .. size−1`` from the one over ``δ`` (``step``), and
-    the transition over ``size δ``.
+    """Transitions over ``j δ`` for ``j = 0 .. size−1`` from the one over ``δ`` (``step``).
 
     ``size`` is a power of two. Built in log2(size) rounds of one batched composition each:
     with entries ``0 .. m−1`` and the transition over ``m δ``, composing entries ``0 .. m−1``
@@ -283,19 +283,18 @@ def _table(step, size):
         return (entries, _compose_shared(over_m, over_m)), None
 
     rounds = jnp.asarray(2 ** np.arange(int(np.log2(size))), jnp.int32)
-    ((F, Qd), (F_size, Q_size)), _ = lax.scan(round_, ((F, Qd), (F_step, Q_step)), rounds)
+    (F, Qd), _ = lax.scan(round_, ((F, Qd), (F_step, Q_step)), rounds)[0]
     if c_step is None:
-        return (F, Qd, None), (F_size, Q_size, None)
+        return F, Qd, None
     pieces = _apply(F, jnp.broadcast_to(c_step, (size,) + c_step.shape))
     cumulative = jnp.cumsum(pieces, axis=0)
-    c = jnp.concatenate([jnp.zeros_like(pieces[:1]), cumulative[:-1]])
-    return (F, Qd, c), (F_size, Q_size, cumulative[-1])
+    return F, Qd, jnp.concatenate([jnp.zeros_like(pieces[:1]), cumulative[:-1]])
 
 
-def _look_up(table, q, level, dtype):
-    """The transitions over ``digit_level(q) · 64^level δ`` per step, from ``table`` (those over
-    ``j · 64^level δ``, ``j = 0 .. 63``, in the table precision), in ``dtype``."""
-    digit = jnp.mod(jnp.floor(q / float(_TABLE) ** level), float(_TABLE)).astype(jnp.int32)
+def _look_up(table, q, dtype):
+    """The transitions over ``q δ`` per step (``q`` integral, ``0 <= q < 64``), from ``table``
+    (those over ``j δ``, ``j = 0 .. 63``, in the table precision), in ``dtype``."""
+    digit = q.astype(jnp.int32)
     present = [t for t in table if t is not None]
     sizes = [t[0].size for t in present]
     if sum(sizes) > _JOINT_LOOK_UP_MAX:
@@ -348,10 +347,11 @@ def _discretize_matrices(A, Q, b, dt):
     ``Qd ≈ r Q`` to full relative precision; all steps are one ``(T, K+2) @ (K+2, 2n²+n)``
     product, see :func:`_series_weights`), the one over ``q δ`` from a look-up of ``q mod 64`` in
     a table of exact compositions of the transition over ``δ`` (shared by all steps), so the
-    per-step work is a polynomial, one look-up and one composition; the higher bits of ``q``
-    (transitions over ``64 δ``, ``128 δ``, … by squaring, one composition per bit) only when some
-    step of the batch reaches 64 δ: one batch-wide ``lax.cond``, which halves the
-    discretisation's reverse pass in the common case.
+    per-step work is a polynomial, one look-up and one composition. When some step of the
+    batch reaches 64 δ, every step is first halved ``s`` times (``s`` the fewest that bring all
+    below 64 δ) and its transition then squared ``s`` times: one batch-wide ``lax.cond``, which
+    keeps the squarings out of the common case (they would double the discretisation's reverse
+    pass).
     Every identity used is exact, so the derivative of this map is the derivative of the exact
     map (to the truncation error); autodiff sees only matmuls, gathers and elementwise products
     (no per-step branch or loop, whose reverse passes cost several times their forward). Van
@@ -384,10 +384,19 @@ def _discretize_matrices(A, Q, b, dt):
     delta = delta.astype(dtype)
     q = jnp.floor(lax.stop_gradient(dt) / delta)
     q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
-    r = dt - q * delta  # exact: δ is a power of two
-    # Steps beyond the tables and negative steps give NaN: through r, so the NaN reaches F, Qd, bd (and their
-    # derivatives) without a select on every (n, n) output and its cotangent.
-    r = jnp.where((q >= float(_TABLE) ** _LEVELS) | (dt < 0), jnp.nan, r)
+    # Steps beyond the range and negative steps give NaN: through r, so the NaN reaches F, Qd,
+    # bd (and their derivatives) without a select on every (n, n) output and its cotangent.
+    beyond = (q >= float(_TABLE) * 2.0**_MAX_HALVINGS) | (dt < 0)
+    # A step of 64 δ or more is halved s times (s the fewest that bring it below 64 δ; exact: a
+    # power of two) and its transition squared s times: s = ceil(log2(q / 63.5)) gives
+    # q <= 63.5 · 2^s, so the halved step is < (q + 1) / 2^s <= 63.5 + 2^-s grid steps.
+    halvings = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(q, 1.0) / (_TABLE - 0.5))), 0.0,
+                        _MAX_HALVINGS).astype(jnp.int32)
+    halvings = jnp.where(beyond, 0, halvings)
+    dt = dt * jnp.asarray(0.5 ** np.arange(_MAX_HALVINGS + 1), dtype)[halvings]  # exact
+    q = jnp.where(beyond, 0.0, jnp.floor(lax.stop_gradient(dt) / delta))
+    q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
+    r = jnp.where(beyond, jnp.nan, dt - q * delta)  # exact: δ is a power of two
 
     offset_shape = () if b is None else tuple(b.shape)
     out = _series(weights, r / delta, offset_shape)
@@ -395,52 +404,48 @@ def _discretize_matrices(A, Q, b, dt):
     F_step, G_step, bd_step = _series(weights_t, jnp.ones((), table_dtype), offset_shape)
     Q_step = F_step @ G_step
     step = (F_step, 0.5 * (Q_step + Q_step.T), bd_step)
-    table, over_table = _table(step, _TABLE)
+    table = _table(step, _TABLE)
 
-    # The transition over q δ: one look-up when every step of the batch is shorter than 64 δ
-    # (the common case), else also one composition per higher bit of q; then the composition with
-    # the series over r. One predicate for the whole batch (under vmap it is batched and both
-    # branches run). Where both branches apply they give the same numbers: composing with a
-    # digit 0's (I, 0, 0) is exact. Each branch returns the final per-step arrays as fresh
-    # results: a branch that passed per-step arrays through made XLA copy them, and one that
-    # returned only the look-ups kept the look-ups and compositions in separate kernels
-    # (together 0.12-0.15 ms of the (4, 2, 1000) gradient).
-    def short_steps(table, over_table, q, series):
-        return _compose_series(_look_up(table, q, 0, dtype), series)
+    # The transition over q δ: one look-up, then the composition with the series over r; when
+    # some step of the batch was halved (rare: a step of 64 δ or more), its s squarings
+    # F(2t) = F(t)², Qd(2t) = F(t) Qd(t) F(t)ᵀ + Qd(t), bd(2t) = F(t) bd(t) + bd(t), in a
+    # lax.scan over all steps (the program holds one composition; steps not halved keep theirs:
+    # squaring a short step's transition would cost it digits). One predicate for the whole
+    # batch (under vmap it is batched and both branches run). Each branch returns fresh
+    # per-step arrays: an identity branch that passed them through cost 3-12 % of the
+    # (8, 4, 1000) gradient.
+    def usual_steps(table, q, series, halvings):
+        return _compose_series(_look_up(table, q, dtype), series)
 
-    def long_steps(table, over_table, q, series):
-        # q's digit 0 from the table, then its higher bits (64 δ, 128 δ, ...: one squaring and
-        # one composition per bit, (I, 0, 0) where the bit is 0) in a lax.scan: the program
-        # holds one composition, not a table build and look-up per base-64 digit.
-        def bit(carry, _):
-            over, power, high = carry
-            odd = jnp.mod(high, 2.0) == 1.0
-            factor = tuple(None if p is None else jnp.where(odd.reshape(odd.shape + (1,) * p.ndim),
-                                                            p.astype(dtype), identity)
-                           for p, identity in zip(power, (jnp.eye(n, dtype=dtype), 0.0, 0.0)))
-            return (_compose(over, factor), _compose(power, power), jnp.floor(high / 2.0)), None
+    def halved_steps(table, q, series, halvings):
+        def square(transition, i):
+            squared = _compose(transition, transition)
+            keep = i >= halvings
+            return tuple(None if x is None else
+                         jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim)), x, x2)
+                         for x, x2 in zip(transition, squared)), None
 
-        over = _look_up(table, q, 0, dtype)
-        bits = int(np.log2(_TABLE)) * (_LEVELS - 1)
-        (over, _, _), _ = lax.scan(bit, (over, over_table, jnp.floor(q / _TABLE)), None, length=bits)
-        return _compose_series(over, series)
+        transition = usual_steps(table, q, series, halvings)
+        return lax.scan(square, transition, jnp.arange(_MAX_HALVINGS, dtype=jnp.int32))[0]
 
-    # Measured, and the lead for making this both fast to compile and fast to run: the table
-    # rounds in a lax.scan and the higher bits of q in a scan of squarings (this version)
-    # compile ~3 s faster than unrolled rounds and base-64 digit tables ((4, 2, 1000)
-    # value_and_grad, 5.7 vs 8.7 s CPU; a fresh-process L-BFGS fit 17 vs 21 s, NUTS 29 vs 36 s),
-    # but this cond's reverse pass runs 2-5x slower with them (VJP at (4, 2, 10000) 10 ms
-    # against 2 ms, at (8, 4, 1000) 5 ms against 1.2-2.8 ms); without the cond (no long
-    # steps) the VJP is as fast as the unrolled version's.
+    # Measured against the earlier long-step branch (q's bits above 64 δ composed one per scan
+    # step with the squarings of the transition over 64 δ: two compositions and a select per
+    # step), same process, CPU seconds: value_and_grad of this function alone compiles in
+    # 2.17 / 2.24 / 2.13 s against 2.50 / 2.41 / 2.14 s at n = 2 / 4 / 8 (T = 1000, medians of
+    # 3), the Matérn-3/2 and SHO likelihoods' value_and_grad 0.92-0.93x; the gradient's run time
+    # is unchanged within noise (0.95-1.04x at (2, 1) and (4, 2), 0.93x at (8, 4)), and so is the
+    # accuracy of long steps against mpmath. Before that: the table rounds and the long steps
+    # in lax.scan loops compiled ~3 s faster than unrolled rounds and base-64 digit tables
+    # ((4, 2, 1000) value_and_grad, 5.7 vs 8.7 s CPU).
     # Both branches rematerialised: otherwise reverse mode makes the cond return every
-    # per-step residual of the long-step branch (which the usual branch fills with zeros) and of
+    # per-step residual of the halved branch (which the usual branch fills with zeros) and of
     # the usual one, copied across the cond's boundary. With ``jax.checkpoint`` the reverse
     # pass recomputes the branch taken (a look-up and one composition in the usual case): the
     # VJP at (n, T) = (2, 1e5) touches 50 instead of 63 MB of fresh memory per call (page
     # faults, see the README's "huge pages" section), at (4, 1e4) it runs 0.76x the time, equal
     # (within 2 %) at T = 1000, and compiles 0.1-0.4 s faster.
-    F, Qd, bd = lax.cond(jnp.max(q, initial=0.0) >= _TABLE, jax.checkpoint(long_steps),
-                         jax.checkpoint(short_steps), table, over_table, q, out)
+    F, Qd, bd = lax.cond(jnp.max(halvings, initial=0) > 0, jax.checkpoint(halved_steps),
+                         jax.checkpoint(usual_steps), table, q, out, halvings)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)
@@ -460,10 +465,10 @@ def discretize(model, dt) -> Discretization:
     Exact for every ``A`` (singular, defective, unstable) and every ``dt >= 0``: with a grid step
     ``δ`` (a power of two near ``θ/α``, α ≈ the spectral growth rate ``||A^k||^{1/k}``, chosen
     outside the differentiated path) each step is split exactly as ``dt = q δ + r``; the
-    transition over ``r`` is a Taylor series (``α r <= θ``), the one over ``q δ`` is looked up
-    (``q mod 64``) in a table of exact compositions
+    transition over ``r`` is a Taylor series (``α r <= θ``), the one over ``q δ`` (``q < 64``) is
+    looked up in a table of exact compositions
     ``F(a+b) = F(b) F(a)``, ``Qd(a+b) = F(b) Qd(a) F(b)ᵀ + Qd(b)``, ``bd(a+b) = F(b) bd(a) + bd(b)``
-    shared by all steps (and composed with those over ``2^j 64 δ`` for the higher bits of ``q``).
+    shared by all steps (steps of 64 δ or more: halved, and their transitions squared).
     Relative error ~1e-14 in float64 against a 50-digit mpmath reference
     for ``dt ||A||`` from 1e-8 to 1e3 (tests/statespace/test_continuous.py); it never forms
     ``P∞ − F P∞ Fᵀ`` (which cancels for small ``dt``) nor ``e^{−A dt}``. In float32 the
