@@ -95,10 +95,10 @@ class Discretization(NamedTuple):
 # series (the (T, K+2) @ (K+2, 2n²+n) product, K=30 for θ=2) at no per-step cost elsewhere:
 # every step is composed with a look-up anyway.
 _SERIES = {8: (1.0, 19, 5), 4: (1.0, 12, 4), 2: (0.5, 8, 3)}
-# Each step dt = q δ + r looks up q in a table of _TABLE entries; when a step of the batch is
-# _TABLE δ or longer, every step is halved s <= _MAX_HALVINGS times and its transition squared
-# s times: steps up to _TABLE · 2**_MAX_HALVINGS δ = 262144 δ (at least 1.3e5 / α time units,
-# δ >= θ/(2α)); longer steps give NaN.
+# Each step dt = q δ + r looks up q in a table of _TABLE entries; a step of _TABLE δ or longer
+# is halved s <= _MAX_HALVINGS times and its transition squared s times: steps up to
+# _TABLE · 2**_MAX_HALVINGS δ = 262144 δ (at least 1.3e5 / α time units, δ >= θ/(2α)); longer
+# steps give NaN.
 _TABLE = 64
 _MAX_HALVINGS = 12
 # from this state size on, the table's rounds compose by plain dots (_compose_shared)
@@ -345,13 +345,12 @@ def _discretize_matrices(A, Q, b, dt):
     series in ``x = r/δ <= 1`` of the scaled ``δA``, ``δQ``, ``δb`` (``α r <= θ``: fast
     convergence, nothing cancels, nothing overflows in any time unit, and for tiny ``dt``
     ``Qd ≈ r Q`` to full relative precision; all steps are one ``(T, K+2) @ (K+2, 2n²+n)``
-    product, see :func:`_series_weights`), the one over ``q δ`` from a look-up of ``q mod 64`` in
+    product, see :func:`_series_weights`), the one over ``q δ`` (``q < 64``) from a look-up in
     a table of exact compositions of the transition over ``δ`` (shared by all steps), so the
-    per-step work is a polynomial, one look-up and one composition. When some step of the
-    batch reaches 64 δ, every step is first halved ``s`` times (``s`` the fewest that bring all
-    below 64 δ) and its transition then squared ``s`` times: one batch-wide ``lax.cond``, which
-    keeps the squarings out of the common case (they would double the discretisation's reverse
-    pass).
+    per-step work is a polynomial, one look-up and one composition. A step of 64 δ or more is
+    first halved ``s`` times (``s`` the fewest that bring it below 64 δ) and its transition then
+    squared ``s`` times; one batch-wide ``lax.cond`` keeps the squarings out of the common case
+    (they would double the discretisation's reverse pass).
     Every identity used is exact, so the derivative of this map is the derivative of the exact
     map (to the truncation error); autodiff sees only matmuls, gathers and elementwise products
     (no per-step branch or loop, whose reverse passes cost several times their forward). Van
