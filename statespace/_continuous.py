@@ -381,8 +381,12 @@ def _discretize_matrices(A, Q, b, dt):
         max(degree, table_degree))
     weights = weights_t[: degree + 2].astype(dtype)
     delta = delta.astype(dtype)
-    q = jnp.floor(lax.stop_gradient(dt) / delta)
-    q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
+
+    def grid_steps(dt):  # whole grid steps in each step (0 for negative or non-finite ones)
+        q = jnp.floor(lax.stop_gradient(dt) / delta)
+        return jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
+
+    q = grid_steps(dt)
     # Steps beyond the range and negative steps give NaN: through r, so the NaN reaches F, Qd,
     # bd (and their derivatives) without a select on every (n, n) output and its cotangent.
     beyond = (q >= float(_TABLE) * 2.0**_MAX_HALVINGS) | (dt < 0)
@@ -393,8 +397,7 @@ def _discretize_matrices(A, Q, b, dt):
                         _MAX_HALVINGS).astype(jnp.int32)
     halvings = jnp.where(beyond, 0, halvings)
     dt = dt * jnp.asarray(0.5 ** np.arange(_MAX_HALVINGS + 1), dtype)[halvings]  # exact
-    q = jnp.where(beyond, 0.0, jnp.floor(lax.stop_gradient(dt) / delta))
-    q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
+    q = jnp.where(beyond, 0.0, grid_steps(dt))
     r = jnp.where(beyond, jnp.nan, dt - q * delta)  # exact: δ is a power of two
 
     offset_shape = () if b is None else tuple(b.shape)

@@ -171,10 +171,10 @@ def test_discretize_long_steps_nan_beyond_range_and_finite_within():
         tol = 1e-12 * max(1.0, dt * np.abs(A).sum(0).max() / 1e3)
         assert _rel(np.asarray(F[k]), F_ref) < tol
         assert _rel(np.asarray(Qd[k]), Qd_ref) < tol
-    # a long step elsewhere in the batch (halved and squared) leaves the short ones unchanged
-    F_short, Qd_short, _ = discretize(model, dts[:2])
-    np.testing.assert_allclose(F[:2], F_short, rtol=1e-15, atol=1e-16)
-    np.testing.assert_allclose(Qd[:2], Qd_short, rtol=1e-15, atol=1e-16)
+    # long steps elsewhere in the batch (halved and squared) leave the short one unchanged
+    F_short, Qd_short, _ = discretize(model, dts[:1])
+    np.testing.assert_allclose(F[:1], F_short, rtol=1e-15, atol=1e-16)
+    np.testing.assert_allclose(Qd[:1], Qd_short, rtol=1e-15, atol=1e-16)
     # past the range (64 · 2^12 grid steps, at least 1.3e5/α): NaN, never a wrong finite answer
     F_far, Qd_far, _ = discretize(model, np.array([0.1, 1e9]))
     assert np.all(np.isnan(F_far[1])) and np.all(np.isnan(Qd_far[1]))
