@@ -189,7 +189,7 @@ def run_case(name, case, programs, repeats):
     for program in programs:
         timed = {}
         for lib, (loss, params, data, drift) in case.items():
-            print(f"  {name} {program} {lib}", flush=True)
+            print(f"  {name} {program} {lib}", file=sys.stderr, flush=True)
             fn, args = _program(program, loss, params, data, drift)
             timed[lib] = (_measure(fn, args, repeats), args)
         ours, ours_args = timed.pop("ours")
@@ -199,7 +199,7 @@ def run_case(name, case, programs, repeats):
                 a, b = _value(ours, ours_args), _value(other, args)
                 row["rel_diff"] = abs(a - b) / abs(b)
             rows.append(row)
-            print(markdown_table([row]).splitlines()[-1], flush=True)
+            print(markdown_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -209,7 +209,7 @@ def t_check(repeats, T_small=1000, T_large=100_000):
     ours = _measure(*_program("value_and_grad", *large), repeats)
     ref = _measure(*_program("value_and_grad", *small), repeats)
     row = _row(f"continuous 4,2 T={T_large:.0e}", "value_and_grad", f"ours at T={T_small:.0e}", ours, ref)
-    print(markdown_table([row]).splitlines()[-1], flush=True)
+    print(markdown_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     return row
 
 
@@ -351,7 +351,7 @@ def e2e_rows(quick):
             res = {}
             for method in ("ours", "naive"):
                 res[method] = _spawn(job, method, path, size)
-                print(f"  {label} {method}: {res[method]}", flush=True)
+                print(f"  {label} {method}: {res[method]}", file=sys.stderr, flush=True)
             o, v = res["ours"], res["naive"]
             rows.append({
                 "job": label, "ours_total_s": o["total_s"], "naive_total_s": v["total_s"],

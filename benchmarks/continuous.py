@@ -26,6 +26,7 @@ included); ``python -m benchmarks compile`` splits them and adds CPU times and p
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +212,7 @@ def main(argv=None):
                 "compile_naive_grad_s": t_ng["compile_s"],
             }
         )
-        print(markdown_table(rows[-1:]), flush=True)
+        print(markdown_table(rows[-1:]), file=sys.stderr, flush=True)  # progress
     print()
     print(markdown_table(rows))
     sizes = [tuple(int(v) for v in r["n,m,T"].split(",")) for r in rows]

@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -430,7 +431,7 @@ def main(argv=None):
                 f"(cpu {c['lower_cpu_s']:.1f} + {c['compile_cpu_s']:.1f} s)")
         compile_rows.append(compile_row)
         print(markdown_table(value_rows[-1:]), "", markdown_table(time_rows[-1:]), "",
-              markdown_table(compile_rows[-1:]), "", sep="\n", flush=True)
+              markdown_table(compile_rows[-1:]), "", sep="\n", file=sys.stderr, flush=True)
 
     print("\nlog-likelihood (ours: ekf with k substeps; peer: cd-dynamax CD-EKF) and "
           "gradient agreement:\n")
