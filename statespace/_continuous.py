@@ -105,6 +105,9 @@ _MAX_HALVINGS = 12
 _SHARED_DOT_MIN_N = 4
 # the look-ups of the tables' entries are one gather while an entry has at most this many numbers
 _JOINT_LOOK_UP_MAX = 64
+# Up to this many numbers per (T, n, n) array the long-step cond holds only the squarings and
+# passes the usual steps' transitions through (_discretize_matrices)
+_PASS_THROUGH_MAX_ENTRIES = 20_000
 # The stationary start's Lyapunov solve uses rules.lyap(method="kron") up to this state size
 # (its n² x n² LU: 64 x 64 at n = 8, 0.5 MB per model of a vmapped panel).
 _KRON_LYAP_MAX = 8
@@ -413,13 +416,11 @@ def _discretize_matrices(A, Q, b, dt):
     # F(2t) = F(t)², Qd(2t) = F(t) Qd(t) F(t)ᵀ + Qd(t), bd(2t) = F(t) bd(t) + bd(t), in a
     # lax.scan over all steps (the program holds one composition; steps not halved keep theirs:
     # squaring a short step's transition would cost it digits). One predicate for the whole
-    # batch (under vmap it is batched and both branches run). Each branch returns fresh
-    # per-step arrays: an identity branch that passed them through cost 3-12 % of the
-    # (8, 4, 1000) gradient.
+    # batch (under vmap it is batched and both branches run).
     def usual_steps(table, q, series, halvings):
         return _compose_series(_look_up(table, q, dtype), series)
 
-    def halved_steps(table, q, series, halvings):
+    def squared(transition, halvings):
         def square(transition, i):
             squared = _compose(transition, transition)
             keep = i >= halvings
@@ -427,8 +428,10 @@ def _discretize_matrices(A, Q, b, dt):
                          jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim)), x, x2)
                          for x, x2 in zip(transition, squared)), None
 
-        transition = usual_steps(table, q, series, halvings)
         return lax.scan(square, transition, jnp.arange(_MAX_HALVINGS, dtype=jnp.int32))[0]
+
+    def halved_steps(table, q, series, halvings):
+        return squared(usual_steps(table, q, series, halvings), halvings)
 
     # Measured against the earlier long-step branch (q's bits above 64 δ composed one per scan
     # step with the squarings of the transition over 64 δ: two compositions and a select per
@@ -439,15 +442,27 @@ def _discretize_matrices(A, Q, b, dt):
     # accuracy of long steps against mpmath. Before that: the table rounds and the long steps
     # in lax.scan loops compiled ~3 s faster than unrolled rounds and base-64 digit tables
     # ((4, 2, 1000) value_and_grad, 5.7 vs 8.7 s CPU).
-    # Both branches rematerialised: otherwise reverse mode makes the cond return every
-    # per-step residual of the halved branch (which the usual branch fills with zeros) and of
-    # the usual one, copied across the cond's boundary. With ``jax.checkpoint`` the reverse
-    # pass recomputes the branch taken (a look-up and one composition in the usual case): the
-    # VJP at (n, T) = (2, 1e5) touches 50 instead of 63 MB of fresh memory per call (page
-    # faults, see the README's "huge pages" section), at (4, 1e4) it runs 0.76x the time, equal
-    # (within 2 %) at T = 1000, and compiles 0.1-0.4 s faster.
-    F, Qd, bd = lax.cond(jnp.max(halvings, initial=0) > 0, jax.checkpoint(halved_steps),
-                         jax.checkpoint(usual_steps), table, q, out, halvings)
+    any_halved = jnp.max(halvings, initial=0) > 0
+    if dt.size * n * n <= _PASS_THROUGH_MAX_ENTRIES:
+        # Small batches: the usual steps outside the cond, which only squares (or passes the
+        # transitions through). The cond's program is then the squarings alone (value_and_grad
+        # of the continuous likelihood compiles 0.89x at (2, 1, 1000), 0.92x at (4, 2, 1000));
+        # copying the per-step arrays through it costs nothing at that size (gradient
+        # 0.98-1.02x) but 1.08-1.16x from ~1e5 numbers per array ((2, 1, 1e5), (4, 2, 1e4),
+        # (8, 4, 1000)).
+        transition = usual_steps(table, q, out, halvings)
+        F, Qd, bd = lax.cond(any_halved, jax.checkpoint(squared), lambda t, _: t, transition,
+                             halvings)
+    else:
+        # Both branches rematerialised: otherwise reverse mode makes the cond return every
+        # per-step residual of the halved branch (which the usual branch fills with zeros) and
+        # of the usual one, copied across the cond's boundary. With ``jax.checkpoint`` the
+        # reverse pass recomputes the branch taken (a look-up and one composition in the usual
+        # case): the VJP at (n, T) = (2, 1e5) touches 50 instead of 63 MB of fresh memory per
+        # call (page faults, see the README's "huge pages" section), at (4, 1e4) it runs 0.76x
+        # the time, equal (within 2 %) at T = 1000, and compiles 0.1-0.4 s faster.
+        F, Qd, bd = lax.cond(any_halved, jax.checkpoint(halved_steps),
+                             jax.checkpoint(usual_steps), table, q, out, halvings)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)

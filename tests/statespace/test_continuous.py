@@ -1,7 +1,5 @@
 """ContinuousLinearSSM, discretize and predict against mpmath, SciPy and dense GP oracles."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,7 +157,17 @@ def test_discretize_zero_step_and_shapes():
     np.testing.assert_allclose(A @ Q0 + Q0 @ A.T, F0 @ np.eye(3) @ F0.T - np.eye(3), atol=1e-13)
 
 
-def test_discretize_long_steps_nan_beyond_range_and_finite_within():
+@pytest.fixture(params=["pass_through", "rematerialised"])
+def long_step_cond(request, monkeypatch):
+    """Both forms of the discretisation's long-step cond: the squarings alone with the usual
+    steps passed through (small batches, the default here), and both branches rematerialised
+    (batches of more than ``_PASS_THROUGH_MAX_ENTRIES`` numbers per array)."""
+    if request.param == "rematerialised":
+        monkeypatch.setattr(statespace._continuous, "_PASS_THROUGH_MAX_ENTRIES", 0)
+    return request.param
+
+
+def test_discretize_long_steps_nan_beyond_range_and_finite_within(long_step_cond):
     A = np.array([[-0.01, 5.0], [-5.0, -0.01]])
     model = ContinuousLinearSSM(A, np.eye(2), np.ones((1, 2)), np.eye(1))
     dts = np.array([0.1, 50.0, 2e3])  # 2e3 * 5 needs the multi-level table
@@ -205,6 +213,32 @@ def test_discretize_gradients():
     # same shape as the first batch, so the programs compiled for it are reused)
     long_dts = jnp.array([0.05, 3.0, 70.0])
     check_grads(f, (A, Q, b, long_dts), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+def test_discretize_long_step_conds_agree(monkeypatch):
+    # the two forms of the long-step cond (see long_step_cond) give the same transitions and
+    # derivatives, with and without a long step in the batch
+    A = jnp.asarray(_drifts()["stable_random"][:2, :2])
+    Q = jnp.asarray(_spd(np.random.default_rng(4), 2))
+    b = jnp.array([0.4, -0.3])
+    directions = [jnp.ones_like(A), jnp.eye(2), jnp.array([1.0, -2.0])]
+
+    def f(A, Q, b, dt):
+        out = discretize(ContinuousLinearSSM(A, Q, jnp.ones((1, 2)), jnp.eye(1), P0=jnp.eye(2), b=b), dt)
+        return out.F, out.Qd, out.bd
+
+    def derivatives(dt):
+        value, tangent = jax.jvp(lambda *p: f(*p, dt), (A, Q, b), tuple(directions))
+        _, vjp = jax.vjp(lambda *p: f(*p, dt), A, Q, b)
+        return value, tangent, vjp(tangent)
+
+    for dt in (jnp.array([0.05, 3.0, 0.7]), jnp.array([0.05, 3.0, 70.0])):
+        pass_through = derivatives(dt)
+        monkeypatch.setattr(statespace._continuous, "_PASS_THROUGH_MAX_ENTRIES", 0)
+        rematerialised = derivatives(dt)
+        monkeypatch.undo()
+        for x, y in zip(jax.tree_util.tree_leaves(pass_through), jax.tree_util.tree_leaves(rematerialised)):
+            np.testing.assert_allclose(x, y, rtol=1e-14, atol=1e-15)
 
 
 # Slow: the forward-over-reverse program takes ~15 s to compile (the quick run). Second order
