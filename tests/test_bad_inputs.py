@@ -288,6 +288,13 @@ MINUS_INF = {
         lambda g: _continuous_case(g, lambda th: models.matern32(th[0], th[1], 1.0), [-1.0, 1.0]),
     "unstable A, stationary start": lambda g: _continuous_case(
         g, lambda th: models.ou(th.reshape(1, 1), jnp.eye(1), noise_var=0.1), [0.1]),
+    # a NaN that a validity test meets before the filter does: -inf, not NaN (README table)
+    "NaN in A, stationary start": lambda g: _continuous_case(
+        g, lambda th: statespace.ContinuousLinearSSM(th.reshape(2, 2), jnp.eye(2), H2, R1),
+        [np.nan, 0.1, 0.0, -1.0]),
+    "NaN in Q, stationary start": lambda g: _continuous_case(
+        g, lambda th: statespace.ContinuousLinearSSM(-jnp.eye(2), th.reshape(2, 2), H2, R1),
+        [np.nan, 0.0, 0.0, 1.0]),
     "indefinite explicit P0 (continuous)": lambda g: _continuous_case(
         g, lambda th: statespace.ContinuousLinearSSM(-jnp.eye(2), jnp.eye(2), H2, R1, jnp.zeros(2),
                                                      th.reshape(2, 2)), INDEFINITE.reshape(-1)),
