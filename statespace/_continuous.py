@@ -445,11 +445,12 @@ def _discretize_matrices(A, Q, b, dt):
     any_halved = jnp.max(halvings, initial=0) > 0
     if dt.size * n * n <= _PASS_THROUGH_MAX_ENTRIES:
         # Small batches: the usual steps outside the cond, which only squares (or passes the
-        # transitions through). The cond's program is then the squarings alone (value_and_grad
-        # of the continuous likelihood compiles 0.89x at (2, 1, 1000), 0.92x at (4, 2, 1000));
-        # copying the per-step arrays through it costs nothing at that size (gradient
-        # 0.98-1.02x) but 1.08-1.16x from ~1e5 numbers per array ((2, 1, 1e5), (4, 2, 1e4),
-        # (8, 4, 1000)).
+        # transitions through). The cond's program is then the squarings alone: the continuous
+        # likelihood's value_and_grad compiles 0.89-0.94x at (2, 1, 1000) and (4, 2, 1000),
+        # the Matérn-3/2 one ~0.96x. Copying the per-step arrays through the cond costs
+        # 0-3 % of the gradient at that size ((3, 1, 2000): 1.03x), 4 % at 3.6e4 numbers per
+        # array ((6, 3, 1000)), 8-16 % from 6e4 on ((8, 4, 1000), (4, 2, 1e4), (2, 1, 1e5)).
+        # Under vmap the test sees one series.
         transition = usual_steps(table, q, out, halvings)
         F, Qd, bd = lax.cond(any_halved, jax.checkpoint(squared), lambda t, _: t, transition,
                              halvings)
