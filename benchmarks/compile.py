@@ -144,14 +144,16 @@ def _program(name, loss, params, data, drift):
 # ---------------------------------------------------------------------------------------------
 
 
-def _measure(fn, args, repeats):
-    """Median over ``repeats`` of each figure of :func:`compile_time` (``None`` if it fails)."""
+def _measure(fn, args, repeats, label):
+    """Median over ``repeats`` of each figure of :func:`compile_time` (``None`` if it fails,
+    with a line naming ``label`` and the error in the results)."""
     runs = []
     for _ in range(repeats):
         try:
             runs.append(compile_time(fn, *args))
         except Exception as err:  # a peer without a rule for this transformation
-            print(f"    failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+            print(f"  {label} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}",
+                  flush=True)
             return None
     out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "compiled"}
     out["compiled"] = runs[-1]["compiled"]
@@ -191,7 +193,7 @@ def run_case(name, case, programs, repeats):
         for lib, (loss, params, data, drift) in case.items():
             print(f"  {name} {program} {lib}", file=sys.stderr, flush=True)
             fn, args = _program(program, loss, params, data, drift)
-            timed[lib] = (_measure(fn, args, repeats), args)
+            timed[lib] = (_measure(fn, args, repeats, f"{name} {program} {lib}"), args)
         ours, ours_args = timed.pop("ours")
         for peer, (other, args) in (timed or {"-": (None, None)}).items():
             row = _row(name, program, peer, ours, other)
@@ -206,8 +208,8 @@ def run_case(name, case, programs, repeats):
 def t_check(repeats, T_small=1000, T_large=100_000):
     """Our continuous (4, 2) ``value_and_grad`` compile at ``T_large`` against ``T_small``."""
     small, large = (_continuous(4, 2, T)["ours"] for T in (T_small, T_large))
-    ours = _measure(*_program("value_and_grad", *large), repeats)
-    ref = _measure(*_program("value_and_grad", *small), repeats)
+    ours = _measure(*_program("value_and_grad", *large), repeats, f"T={T_large:.0e}")
+    ref = _measure(*_program("value_and_grad", *small), repeats, f"T={T_small:.0e}")
     row = _row(f"continuous 4,2 T={T_large:.0e}", "value_and_grad", f"ours at T={T_small:.0e}", ours, ref)
     print(markdown_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     return row
