@@ -335,6 +335,62 @@ def _table_dtype(dtype):
     return dtype
 
 
+def _transitions(table, q, series, halvings, dtype):
+    """(F, Qd, bd) per step from the table's entry over ``q δ`` (``q < 64``) and the series over
+    the remainder, then ``halvings`` squarings for the steps that were halved."""
+    # The transition over q δ: one look-up, then the composition with the series over r; when
+    # some step of the batch was halved (rare: a step of 64 δ or more), its s squarings
+    # F(2t) = F(t)², Qd(2t) = F(t) Qd(t) F(t)ᵀ + Qd(t), bd(2t) = F(t) bd(t) + bd(t), in a
+    # lax.scan over all steps (the program holds one composition; steps not halved keep theirs:
+    # squaring a short step's transition would cost it digits). One predicate for the whole
+    # batch (under vmap it is batched and both branches run).
+    def usual_steps(table, q, series, halvings):
+        return _compose_series(_look_up(table, q, dtype), series)
+
+    def squared(transition, halvings):
+        def square(transition, i):
+            squared = _compose(transition, transition)
+            keep = i >= halvings
+            return tuple(None if x is None else
+                         jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim)), x, x2)
+                         for x, x2 in zip(transition, squared)), None
+
+        return lax.scan(square, transition, jnp.arange(_MAX_HALVINGS, dtype=jnp.int32))[0]
+
+    def halved_steps(table, q, series, halvings):
+        return squared(usual_steps(table, q, series, halvings), halvings)
+
+    # Measured against the earlier long-step branch (q's bits above 64 δ composed one per scan
+    # step with the squarings of the transition over 64 δ: two compositions and a select per
+    # step), same process, CPU seconds: value_and_grad of the discretisation alone compiles in
+    # 2.17 / 2.24 / 2.13 s against 2.50 / 2.41 / 2.14 s at n = 2 / 4 / 8 (T = 1000, medians of
+    # 3), the Matérn-3/2 and SHO likelihoods' value_and_grad 0.92-0.93x; the gradient's run time
+    # is unchanged within noise (0.95-1.04x at (2, 1) and (4, 2), 0.93x at (8, 4)), and so is the
+    # accuracy of long steps against mpmath. Before that: the table rounds and the long steps
+    # in lax.scan loops compiled ~3 s faster than unrolled rounds and base-64 digit tables
+    # ((4, 2, 1000) value_and_grad, 5.7 vs 8.7 s CPU).
+    any_halved = jnp.max(halvings, initial=0) > 0
+    if q.size * table[0].shape[-1] ** 2 <= _PASS_THROUGH_MAX_ENTRIES:
+        # Small batches: the usual steps outside the cond, which only squares (or passes the
+        # transitions through). The cond's program is then the squarings alone: the continuous
+        # likelihood's value_and_grad compiles 0.89-0.94x at (2, 1, 1000) and (4, 2, 1000),
+        # the Matérn-3/2 one ~0.96x. Copying the per-step arrays through the cond costs
+        # 0-3 % of the gradient at that size ((3, 1, 2000): 1.03x), 4 % at 3.6e4 numbers per
+        # array ((6, 3, 1000)), 8-16 % from 6e4 on ((8, 4, 1000), (4, 2, 1e4), (2, 1, 1e5)).
+        # Under vmap the test sees one series.
+        transition = usual_steps(table, q, series, halvings)
+        return lax.cond(any_halved, jax.checkpoint(squared), lambda t, _: t, transition, halvings)
+    # Larger batches: both branches rematerialised. Otherwise reverse mode makes the cond return
+    # every per-step residual of the halved branch (which the usual branch fills with zeros) and
+    # of the usual one, copied across the cond's boundary. With ``jax.checkpoint`` the reverse
+    # pass recomputes the branch taken (a look-up and one composition in the usual case): the
+    # VJP at (n, T) = (2, 1e5) touches 50 instead of 63 MB of fresh memory per call (page
+    # faults, see the README's "huge pages" section), at (4, 1e4) it runs 0.76x the time, equal
+    # (within 2 %) at T = 1000, and compiles 0.1-0.4 s faster.
+    return lax.cond(any_halved, jax.checkpoint(halved_steps), jax.checkpoint(usual_steps),
+                    table, q, series, halvings)
+
+
 def _discretize_matrices(A, Q, b, dt):
     """(F, Qd, bd) at every ``dt >= 0`` (any shape) for time-invariant ``A``, ``Q``, ``b``.
 
@@ -411,59 +467,7 @@ def _discretize_matrices(A, Q, b, dt):
     step = (F_step, 0.5 * (Q_step + Q_step.T), bd_step)
     table = _table(step, _TABLE)
 
-    # The transition over q δ: one look-up, then the composition with the series over r; when
-    # some step of the batch was halved (rare: a step of 64 δ or more), its s squarings
-    # F(2t) = F(t)², Qd(2t) = F(t) Qd(t) F(t)ᵀ + Qd(t), bd(2t) = F(t) bd(t) + bd(t), in a
-    # lax.scan over all steps (the program holds one composition; steps not halved keep theirs:
-    # squaring a short step's transition would cost it digits). One predicate for the whole
-    # batch (under vmap it is batched and both branches run).
-    def usual_steps(table, q, series, halvings):
-        return _compose_series(_look_up(table, q, dtype), series)
-
-    def squared(transition, halvings):
-        def square(transition, i):
-            squared = _compose(transition, transition)
-            keep = i >= halvings
-            return tuple(None if x is None else
-                         jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim)), x, x2)
-                         for x, x2 in zip(transition, squared)), None
-
-        return lax.scan(square, transition, jnp.arange(_MAX_HALVINGS, dtype=jnp.int32))[0]
-
-    def halved_steps(table, q, series, halvings):
-        return squared(usual_steps(table, q, series, halvings), halvings)
-
-    # Measured against the earlier long-step branch (q's bits above 64 δ composed one per scan
-    # step with the squarings of the transition over 64 δ: two compositions and a select per
-    # step), same process, CPU seconds: value_and_grad of this function alone compiles in
-    # 2.17 / 2.24 / 2.13 s against 2.50 / 2.41 / 2.14 s at n = 2 / 4 / 8 (T = 1000, medians of
-    # 3), the Matérn-3/2 and SHO likelihoods' value_and_grad 0.92-0.93x; the gradient's run time
-    # is unchanged within noise (0.95-1.04x at (2, 1) and (4, 2), 0.93x at (8, 4)), and so is the
-    # accuracy of long steps against mpmath. Before that: the table rounds and the long steps
-    # in lax.scan loops compiled ~3 s faster than unrolled rounds and base-64 digit tables
-    # ((4, 2, 1000) value_and_grad, 5.7 vs 8.7 s CPU).
-    any_halved = jnp.max(halvings, initial=0) > 0
-    if dt.size * n * n <= _PASS_THROUGH_MAX_ENTRIES:
-        # Small batches: the usual steps outside the cond, which only squares (or passes the
-        # transitions through). The cond's program is then the squarings alone: the continuous
-        # likelihood's value_and_grad compiles 0.89-0.94x at (2, 1, 1000) and (4, 2, 1000),
-        # the Matérn-3/2 one ~0.96x. Copying the per-step arrays through the cond costs
-        # 0-3 % of the gradient at that size ((3, 1, 2000): 1.03x), 4 % at 3.6e4 numbers per
-        # array ((6, 3, 1000)), 8-16 % from 6e4 on ((8, 4, 1000), (4, 2, 1e4), (2, 1, 1e5)).
-        # Under vmap the test sees one series.
-        transition = usual_steps(table, q, out, halvings)
-        F, Qd, bd = lax.cond(any_halved, jax.checkpoint(squared), lambda t, _: t, transition,
-                             halvings)
-    else:
-        # Both branches rematerialised: otherwise reverse mode makes the cond return every
-        # per-step residual of the halved branch (which the usual branch fills with zeros) and
-        # of the usual one, copied across the cond's boundary. With ``jax.checkpoint`` the
-        # reverse pass recomputes the branch taken (a look-up and one composition in the usual
-        # case): the VJP at (n, T) = (2, 1e5) touches 50 instead of 63 MB of fresh memory per
-        # call (page faults, see the README's "huge pages" section), at (4, 1e4) it runs 0.76x
-        # the time, equal (within 2 %) at T = 1000, and compiles 0.1-0.4 s faster.
-        F, Qd, bd = lax.cond(any_halved, jax.checkpoint(halved_steps),
-                             jax.checkpoint(usual_steps), table, q, out, halvings)
+    F, Qd, bd = _transitions(table, q, out, halvings, dtype)
     if bd is None:
         bd = jnp.zeros(dt.shape + (n,), dtype)
     return Discretization(F, Qd, bd)
