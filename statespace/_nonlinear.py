@@ -83,7 +83,7 @@ from rules._checks import as_float_array
 from rules._precision import full_precision
 from rules._smallmm import small_matmul
 from statespace._continuous import _compose
-from statespace._model import _indefinite
+from statespace._model import _from_first, _indefinite
 from statespace._steps import (
     FilterResult,
     _check_form,
@@ -534,7 +534,7 @@ def _scan(model: NonlinearSDE, y, times, method, substeps, form) -> NonlinearPas
     invalid = _indefinite(model.R) | _indefinite(model.P0)
     if model.Q is not None:
         invalid = invalid | _indefinite(model.Q)
-    bad_steps = (lax.cummax(bad.astype(jnp.int32)) > 0) | invalid
+    bad_steps = _from_first(bad) | invalid
     leaves = _float_leaves(model)
     ll = _reject(ll, bad_steps, *leaves)
     total = _reject(jnp.sum(ll), jnp.any(bad_steps) | invalid, *leaves)

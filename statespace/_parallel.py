@@ -73,7 +73,7 @@ from jax import lax
 
 from rules import tria
 from rules._precision import full_precision
-from statespace._model import _BASE_RANK, _per_step
+from statespace._model import _BASE_RANK, _from_first, _per_step
 from statespace._steps import FilterResult, _check_form, _mask_observation, _symmetrise
 from statespace._steps import _psd_cholesky as _steps_psd_cholesky
 
@@ -601,7 +601,7 @@ def parallel_filter(model, y, *, form: str = "cov"):
             ),
             chunk,
         )(pred_means, pred_covs, H, R, d, y0, observed)
-    failed = lax.cummax(failed.astype(jnp.int32), axis=0) > 0
+    failed = _from_first(failed)
     lls = jnp.where(failed, -jnp.inf, lls)
     total = jnp.sum(lls)
     if sqrt:

@@ -18,6 +18,7 @@ from jax import lax
 from rules._unrolled import UNROLL_MAX
 from statespace._model import (
     LinearGaussianSSM,
+    _from_first,
     _indefinite,
     _invalid_covariances,
     _steps_params,
@@ -220,7 +221,7 @@ def _packed_scan(prep: _Prepared, X0, y, store):
         return X_next, store(ll, X, X_f, X_next)
 
     _, stored = lax.scan(step, X0, dict(prep.scanned, y=y))
-    failed = lax.cummax(jnp.isneginf(stored[0]).astype(jnp.int32)) > 0
+    failed = _from_first(jnp.isneginf(stored[0]))
     return (jnp.where(failed, -jnp.inf, stored[0]),) + stored[1:]
 
 

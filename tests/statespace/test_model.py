@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from jax import lax
 
 from statespace import LinearGaussianSSM
+from statespace._model import _from_first
 from tests.statespace.dense_oracle import dense_joint, random_model
 
 
@@ -175,3 +177,14 @@ def test_simulate_singular_noise():
     states, _ = LinearGaussianSSM(**p).simulate(jax.random.key(1), 6)
     np.testing.assert_allclose(states[:, 0], p["m0"][0], rtol=1e-12)
     assert np.all(np.isfinite(states))
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (9,), (7, 3), (6, 2, 2)])
+@pytest.mark.parametrize("rate", [0.0, 0.15, 0.6])
+def test_from_first_is_the_cumulative_maximum(shape, rate):
+    """The failure masks (True from the first failed step on, per column) equal lax.cummax's."""
+    flags = jnp.asarray(np.random.default_rng(int(rate * 100) + len(shape)).random(shape) < rate)
+    expected = lax.cummax(flags.astype(jnp.int32), axis=0) > 0
+    got = jax.jit(_from_first)(flags)
+    assert got.shape == expected.shape and got.dtype == jnp.bool_
+    np.testing.assert_array_equal(got, expected)
