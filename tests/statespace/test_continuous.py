@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 import statespace
 from rules._unrolled import UNROLL_MAX
 from statespace import ContinuousLinearSSM, discretize, predict
-from statespace._continuous import _KRON_LYAP_MAX
+from statespace._continuous import _ELEMENTWISE_POWERS_MAX, _KRON_LYAP_MAX, _powers
 from tests.statespace.continuous_oracle import (
     dense_gp_condition,
     dense_gp_log_likelihood,
@@ -136,6 +136,19 @@ def test_discretize_matches_scipy_van_loan(name):
         assert _rel(np.asarray(F[k]), F_ref) < 1e-9
         assert _rel(np.asarray(Qd[k]), Qd_ref) < 1e-9
         assert _rel(np.asarray(bd[k]), bd_ref) < 1e-9
+
+
+@pytest.mark.parametrize("d", [_ELEMENTWISE_POWERS_MAX, _ELEMENTWISE_POWERS_MAX + 2])
+@pytest.mark.parametrize("count", [1, 5, 21])
+def test_powers_match_numpy(d, count):
+    """The Van Loan block's powers in blocks (elementwise and dot products) equal the plain
+    repeated product, and so do their derivatives (a polynomial in M)."""
+    M = jnp.asarray(np.random.default_rng(d + count).normal(size=(d, d)) / np.sqrt(d))
+    got = jax.jit(_powers, static_argnums=1)(M, count)
+    expected = np.stack([np.linalg.matrix_power(np.asarray(M), k) for k in range(count)])
+    assert got.shape == (count, d, d)
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-14)
+    check_grads(lambda M: _powers(M, count), (M,), order=2, modes=("fwd", "rev"))
 
 
 def test_discretize_zero_step_and_shapes():
