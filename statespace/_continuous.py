@@ -178,17 +178,17 @@ def _powers(M, count):
     In blocks of ``B = ceil(sqrt(count))``: ``M^0 .. M^B`` by a chain of products, then a
     ``lax.scan`` whose step turns ``M^{Bi}`` into ``M^{Bi} M^j`` for ``j = 0 .. B`` in one
     product (the last is the next step's ``M^{B(i+1)}``): about ``2 sqrt(count)`` sequential
-    products instead of ``count``, each a kernel of its own, forward and reverse. Up to
-    ``_ELEMENTWISE_POWERS_MAX`` rows a product is a broadcast-multiply-sum (one fused loop),
-    beyond it a plain dot with the chain side by side.
+    products instead of ``count``, each a kernel of its own, forward and reverse. The scan's
+    product is a broadcast-multiply-sum (one fused loop) up to ``_ELEMENTWISE_POWERS_MAX``
+    rows, beyond that a plain dot with the chain side by side; the chain's are dots (a smaller
+    program, same run time).
     """
     d = M.shape[-1]
     size = math.isqrt(count - 1) + 1  # B with B² >= count
     elementwise = d <= _ELEMENTWISE_POWERS_MAX
     chain = [jnp.eye(d, dtype=M.dtype), M]
     for _ in range(size - 1):
-        chain.append(jnp.sum(chain[-1][:, :, None] * M[None], axis=1) if elementwise
-                     else chain[-1] @ M)
+        chain.append(chain[-1] @ M)
     stacked = jnp.stack(chain) if elementwise else jnp.concatenate(chain, axis=1)
 
     def next_block(start, _):
