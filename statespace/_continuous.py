@@ -114,6 +114,8 @@ _PASS_THROUGH_MAX_ENTRIES = 20_000
 # The stationary start's Lyapunov solve uses rules.lyap(method="kron") up to this state size
 # (its n² x n² LU: 64 x 64 at n = 8, 0.5 MB per model of a vmapped panel).
 _KRON_LYAP_MAX = 8
+# ... and up to this size a closed form (_stationary_closed_form)
+_CLOSED_FORM_LYAP_MAX = 2
 
 
 def _mm(a, b):
@@ -783,11 +785,15 @@ class ContinuousLinearSSM:
         # and the most accurate solve; against the (refined) Schur sweep: 0.12 ms less in the
         # (4, 2, 1000) gradient; at (8, 4, 1000) run time within 1 % and the value_and_grad
         # compiled 1.3 s faster (7.0 -> 5.7 s CPU), the stationary start's alone 1.37 -> 0.47 s.
-        eye = jnp.eye(A.shape[-1], dtype=A.dtype)
-        method = "kron" if A.shape[-1] <= _KRON_LYAP_MAX else "auto"
-        P_sub, X_test = rules.lyap(A, jnp.stack([Q, eye]), method=method)
+        if A.shape[-1] <= _CLOSED_FORM_LYAP_MAX:
+            P_sub, stable = _stationary_closed_form(A, Q)
+        else:
+            eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+            method = "kron" if A.shape[-1] <= _KRON_LYAP_MAX else "auto"
+            P_sub, X_test = rules.lyap(A, jnp.stack([Q, eye]), method=method)
+            stable = _is_positive_definite(lax.stop_gradient(X_test))
         P_sub = 0.5 * (P_sub + P_sub.T)
-        ok = _is_positive_definite(lax.stop_gradient(X_test)) & jnp.all(jnp.isfinite(P_sub))
+        ok = stable & jnp.all(jnp.isfinite(P_sub))
         P0 = P_sub if len(idx) == n else jnp.zeros((n, n), dtype).at[np.ix_(idx, idx)].set(P_sub)
         if self.m0 is not None:
             m0 = self.m0.astype(dtype)
@@ -919,6 +925,36 @@ class ContinuousLinearSSM:
         # the jump at t_{k+1} joins the step k -> k+1; the one at t_0 joins the initial mean
         ahead = jnp.concatenate([jumps[..., 1:, :], jnp.zeros_like(jumps[..., :1, :])], axis=-2)
         return F, Qd, (ahead if self.b is None else bd + ahead), jumps[..., 0, :]
+
+
+def _stationary_closed_form(A, Q):
+    """``(P∞, stable)`` for ``A (n, n)``, ``Q (n, n)`` with ``n <= 2``: the solution of
+    ``A P + P Aᵀ + Q = 0`` in closed form, and whether ``A`` is stable (``max Re λ < 0``).
+
+    ``n = 1``: ``P = −Q / (2a)``, stable iff ``a < 0``. ``n = 2``, with ``τ = tr A``,
+    ``δ = det A`` and the adjugate ``adj A = τ I − A`` (Cayley–Hamilton)::
+
+        P = (δ Q + adj(A) Q adj(A)ᵀ) / (−2 τ δ),      stable iff τ < 0 and δ > 0
+
+    (substituting: ``A adj A = δ I`` and ``A + adj A = τ I`` reduce ``A P + P Aᵀ`` to ``−Q``).
+    For stable ``A`` both terms of the numerator are positive semi-definite for PSD ``Q``
+    (``δ > 0``) and the denominator is positive: nothing cancels. Its derivatives of every
+    order are those of this rational function, exact, by plain autodiff (no solve to
+    differentiate). Against the Kronecker LU of ``rules.lyap`` (which serves larger ``n``):
+    the same values to ~1e-16 relative (near instability both lose ~1/margin), no LAPACK
+    calls, a StableHLO program 6 % smaller, gradients of the Matérn-3/2, SHO and continuous
+    (2, 1) likelihoods at T = 1000 0.96-0.98x the time (same process); compile time unchanged
+    within noise (the LAPACK calls compiled cheaply).
+    """
+    Q = 0.5 * (Q + Q.T)
+    if A.shape[-1] == 1:
+        return -Q / (2.0 * A), A[0, 0] < 0
+    trace = A[0, 0] + A[1, 1]
+    det = A[0, 0] * A[1, 1] - A[0, 1] * A[1, 0]
+    adj = trace * jnp.eye(2, dtype=A.dtype) - A
+    # adj Q adjᵀ as one elementwise sum (no 2 x 2 dots)
+    sandwich = jnp.sum(adj[:, None, :, None] * Q[None, None] * adj[None, :, None, :], axis=(2, 3))
+    return (det * Q + sandwich) / (-2.0 * trace * det), (trace < 0) & (det > 0)
 
 
 def _is_positive_definite(X):

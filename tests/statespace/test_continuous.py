@@ -7,10 +7,17 @@ import pytest
 import scipy.linalg
 from jax.test_util import check_grads
 
+import rules
 import statespace
 from rules._unrolled import UNROLL_MAX
 from statespace import ContinuousLinearSSM, discretize, predict
-from statespace._continuous import _ELEMENTWISE_POWERS_MAX, _KRON_LYAP_MAX, _powers
+from statespace._continuous import (
+    _CLOSED_FORM_LYAP_MAX,
+    _ELEMENTWISE_POWERS_MAX,
+    _KRON_LYAP_MAX,
+    _powers,
+    _stationary_closed_form,
+)
 from tests.statespace.continuous_oracle import (
     dense_gp_condition,
     dense_gp_log_likelihood,
@@ -312,6 +319,33 @@ def test_pytree_jit_vmap():
     np.testing.assert_array_equal(scaled.A, -2 * np.eye(2))
     Fs = jax.vmap(lambda s: discretize(ContinuousLinearSSM(s * model.A, model.Q, model.H, model.R), 0.5).F)(jnp.array([1.0, 2.0]))
     np.testing.assert_allclose(Fs[1], scipy.linalg.expm(-np.eye(2)), rtol=1e-13)
+
+
+@pytest.mark.parametrize("n", range(1, _CLOSED_FORM_LYAP_MAX + 1))
+@pytest.mark.parametrize("margin", [1e-3, 0.5, 20.0])
+def test_stationary_closed_form_matches_scipy_and_kron(n, margin):
+    """The small stationary start's closed form against SciPy's Bartels-Stewart solve, its
+    derivatives against the Kronecker LU's rule (rules.lyap), and its stability flag."""
+    rng = np.random.default_rng(n + int(margin * 1000))
+    A = rng.normal(size=(n, n))
+    A = A - (np.max(np.linalg.eigvals(A).real) + margin) * np.eye(n)  # max Re λ = -margin
+    Q = rng.normal(size=(n, n))
+    Q = jnp.asarray(Q @ Q.T + 0.1 * np.eye(n))
+    A = jnp.asarray(A)
+    P, stable = jax.jit(_stationary_closed_form)(A, Q)
+    expected = scipy.linalg.solve_continuous_lyapunov(np.asarray(A), -np.asarray(Q))
+    assert bool(stable)
+    np.testing.assert_allclose(P, expected, rtol=1e-13 / min(margin, 1.0), atol=0)
+    if margin >= 0.5:  # (finite differences cannot resolve a solve this close to instability)
+        check_grads(lambda A, Q: _stationary_closed_form(A, Q)[0], (A, Q), order=2,
+                    modes=("fwd", "rev"))
+    weights = jnp.asarray(rng.normal(size=(n, n)))
+    grads = [jax.grad(lambda A: jnp.sum(weights * solve(A)))(A) for solve in (
+        lambda A: _stationary_closed_form(A, Q)[0], lambda A: rules.lyap(A, Q, method="kron"))]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-11 / min(margin, 1.0), atol=1e-13)
+    unstable = A + 2 * margin * jnp.eye(n)
+    assert not bool(_stationary_closed_form(unstable, Q)[1])
+    assert not bool(_stationary_closed_form(jnp.full((n, n), jnp.nan), Q)[1])
 
 
 def test_stationary_start_and_check():
