@@ -152,10 +152,10 @@ def _series_weights(A, Q, b, degree):
     The powers ``M^k`` come from :func:`_powers` (a ``lax.scan`` over blocks of ~sqrt(K)
     powers): the program holds a few products instead of a doubling chain of growing
     concatenations, which compiled twice as slowly (value_and_grad of this function alone,
-    n = 2: 0.76 → 0.37 s CPU; n = 8: 1.04 → 0.51 s). Blocks instead of one product per power:
-    the continuous (2, 1, 1000) log-likelihood's gradient 0.92x the time (5 instead of 21 scan
-    steps each way: 605 instead of ~790 kernel launches per call on XLA:CPU), equal within
-    noise from n = 4 on, compile time equal within noise. Term ``k`` carries ~k/B + 2B rounding
+    n = 2: 0.76 → 0.37 s CPU; n = 8: 1.04 → 0.51 s). Blocks instead of one product per power
+    (5 instead of 21 scan steps each way, each step a few kernel launches on XLA:CPU): the
+    continuous (2, 1, 1000) log-likelihood's gradient 0.92x the time, equal within noise from
+    n = 4 on, compile time equal within noise. Term ``k`` carries ~k/B + 2B rounding
     errors (``B ≈ sqrt(K)``), relative to itself; it is weighted by ``x^k/k! <= 1/k!``.
     """
     n = A.shape[-1]
