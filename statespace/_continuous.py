@@ -101,8 +101,8 @@ _SERIES = {8: (1.0, 19, 5), 4: (1.0, 12, 4), 2: (0.5, 8, 3)}
 # steps give NaN.
 _TABLE = 64
 _MAX_HALVINGS = 12
-# Van Loan blocks M (2n x 2n) up to this size take their powers by elementwise products
-# (_powers); larger ones by dots
+# Van Loan blocks M (2n x 2n) up to this size multiply in _powers' scan by elementwise
+# products; larger ones by dots
 _ELEMENTWISE_POWERS_MAX = 4
 # from this state size on, the table's rounds compose by plain dots (_compose_shared)
 _SHARED_DOT_MIN_N = 4
@@ -778,10 +778,11 @@ class ContinuousLinearSSM:
             idx = np.flatnonzero(~np.asarray(self.diffuse))
         A = self.A[np.ix_(idx, idx)]
         Q = self.Q[np.ix_(idx, idx)]
-        # P∞ and the stability test's lyap(A, I) in ONE call (one factorisation, one chain of
-        # batched triangular solves): as two calls their triangular solves ran side by side
-        # and, in a vmapped panel of ~2e4 subjects, deadlocked XLA:CPU's thread pool under
-        # jaxlib 0.10 (see statespace._parallel). Small n: the Kronecker LU, few operations
+        # Up to two states a closed form; beyond, P∞ and the stability test's lyap(A, I) in ONE
+        # call (one factorisation, one chain of batched triangular solves): as two calls their
+        # triangular solves ran side by side and, in a vmapped panel of ~2e4 subjects,
+        # deadlocked XLA:CPU's thread pool under jaxlib 0.10 (see statespace._parallel).
+        # Up to _KRON_LYAP_MAX states: the Kronecker LU, few operations
         # and the most accurate solve; against the (refined) Schur sweep: 0.12 ms less in the
         # (4, 2, 1000) gradient; at (8, 4, 1000) run time within 1 % and the value_and_grad
         # compiled 1.3 s faster (7.0 -> 5.7 s CPU), the stationary start's alone 1.37 -> 0.47 s.
@@ -936,7 +937,9 @@ def _stationary_closed_form(A, Q):
 
         P = (δ Q + adj(A) Q adj(A)ᵀ) / (−2 τ δ),      stable iff τ < 0 and δ > 0
 
-    (substituting: ``A adj A = δ I`` and ``A + adj A = τ I`` reduce ``A P + P Aᵀ`` to ``−Q``).
+    (substituting: ``A adj A = δ I`` and ``A + adj A = τ I`` reduce ``A P + P Aᵀ`` to ``−Q``,
+    for any ``Q``: a non-symmetric ``Q`` gives the non-symmetric solution, whose symmetric part
+    the caller takes).
     For stable ``A`` both terms of the numerator are positive semi-definite for PSD ``Q``
     (``δ > 0``) and the denominator is positive: nothing cancels. Its derivatives of every
     order are those of this rational function, exact, by plain autodiff (no solve to
@@ -946,7 +949,6 @@ def _stationary_closed_form(A, Q):
     (2, 1) likelihoods at T = 1000 0.96-0.98x the time (same process); compile time unchanged
     within noise (the LAPACK calls compiled cheaply).
     """
-    Q = 0.5 * (Q + Q.T)
     if A.shape[-1] == 1:
         return -Q / (2.0 * A), A[0, 0] < 0
     trace = A[0, 0] + A[1, 1]
