@@ -544,41 +544,45 @@ _PSD_RTOL = 100
 
 
 def _indefinite(A):
-    """Traced test: ``True`` where the finite symmetric ``A (..., n, n)`` is clearly not positive
-    semi-definite, i.e. ``lambda_min(A) < -tol`` with ``tol = 100 n eps max|A_ij|``.
+    """Traced test: ``True`` where the finite ``A (..., n, n)`` is clearly not positive
+    semi-definite, i.e. ``lambda_min(S) < -tol`` for its symmetric part ``S = (A + Aᵀ)/2``,
+    with ``tol = 100 n eps max|A_ij|``.
 
-    Decided by one Cholesky factorisation of ``A + tol I`` (it succeeds iff
-    ``lambda_min(A) > -tol``), unrolled for ``n <= 8`` so it fuses and needs no LAPACK call;
-    no derivative flows through it. Non-finite ``A`` gives ``False``: NaN parameters are
+    Decided by one Cholesky factorisation of ``S + tol I`` (it succeeds iff
+    ``lambda_min(S) > -tol``): for ``n <= 8`` unrolled, so it fuses and needs no LAPACK
+    call; no derivative flows through it. Non-finite ``A`` gives ``False``: NaN parameters are
     reported as NaN, not as an invalid model.
     """
     A = jax.lax.stop_gradient(A)
-    A = 0.5 * (A + jnp.swapaxes(A, -1, -2))
     n = A.shape[-1]
-    finite = jnp.all(jnp.isfinite(A), axis=(-2, -1))
     if n == 0:
         return jnp.zeros(A.shape[:-2], bool)
-    scale = jnp.max(jnp.abs(A), axis=(-2, -1))
+    finite = jnp.all(jnp.isfinite(A), axis=(-2, -1))
     info = jnp.finfo(A.dtype)
-    tol = (_PSD_RTOL * n * info.eps) * scale + info.tiny
-    B = jnp.where(finite[..., None, None], A, 0.0) + tol[..., None, None] * jnp.eye(n, dtype=A.dtype)
+    tol = (_PSD_RTOL * n * info.eps) * jnp.max(jnp.abs(A), axis=(-2, -1)) + info.tiny
     if n > 8:
-        return finite & ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(B)), axis=(-2, -1))
+        S = 0.5 * (A + jnp.swapaxes(A, -1, -2))
+        S = jnp.where(finite[..., None, None], S, 0.0) + tol[..., None, None] * jnp.eye(n, dtype=A.dtype)
+        return finite & ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(S)), axis=(-2, -1))
+    # Right-looking, on A itself: the pivot is the diagonal entry plus tol (the diagonal of
+    # S + tol I), the column below it that of S (the mean of A's column and row), and the
+    # trailing block minus the column's outer product keeps S's Schur complement as its
+    # symmetric part. ~10 whole-block operations per column instead of ~n²/2 scalar ones,
+    # and no (..., n, n) temporaries: in the gradient programs of long series XLA wrote out
+    # S, S + tol I and a select of the non-finite entries (~4 ms of the 51 ms Matérn-3/2
+    # gradient at N = 1e5). Non-finite entries need no select: their comparisons are False,
+    # and ``finite`` decides.
     ok = jnp.ones(A.shape[:-2], bool)
-    cols = [[None] * n for _ in range(n)]
-    for j in range(n):
-        acc = B[..., j, j]
-        for k in range(j):
-            acc = acc - cols[j][k] * cols[j][k]
-        pos = acc > 0
-        ok = ok & pos
-        root = jnp.sqrt(jnp.where(pos, acc, 1.0))
-        cols[j][j] = root
-        for i in range(j + 1, n):
-            acc_ij = B[..., i, j]
-            for k in range(j):
-                acc_ij = acc_ij - cols[i][k] * cols[j][k]
-            cols[i][j] = acc_ij / root
+    B = A
+    for column_index in range(n):
+        pivot = B[..., 0, 0] + tol
+        positive = pivot > 0
+        ok = ok & positive
+        if column_index == n - 1:
+            break
+        below = 0.5 * (B[..., 1:, 0] + B[..., 0, 1:])
+        column = below / jnp.sqrt(jnp.where(positive, pivot, 1.0))[..., None]
+        B = B[..., 1:, 1:] - column[..., :, None] * column[..., None, :]
     return finite & ~ok
 
 

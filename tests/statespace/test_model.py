@@ -8,7 +8,7 @@ import scipy.linalg
 from jax import lax
 
 from statespace import LinearGaussianSSM
-from statespace._model import _from_first
+from statespace._model import _PSD_RTOL, _from_first, _indefinite
 from tests.statespace.dense_oracle import dense_joint, random_model
 
 
@@ -188,3 +188,33 @@ def test_from_first_is_the_cumulative_maximum(shape, rate):
     got = jax.jit(_from_first)(flags)
     assert got.shape == expected.shape and got.dtype == jnp.bool_
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 8, 10])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_indefinite_matches_the_smallest_eigenvalue(n, dtype):
+    # the unrolled right-looking factorisation (n <= 8) and LAPACK's (n > 8) against
+    # lambda_min(A) < -tol with tol = 100 n eps max|A_ij|, away from the boundary (singular
+    # PSD matrices included: lambda_min = 0 is not indefinite)
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((300, n, n))
+    A = X @ np.swapaxes(X, -1, -2)
+    scale = np.abs(A).max(axis=(1, 2))
+    tol = _PSD_RTOL * n * np.finfo(dtype).eps * scale
+    shift = np.linalg.eigvalsh(A)[:, 0] + tol * rng.choice([-30.0, -3.0, 0.0, 3.0, 30.0], size=300)
+    A = A - shift[:, None, None] * np.eye(n)
+    if n > 1:  # the test reads the symmetric part: add an antisymmetric one to half of them
+        K = rng.standard_normal((300, n, n)) * rng.integers(0, 2, size=(300, 1, 1))
+        A = A + (K - np.swapaxes(K, -1, -2))
+    A = A.astype(dtype)
+    lam = np.linalg.eigvalsh(0.5 * (A + np.swapaxes(A, -1, -2)).astype(np.float64))[:, 0]
+    tol = _PSD_RTOL * n * np.finfo(dtype).eps * np.abs(A).max(axis=(1, 2))
+    clear = np.abs(lam + tol) > 0.5 * tol  # float32 rounding of A moves lambda by ~eps max|A|
+    got = np.asarray(jax.jit(_indefinite)(jnp.asarray(A)))
+    assert got.shape == (300,)
+    np.testing.assert_array_equal(got[clear], (lam < -tol)[clear])
+    assert 0 < got[clear].sum() < clear.sum()  # both answers occur
+    # non-finite matrices are not reported as indefinite (NaN parameters stay NaN)
+    B = np.array(A[:2])
+    B[0, 0, 0], B[1, -1, -1] = np.nan, -np.inf
+    assert not np.any(np.asarray(_indefinite(jnp.asarray(B))))
