@@ -235,14 +235,20 @@ def _stored_value_and_grad(opt_state):
     return value, grad
 
 
-def _seed_value_and_grad(opt_state, stored, value_and_grad, params, args):
-    """The state with its stored value and gradient set at ``params``, cast to the stored
-    dtypes (they ride in a scan carry)."""
-    value, grad = stored
-    new_value, new_grad = value_and_grad(params, *args)
-    cast = lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype)  # noqa: E731
-    return optax.tree.set(opt_state, value=cast(new_value, value),
-                          grad=jax.tree_util.tree_map(cast, new_grad, grad))
+def _seeded(opt_state, value_and_grad, params, args):
+    """The state with its stored value and gradient set at ``params`` while the stored value
+    is not finite (a fresh ``optax.lbfgs`` state holds ``inf``), cast to the stored dtypes
+    (they ride in a scan carry); unchanged otherwise. Traced: a ``lax.cond``."""
+
+    def seed(state):
+        value, grad = _stored_value_and_grad(state)
+        new_value, new_grad = value_and_grad(params, *args)
+        cast = lambda new, old: jnp.asarray(new).astype(old.dtype)  # noqa: E731
+        return optax.tree.set(state, value=cast(new_value, value),
+                              grad=jax.tree_util.tree_map(cast, new_grad, grad))
+
+    stored_value = _stored_value_and_grad(opt_state)[0]
+    return jax.lax.cond(jnp.isfinite(stored_value), lambda state: state, seed, opt_state)
 
 
 def _fit_options(optimizer, num_steps, chunk_size, tol, rtol, gtol):
@@ -508,24 +514,24 @@ def fit(
         opt_state = optimizer.init(params)
     # The loss enters the chunk program once per place the step evaluates it, and XLA inlines
     # every copy. (a) Optimisers that keep the value and gradient at the accepted point
-    # (optax.lbfgs) need no evaluation of their own in the step: their state is seeded once by
-    # a separate value_and_grad program, which also gives the final loss. (b) The places that
+    # (optax.lbfgs) need no evaluation of their own in the step: the chunk seeds their state
+    # once (a cond, taken while the stored value is the initial inf). (b) The places that
     # remain (optax's zoom line search has two, one per branch) call one jitted loss, which
     # XLA compiles as one shared function. Measured on the continuous-time (4, 2, 1000) model,
-    # L-BFGS to convergence (587 steps): the loss traced 4 times -> once, the chunk's compile
-    # 10-11 s -> 5 s plus 4.6-5 s for the seeding program (the fit's XLA compile ~12-13 s ->
-    # 10.8 s in benchmarks.compile's fresh-process e2e job).
+    # L-BFGS to convergence: the loss traced 4 times -> once, the chunk's compile 10-11 s ->
+    # 5 s plus 4.6-5 s for a separate seeding program; seeding inside the chunk instead
+    # (one XLA compile of ~7 s) took the fresh-process fit from 13.4-14.7 s to 12.5-14.1 s.
     loss = loss if hasattr(loss, "lower") else jax.jit(loss)
-    value_and_grad_jit = jax.jit(jax.value_and_grad(loss))
     stored = _stored_value_and_grad(opt_state)
     # a fresh init holds inf; a resumed state already holds the value at its parameters
     seed = stored is not None and not bool(np.isfinite(np.asarray(stored[0])))
-    if seed:
-        opt_state = _seed_value_and_grad(opt_state, stored, value_and_grad_jit, params, args)
     one_step = _step_function(loss, optimizer, stored is not None, tolerances, num_steps)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
 
     @jax.jit
     def run_chunk(carry, start, args):
+        if seed:
+            carry = (carry[0], _seeded(carry[1], value_and_grad, carry[0], args)) + carry[2:]
         steps = start + jnp.arange(chunk_size)
         return jax.lax.scan(lambda c, i: one_step(c, i, args), carry, steps)
 
@@ -538,9 +544,11 @@ def fit(
     unconstrained_out = None
     if to_constrained is not None:
         unconstrained_out, params_out = params_out, to_constrained(params_out)
-    if seed:  # the seeding program, compiled already
-        final_loss = float(value_and_grad_jit(carry[0], *args)[0])
-    else:  # loss is jitted (above)
+    if status in (_CONVERGED, _GRADIENT, _RELATIVE):
+        final_loss = float(carry[3])  # the loss at the parameters kept
+    elif status == _RUNNING and taken > 0 and stored is not None:
+        final_loss = float(_stored_value_and_grad(state_out)[0])  # at the accepted parameters
+    else:  # no step taken, or a non-finite loss (loss is jitted, above)
         final_loss = float(loss(carry[0], *args))
     return FitResult(
         params=params_out,

@@ -146,6 +146,28 @@ def test_non_finite_loss_stops_and_keeps_last_finite_params():
     assert np.isnan(res.losses[-1]) or not np.isfinite(res.losses[-1])
 
 
+def _rosenbrock(params):
+    x = params["x"]
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+@pytest.mark.parametrize("num_steps, tol", [(0, None), (3, None), (200, 1e-12)],
+                         ids=["no-step", "step-cap", "tol"])
+@pytest.mark.parametrize("optimizer_name", ["lbfgs", "adam"])
+def test_reported_loss_is_the_loss_at_the_returned_parameters(optimizer_name, num_steps, tol):
+    # the final loss comes from the loop's carry or the optimiser's stored value where they
+    # hold it (no program of its own): check it against the loss at the returned parameters
+    optimizer = optax.lbfgs() if optimizer_name == "lbfgs" else optax.adam(0.01)
+    res = statespace.fit(_rosenbrock, {"x": jnp.array([-1.2, 1.0, 0.5])}, optimizer=optimizer,
+                         num_steps=num_steps, tol=tol, progress=False)
+    assert res.num_steps <= num_steps
+    if optimizer_name == "lbfgs" and tol:
+        assert res.converged
+    np.testing.assert_allclose(res.loss, float(_rosenbrock(res.params)), rtol=1e-12)
+    if num_steps:
+        assert res.losses[0] == pytest.approx(float(_rosenbrock({"x": jnp.array([-1.2, 1.0, 0.5])})))
+
+
 def test_progress_bar_writes_to_stderr(capsys):
     statespace.fit(quadratic, quad_init(), optimizer=optax.adam(0.1), num_steps=30,
                    chunk_size=10, progress=True, description="quad")
