@@ -434,10 +434,10 @@ def fit(
     ``optax.value_and_grad_from_state``. Plain ``GradientTransformation`` objects are wrapped
     with ``optax.with_extra_args_support``. Compilation: the loss is traced once (as one jitted
     function) however many places a step evaluates it, and for optimisers that keep the value
-    and gradient in their state the step itself does not evaluate it (the state is seeded
-    before the loop by one ``value_and_grad`` program, which also gives the final loss): an
-    L-BFGS fit's loop program compiles in about half the time it took when every call site
-    held its own copy.
+    and gradient in their state the step itself does not evaluate it (the loop program seeds
+    the state once, in a ``lax.cond``; the final loss comes from the loop's carry or that
+    state): one XLA compile per fit, and an L-BFGS fit's loop program compiles in about half
+    the time it took when every call site held its own copy.
 
     Stopping: after ``num_steps`` steps; or, setting ``converged``, when
     ``|loss_k - loss_{k-1}| <= tol`` (absolute change between consecutive steps), when
