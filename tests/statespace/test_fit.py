@@ -158,14 +158,15 @@ def test_reported_loss_is_the_loss_at_the_returned_parameters(optimizer_name, nu
     # the final loss comes from the loop's carry or the optimiser's stored value where they
     # hold it (no program of its own): check it against the loss at the returned parameters
     optimizer = optax.lbfgs() if optimizer_name == "lbfgs" else optax.adam(0.01)
-    res = statespace.fit(_rosenbrock, {"x": jnp.array([-1.2, 1.0, 0.5])}, optimizer=optimizer,
-                         num_steps=num_steps, tol=tol, progress=False)
+    start = {"x": jnp.array([-1.2, 1.0, 0.5])}
+    res = statespace.fit(_rosenbrock, start, optimizer=optimizer, num_steps=num_steps, tol=tol,
+                         progress=False)
     assert res.num_steps <= num_steps
     if optimizer_name == "lbfgs" and tol:
         assert res.converged
     np.testing.assert_allclose(res.loss, float(_rosenbrock(res.params)), rtol=1e-12)
     if num_steps:
-        assert res.losses[0] == pytest.approx(float(_rosenbrock({"x": jnp.array([-1.2, 1.0, 0.5])})))
+        assert res.losses[0] == pytest.approx(float(_rosenbrock(start)))
 
 
 def test_progress_bar_writes_to_stderr(capsys):
