@@ -7,6 +7,12 @@ respect to every model parameter (with inputs, ``B`` and ``D`` too) and timed in
 blocks (``benchmarks._timing.time_interleaved``); ``inputs/plain`` is the median over rounds of
 the ratio of their block medians (``paired_ratio``), the figure the "at most 10 % more" target
 is read from. ``p = 2`` inputs.
+
+Two more programs in the same blocks put that figure in scale: ``drift/plain``, the same model
+with a constant drift offset ``b (n,)`` and no inputs (one offset column through the same
+machinery: what any offset costs), and ``copy/plain``, a second compiled copy of the plain
+gradient itself (the same program at other addresses: how far apart two copies of one program
+time, i.e. the resolution of the ratios in this run).
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ def _discrete_grads(n, m, T, seed=0):
     def with_inputs(p, y, u):
         return statespace.log_likelihood(statespace.LinearGaussianSSM(**p), y, inputs=u)
 
+    drift = {"b": jnp.asarray(rng.standard_normal(n))}
     return {"plain": (jax.jit(jax.grad(plain)), (params, y)),
-            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, y, u))}
+            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, y, u)),
+            "drift": (jax.jit(jax.grad(plain)), ({**params, **drift}, y)),
+            "copy": (jax.jit(jax.grad(lambda p, y: plain(p, y))), (params, y))}
 
 
 def _continuous_grads(n, m, T, seed=0):
@@ -64,13 +73,17 @@ def _continuous_grads(n, m, T, seed=0):
         model = statespace.ContinuousLinearSSM(**p)
         return statespace.log_likelihood(model, y, times, inputs=u)
 
+    drift = {"b": jnp.asarray(rng.standard_normal(n))}
     return {"plain": (jax.jit(jax.grad(plain)), (params, y, times)),
-            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, y, times, u))}
+            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, y, times, u)),
+            "drift": (jax.jit(jax.grad(plain)), ({**params, **drift}, y, times)),
+            "copy": (jax.jit(jax.grad(lambda p, y, t: plain(p, y, t))), (params, y, times))}
 
 
 def input_cost_rows(kind: str, sizes, repeats: int = 20, min_time: float = 0.3) -> list[dict]:
     """One row per ``(n, m, T)``: gradient times with and without inputs, their paired ratio
-    and compile times. ``kind``: ``"discrete"`` or ``"continuous"``."""
+    (and the drift's and the second copy's, see above) and compile times. ``kind``:
+    ``"discrete"`` or ``"continuous"``."""
     build = {"discrete": _discrete_grads, "continuous": _continuous_grads}[kind]
     rows = []
     for n, m, T in sizes:
@@ -80,6 +93,8 @@ def input_cost_rows(kind: str, sizes, repeats: int = 20, min_time: float = 0.3) 
             "plain_grad_s": timings["plain"]["median_s"],
             "inputs_grad_s": timings["inputs"]["median_s"],
             "inputs/plain": paired_ratio(timings, "inputs", "plain"),
+            "drift/plain": paired_ratio(timings, "drift", "plain"),
+            "copy/plain": paired_ratio(timings, "copy", "plain"),
             "compile_plain_s": timings["plain"]["compile_s"],
             "compile_inputs_s": timings["inputs"]["compile_s"],
         })
