@@ -27,6 +27,17 @@ from benchmarks._timing import paired_ratio, time_interleaved
 NUM_INPUTS = 2
 
 
+def _gradients(plain, with_inputs, params, weights, data, u, rng):
+    """``{name: (grad_fn, args)}``: the gradients of ``plain(params, *data)`` (two compiled
+    copies), of ``with_inputs`` with the input weights and of ``plain`` with a drift ``b``
+    drawn from ``rng`` (see the module docstring)."""
+    drift = {"b": jnp.asarray(rng.standard_normal(params["Q"].shape[-1]))}
+    return {"plain": (jax.jit(jax.grad(plain)), (params, *data)),
+            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, *data, u)),
+            "drift": (jax.jit(jax.grad(plain)), ({**params, **drift}, *data)),
+            "copy": (jax.jit(jax.grad(lambda *args: plain(*args))), (params, *data))}
+
+
 def _discrete_grads(n, m, T, seed=0):
     """``{name: (grad_fn, args)}`` for the discrete model with and without inputs."""
     rng = np.random.default_rng(seed)
@@ -45,11 +56,7 @@ def _discrete_grads(n, m, T, seed=0):
     def with_inputs(p, y, u):
         return statespace.log_likelihood(statespace.LinearGaussianSSM(**p), y, inputs=u)
 
-    drift = {"b": jnp.asarray(rng.standard_normal(n))}
-    return {"plain": (jax.jit(jax.grad(plain)), (params, y)),
-            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, y, u)),
-            "drift": (jax.jit(jax.grad(plain)), ({**params, **drift}, y)),
-            "copy": (jax.jit(jax.grad(lambda p, y: plain(p, y))), (params, y))}
+    return _gradients(plain, with_inputs, params, weights, (y,), u, rng)
 
 
 def _continuous_grads(n, m, T, seed=0):
@@ -73,11 +80,7 @@ def _continuous_grads(n, m, T, seed=0):
         model = statespace.ContinuousLinearSSM(**p)
         return statespace.log_likelihood(model, y, times, inputs=u)
 
-    drift = {"b": jnp.asarray(rng.standard_normal(n))}
-    return {"plain": (jax.jit(jax.grad(plain)), (params, y, times)),
-            "inputs": (jax.jit(jax.grad(with_inputs)), ({**params, **weights}, y, times, u)),
-            "drift": (jax.jit(jax.grad(plain)), ({**params, **drift}, y, times)),
-            "copy": (jax.jit(jax.grad(lambda p, y, t: plain(p, y, t))), (params, y, times))}
+    return _gradients(plain, with_inputs, params, weights, (y, times), u, rng)
 
 
 def input_cost_rows(kind: str, sizes, repeats: int = 20, min_time: float = 0.3) -> list[dict]:
